@@ -1,0 +1,209 @@
+"""Capability checks (CUDA, Transformer Engine, DALI, apex) and the CPU patches for Megatron-Core.
+
+Megatron-Core assumes a CUDA device in a handful of places. On a host without CUDA (laptops, CI)
+the CPU *is* the device, and each patch below redirects one such assumption to the CPU. Every patch
+is named, says why it exists, and is applied only when ``torch.cuda.is_available()`` is false.
+``apply_cpu_patches()`` is idempotent and returns the names of the patches in force.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Capability checks
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def _imports(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - any import failure (missing CUDA libs too) means "absent"
+        return False
+    return True
+
+
+def has_transformer_engine() -> bool:
+    """TE needs a GPU: its import fails on CPU hosts even when the wheel is installed."""
+    return has_cuda() and _imports("transformer_engine.pytorch")
+
+
+def has_apex() -> bool:
+    return has_cuda() and _imports("apex")
+
+
+def has_dali() -> bool:
+    """DALI imports without a GPU (CPU pipelines run with ``device_id=None``)."""
+    return _imports("nvidia.dali")
+
+
+def has_fp8() -> bool:
+    """FP8 training needs TE and a Hopper-or-newer GPU (compute capability >= 8.9)."""
+    return has_transformer_engine() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def default_distributed_backend() -> str:
+    return "nccl" if has_cuda() else "gloo"
+
+
+# --------------------------------------------------------------------------------------------
+# CPU patches for Megatron-Core
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuPatch:
+    name: str
+    why: str
+    apply: Callable[[], None]
+
+
+_TENSOR_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like")
+
+
+def _cpu_device(device: object) -> object:
+    if isinstance(device, str) and device.startswith("cuda"):
+        return "cpu"
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _TorchWithCpuDevice(types.ModuleType):
+    """Stands in for ``torch`` inside one Megatron module: factories asked for 'cuda' get 'cpu'."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str) -> object:
+        attribute = getattr(torch, name)
+        if name not in _TENSOR_FACTORIES:
+            return attribute
+
+        @functools.wraps(attribute)
+        def factory(*args: object, **kwargs: object) -> object:
+            if "device" in kwargs:
+                kwargs["device"] = _cpu_device(kwargs["device"])
+            return attribute(*args, **kwargs)
+
+        return factory
+
+
+# Megatron modules that build tensors with a literal device='cuda' on paths that CPU runs take.
+_MODULES_WITH_CUDA_FACTORIES = (
+    "megatron.core.transformer.utils",  # default causal / sliding-window masks
+    "megatron.core.pipeline_parallel.schedules",  # token counters
+    "megatron.core.optimizer.clip_grads",  # grad norm buffers
+    "megatron.core.optimizer.optimizer",  # found_inf, scale buffers
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.tensor_parallel.data",  # broadcast_data size buffers
+)
+
+
+def _patch_cuda_tensor_factories() -> None:
+    shim = _TorchWithCpuDevice()
+    for name in _MODULES_WITH_CUDA_FACTORIES:
+        importlib.import_module(name).torch = shim
+
+
+def _patch_current_device() -> None:
+    torch.cuda.current_device = lambda: "cpu"
+
+
+def _patch_synchronize() -> None:
+    torch.cuda.synchronize = lambda device=None: None
+
+
+def _patch_rng() -> None:
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.manual_seed = torch.manual_seed
+    megatron_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
+        torch.get_rng_state()
+    )
+    megatron_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
+        torch.set_rng_state(new_state)
+    )
+    # The tracker warns when the CPU generator moves inside a fork; here that is the point.
+    logging.getLogger(megatron_random.__name__).setLevel(logging.ERROR)
+
+
+def _patch_optimizer_type_checks() -> None:
+    original_type = torch.Tensor.type
+
+    def tensor_type(self: torch.Tensor, *args: object, **kwargs: object) -> object:
+        result = original_type(self, *args, **kwargs)
+        if args or kwargs or not isinstance(result, str) or not result.startswith("torch."):
+            return result
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("megatron.core.optimizer") and ".cuda." not in result:
+            return result.replace("torch.", "torch.cuda.", 1)
+        return result
+
+    torch.Tensor.type = tensor_type
+
+
+CPU_PATCHES: tuple[CpuPatch, ...] = (
+    CpuPatch(
+        "current_device_is_cpu",
+        "tensor-parallel layers, mappings and p2p allocate on torch.cuda.current_device(); "
+        "it returns 'cpu' so those buffers live on the CPU.",
+        _patch_current_device,
+    ),
+    CpuPatch(
+        "rng_tracker_on_cpu_generator",
+        "model_parallel_cuda_manual_seed and the RNG tracker save/restore CUDA generator states; "
+        "they act on the CPU generator, so forked regions (TP-local init, dropout) stay "
+        "reproducible per tensor-parallel rank.",
+        _patch_rng,
+    ),
+    CpuPatch(
+        "cuda_tensor_factories_on_cpu",
+        "causal masks, token counters, grad-norm and loss-scale buffers are created with "
+        "device='cuda'; inside those modules torch factories map 'cuda' to 'cpu'.",
+        _patch_cuda_tensor_factories,
+    ),
+    CpuPatch(
+        "synchronize_is_noop",
+        "p2p communication and parallel_state call torch.cuda.synchronize(); CPU ops are synchronous.",
+        _patch_synchronize,
+    ),
+    CpuPatch(
+        "optimizer_sees_cuda_tensor_types",
+        "the optimizers accept fp32 params only if tensor.type() == 'torch.cuda.FloatTensor'; "
+        "for calls from megatron.core.optimizer, CPU tensors report the matching cuda type name.",
+        _patch_optimizer_type_checks,
+    ),
+)
+
+_applied: list[str] = []
+
+
+def apply_cpu_patches() -> list[str]:
+    """Apply every CPU patch once when CUDA is absent; returns the names in force."""
+    if has_cuda() or _applied:
+        return list(_applied)
+    for patch in CPU_PATCHES:
+        patch.apply()
+        _applied.append(patch.name)
+        logger.debug("megatron-core CPU patch applied: %s (%s)", patch.name, patch.why)
+    return list(_applied)

@@ -1,0 +1,158 @@
+"""Configuration dataclasses. Presets are YAML files under ``examples/`` (one file per preset).
+
+A model preset names the numbers of the three parts of Idefics2 (vision encoder, connector, text
+decoder); the parallel layout is a separate config so that the same model runs at any TP/PP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+MODEL_PRESETS_DIR = EXAMPLES_DIR / "models"
+
+
+@dataclass
+class VisionConfig:
+    """SigLIP encoder at native resolution (Idefics2VisionConfig)."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 27
+    num_heads: int = 16
+    patch_size: int = 14
+    image_size: int = 980  # the position table covers (image_size // patch_size)^2 buckets
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class ConnectorConfig:
+    """SwiGLU modality projection + Perceiver resampler (Idefics2PerceiverConfig).
+
+    The projection maps vision hidden -> text intermediate -> text hidden; the resampler works at
+    the text hidden size with an MLP of 4x that width, as in transformers.
+    """
+
+    num_latents: int = 64
+    depth: int = 3
+    num_heads: int = 16
+    num_kv_heads: int = 4
+    head_dim: int = 96
+    rms_norm_eps: float = 1e-5
+
+
+@dataclass
+class TextConfig:
+    """Mistral decoder. ``vocab_size`` includes the three image tokens (32000 + 3)."""
+
+    vocab_size: int = 32003
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 32768
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fake_image_token_id: int = 32000
+    image_token_id: int = 32001
+    end_of_utterance_token_id: int = 32002
+    pad_token_id: int = 0
+    # Megatron pads the vocabulary to a multiple of this times TP; padded logits are masked.
+    make_vocab_size_divisible_by: int = 128
+
+    def padded_vocab_size(self, tensor_parallel_size: int) -> int:
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
+        return -(-self.text.vocab_size // multiple) * multiple
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved schedule)
+    # Decoder layers on pipeline stage 0, which also runs vision + connector (None: even split).
+    decoder_layers_in_first_stage: int | None = None
+    sequence_parallel: bool = False  # needs TE/apex norms: GPU path only
+
+
+@dataclass
+class TrainableConfig:
+    """What trains: the paper freezes or LoRA-adapts the backbones while new parts train fully."""
+
+    freeze_vision: bool = False
+    freeze_connector: bool = False
+    freeze_language: bool = False
+    lora_rank: int = 0  # 0: no adapters
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("vision", "language")
+
+
+@dataclass
+class PrecisionConfig:
+    params_dtype: str = "float32"  # float32 | bfloat16
+    fp8: str | None = None  # None | "hybrid" | "e4m3" (needs Transformer Engine on Hopper)
+    use_transformer_engine: bool | None = None  # None: use TE when it imports
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], values: dict[str, Any] | None) -> T:
+    """Build a (nested) dataclass from a plain dict, naming unknown keys."""
+    values = dict(values or {})
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}; known keys are {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = known[name].default_factory  # type: ignore[misc]
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = from_dict(default, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_dict(config: object) -> dict[str, Any]:
+    return dataclasses.asdict(config)  # type: ignore[call-overload]
+
+
+def load_model_preset(name_or_path: str | Path) -> ModelConfig:
+    """Read a model preset: a path to a YAML file or a name under ``examples/models/``."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = MODEL_PRESETS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in MODEL_PRESETS_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"model preset {name_or_path!r} not found; available: {available}")
+    with path.open() as handle:
+        return from_dict(ModelConfig, yaml.safe_load(handle))

@@ -1,0 +1,142 @@
+"""Process environment (torchrun, Slurm srun, MPI) -> torch.distributed + Megatron parallel state.
+
+Layouts are checked against the model before anything is allocated, with the fix named.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_vlm import backend
+from megatron_vlm.config import ModelConfig, ParallelConfig
+
+
+@dataclass(frozen=True)
+class ProcessEnvironment:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+
+def _first(*names: str) -> str | None:
+    for name in names:
+        if os.environ.get(name) not in (None, ""):
+            return os.environ[name]
+    return None
+
+
+def detect_environment() -> ProcessEnvironment:
+    """Rank and world size from torchrun, Slurm (srun) or MPI (OpenMPI / PMI / PMIx) variables."""
+    launchers = (
+        ("torchrun", ("RANK",), ("WORLD_SIZE",), ("LOCAL_RANK",)),
+        ("slurm", ("SLURM_PROCID",), ("SLURM_NTASKS",), ("SLURM_LOCALID",)),
+        ("openmpi", ("OMPI_COMM_WORLD_RANK",), ("OMPI_COMM_WORLD_SIZE",), ("OMPI_COMM_WORLD_LOCAL_RANK",)),
+        ("pmix", ("PMIX_RANK",), ("PMIX_SIZE", "OMPI_COMM_WORLD_SIZE"), ("PMIX_LOCAL_RANK",)),
+        ("pmi", ("PMI_RANK",), ("PMI_SIZE",), ("MPI_LOCALRANKID", "PMI_LOCAL_RANK")),
+    )
+    for launcher, rank_vars, size_vars, local_vars in launchers:
+        rank, size = _first(*rank_vars), _first(*size_vars)
+        if rank is not None and size is not None:
+            local = _first(*local_vars)
+            return ProcessEnvironment(
+                rank=int(rank),
+                world_size=int(size),
+                local_rank=int(local) if local is not None else 0,
+                master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=int(os.environ.get("MASTER_PORT", "29500")),
+                launcher=launcher,
+            )
+    return ProcessEnvironment(0, 1, 0, "127.0.0.1", int(os.environ.get("MASTER_PORT", "29500")), "single")
+
+
+def check_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> None:
+    """Refuse impossible parallel layouts before allocation, naming the fix."""
+    tp, pp, vpp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.virtual_pipeline
+    problems = []
+    if tp < 1 or pp < 1:
+        problems.append("tensor_parallel and pipeline_parallel must be >= 1")
+    elif world_size % (tp * pp):
+        problems.append(
+            f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}; use a world size "
+            f"that is a multiple of {tp * pp} or change TP/PP"
+        )
+    for part, heads, kv in (
+        ("text", model.text.num_heads, model.text.num_kv_heads),
+        ("vision", model.vision.num_heads, model.vision.num_heads),
+        ("resampler", model.connector.num_heads, model.connector.num_kv_heads),
+    ):
+        if heads % tp or kv % tp:
+            problems.append(
+                f"TP={tp} must divide the {part} attention heads ({heads}) and KV heads ({kv}); "
+                f"choose TP from {[d for d in range(1, kv + 1) if kv % d == 0 and heads % d == 0]}"
+            )
+    for name, width in (
+        ("text FFN", model.text.intermediate_size),
+        ("vision FFN", model.vision.intermediate_size),
+    ):
+        if width % tp:
+            problems.append(f"TP={tp} must divide the {name} width ({width})")
+    chunks = pp * (vpp or 1)
+    layers = model.text.num_layers
+    first = parallel.decoder_layers_in_first_stage
+    if first is not None:
+        if pp < 2 or vpp:
+            problems.append("decoder_layers_in_first_stage needs PP >= 2 without virtual pipeline")
+        elif not 0 <= first < layers or (layers - first) % (pp - 1):
+            problems.append(
+                f"decoder_layers_in_first_stage={first}: the other {layers - first} decoder layers "
+                f"must split evenly over the remaining {pp - 1} stages"
+            )
+    elif layers % chunks:
+        problems.append(
+            f"{layers} decoder layers do not split over PP*VPP = {chunks} model chunks; choose a "
+            f"PP*VPP that divides {layers} or set decoder_layers_in_first_stage"
+        )
+    if vpp is not None and pp < 2:
+        problems.append("virtual_pipeline needs pipeline_parallel >= 2")
+    if parallel.sequence_parallel and not (backend.has_transformer_engine() or backend.has_apex()):
+        problems.append("sequence_parallel needs Transformer Engine or apex norms (GPU); turn it off on CPU")
+    if problems:
+        raise ValueError("impossible parallel layout:\n  " + "\n  ".join(problems))
+
+
+def initialize(parallel: ParallelConfig, model: ModelConfig, seed: int = 1234, timeout_minutes: int = 10) -> ProcessEnvironment:
+    """Start torch.distributed from the launcher's environment and Megatron's parallel state."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    env = detect_environment()
+    check_layout(model, parallel, env.world_size)
+    backend.apply_cpu_patches()
+    if backend.has_cuda():
+        torch.cuda.set_device(env.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend.default_distributed_backend(),
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return env
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,180 @@
+"""Idefics2 on Megatron-Core: SigLIP encoder -> connector -> Mistral GPTModel, fully autoregressive.
+
+Pipeline placement: vision encoder and connector live on the first pipeline stage (the first
+virtual chunk), before its share of decoder layers; ``ParallelConfig.decoder_layers_in_first_stage``
+lightens that stage. Resampled image tokens replace the text embeddings at ``<image>`` positions
+(batch-major order, as transformers' ``inputs_merger``); logits of the padded vocabulary are masked
+so the loss is that of the real vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_vlm.models import specs
+from megatron_vlm.models.connector import Idefics2Connector
+from megatron_vlm.models.vision import SiglipVisionEncoder, patch_attention_mask
+
+
+class Idefics2Model(MegatronModule):
+    """One pipeline chunk of Idefics2. ``pre_process`` chunks own vision + connector + embeddings."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        parallel: ParallelConfig,
+        precision: PrecisionConfig,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: int | None = None,
+    ) -> None:
+        language_config = specs.language_transformer_config(model_config, parallel, precision)
+        super().__init__(config=language_config)
+        use_te = specs.use_transformer_engine(precision)
+        self.model_config = model_config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.vocab_size = model_config.text.vocab_size
+        self.padded_vocab_size = model_config.padded_vocab_size(parallel.tensor_parallel)
+        self.vision: SiglipVisionEncoder | None = None
+        self.connector: Idefics2Connector | None = None
+        if pre_process:
+            vision_config = specs.vision_transformer_config(model_config, parallel, precision)
+            self.vision = SiglipVisionEncoder(
+                vision_config, model_config.vision, specs.vision_layer_spec(vision_config, use_te)
+            )
+            self.connector = Idefics2Connector(
+                specs.connector_transformer_config(model_config, parallel, precision),
+                model_config.connector,
+                model_config.vision.hidden_size,
+            )
+        self.language_model = GPTModel(
+            config=language_config,
+            transformer_layer_spec=specs.language_layer_spec(language_config, use_te),
+            vocab_size=self.padded_vocab_size,
+            max_sequence_length=model_config.text.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=int(model_config.text.rope_theta),
+            vp_stage=vp_stage,
+        )
+
+    def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    # -- images -----------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> torch.Tensor:
+        """[images, C, H, W] + [images, H, W] -> resampled tokens [images, latents, text hidden]."""
+        patch_mask = patch_attention_mask(pixel_attention_mask.bool(), self.model_config.vision.patch_size)
+        features = self.vision(pixel_values, patch_mask)
+        tokens = self.connector(features, patch_mask.flatten(1))
+        return tokens.transpose(0, 1)
+
+    def _images_contribute_nothing(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """A batch without images still runs one blank patch through vision + connector, times 0.
+
+        Every trainable parameter then has a (zero) gradient on every data-parallel rank, so
+        overlapped gradient reduction never waits on a bucket that this rank would not fill.
+        """
+        patch = self.model_config.vision.patch_size
+        pixels = embeddings.new_zeros(1, self.model_config.vision.num_channels, patch, patch)
+        mask = torch.ones(1, patch, patch, dtype=torch.bool, device=embeddings.device)
+        return embeddings + 0.0 * self.encode_images(pixels, mask).sum().to(embeddings.dtype)
+
+    def splice_images(self, embeddings: torch.Tensor, input_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Replace embeddings [s, b, h] at <image> positions with image tokens, batch-major."""
+        is_image = input_ids == self.model_config.image_token_id  # [b, s]
+        expected = image_tokens.shape[0] * image_tokens.shape[1]
+        found = int(is_image.sum())
+        if found != expected:
+            raise ValueError(
+                f"{found} <image> tokens in the batch but {image_tokens.shape[0]} images x "
+                f"{image_tokens.shape[1]} latents = {expected} image features"
+            )
+        batch_major = embeddings.transpose(0, 1)
+        spliced = batch_major.masked_scatter(is_image[..., None], image_tokens.to(embeddings.dtype))
+        return spliced.transpose(0, 1).contiguous()
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [b, s]; attention_mask [b, 1, s, s] True where masked; pixel_values
+        [images, C, H, W] padded with pixel_attention_mask [images, H, W].
+
+        Returns per-token loss [b, s] when labels are given on the last stage, the
+        tensor-parallel logits shard [b, s, V/tp] otherwise, and hidden states on other stages.
+        """
+        decoder_input = None
+        if self.pre_process:
+            embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
+            has_images = pixel_values is not None and pixel_values.shape[0] > 0
+            if has_images:
+                if pixel_attention_mask is None:
+                    pixel_attention_mask = torch.ones_like(pixel_values[:, 0], dtype=torch.bool)
+                image_tokens = self.encode_images(pixel_values, pixel_attention_mask)
+                embeddings = self.splice_images(embeddings, input_ids, image_tokens)
+            elif torch.is_grad_enabled():
+                embeddings = self._images_contribute_nothing(embeddings)
+            decoder_input = embeddings
+        output = self.language_model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+        )
+        if not self.post_process:
+            return output
+        logits = self._mask_padded_vocab(output)
+        if labels is None:
+            return logits
+        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+
+    def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.padded_vocab_size == self.vocab_size:
+            return logits
+        shard = logits.shape[-1]
+        first = parallel_state.get_tensor_model_parallel_rank() * shard
+        vocab_index = torch.arange(first, first + shard, device=logits.device)
+        return logits.masked_fill(vocab_index >= self.vocab_size, float("-inf"))
+
+
+def gather_logits(logits_shard: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Tensor-parallel logits shard [b, s, V/tp] -> full real-vocabulary logits [b, s, V]."""
+    full = tensor_parallel.gather_from_tensor_model_parallel_region(logits_shard)
+    return full[..., :vocab_size]
+
+
+def build_model_chunks(
+    model_config: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig
+) -> list[Idefics2Model]:
+    """This rank's model chunks: one, or one per virtual pipeline stage."""
+    chunks = []
+    for vp_stage in range(parallel.virtual_pipeline or 1):
+        vp = vp_stage if parallel.virtual_pipeline else None
+        chunks.append(
+            Idefics2Model(
+                model_config,
+                parallel,
+                precision,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+                vp_stage=vp,
+            )
+        )
+    return chunks

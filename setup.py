@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-vlm",
+    version="0.1.0",
+    description="Idefics2-style vision-language pretraining on Megatron-Core",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_vlm", "megatron_vlm.*"]),
+    install_requires=[
+        # Verified on CPU torch 2.13 (gloo): TP/PP/VPP, DP with the distributed optimizer.
+        "megatron-core==0.16.1",
+        "torch>=2.4,<=2.14.1",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "tensorboard>=2.15",
+        "psutil>=5.9",  # megatron-core's dist_checkpointing needs it and does not declare it
+        "numpy>=1.24",
+        "pillow>=10",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "ruff>=0.5",
+            "transformers>=5.0,<6",  # numerical oracle and HF side of the converters
+            "sentencepiece>=0.2",
+            "protobuf>=4",
+            "mistral-common>=1.5",  # ships the real Mistral-7B tokenizer
+            "scikit-image>=0.22",  # real photos for tests and the bundled dataset
+        ],
+        "gpu": [
+            "transformer-engine[pytorch]>=2.0",
+            "nvidia-dali-cuda120>=1.40",
+        ],
+        "mpi": ["mpi4py>=3.1", "openmpi>=5"],
+    },
+)
