@@ -115,6 +115,7 @@ _MODULES_WITH_CUDA_FACTORIES = (
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.tensor_parallel.data",  # broadcast_data size buffers
+    "megatron.core.utils",  # local multi-tensor L2 norm fallback (no apex/TE)
 )
 
 

@@ -82,6 +82,8 @@ def make_batch(config: ModelConfig, seed: int = 0, images_per_row: list[list[tup
 def hf_inputs(batch: Batch) -> dict[str, torch.Tensor]:
     """Our flat image list -> transformers' [batch, max images, ...] with all-zero padding images."""
     rows = len(batch.images_per_row)
+    if batch.pixel_values.shape[0] == 0:  # transformers wants no pixel_values at all then
+        return dict(input_ids=batch.input_ids, attention_mask=batch.padding)
     most = max(1, max(len(images) for images in batch.images_per_row))
     _, channels, h, w = batch.pixel_values.shape
     pixel_values = torch.zeros(rows, most, channels, h, w)
@@ -123,3 +125,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_torchrun(script: str, nproc: int, args: list[str], timeout: int = 600) -> None:
+    """Launch ``tests/workers/<script>`` on ``nproc`` real processes; raise with its output on failure."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).resolve().parent / "workers" / script
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", str(worker), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")

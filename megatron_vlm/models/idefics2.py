@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
@@ -35,6 +36,8 @@ class Idefics2Model(MegatronModule):
         language_config = specs.language_transformer_config(model_config, parallel, precision)
         super().__init__(config=language_config)
         use_te = specs.use_transformer_engine(precision)
+        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
+        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
         self.model_config = model_config
         self.pre_process = pre_process
         self.post_process = post_process

@@ -1,0 +1,93 @@
+"""Numerical parity with transformers' Idefics2ForConditionalGeneration (TP=PP=1, in process)."""
+
+import dataclasses
+
+import pytest
+import torch
+from parity import IMAGE_SIZES, hf_logits, hf_model, make_batch, megatron_inputs, tiny_config
+
+from megatron_vlm.config import ParallelConfig, PrecisionConfig
+from megatron_vlm.conversion.mapping import load_hf_weights
+from megatron_vlm.models.idefics2 import build_model_chunks, gather_logits
+
+TOLERANCE = 1e-4
+
+
+def megatron_model(config, hf):
+    state = hf.state_dict()
+    (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
+    load_hf_weights([model], state.__getitem__, set(state), config, 0, 1)
+    return model.eval()
+
+
+@torch.no_grad()
+def megatron_logits(model, batch, **overrides):
+    inputs = {**megatron_inputs(batch), **overrides}
+    return gather_logits(model(**inputs), model.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def models(megatron_single_process):
+    config = tiny_config()
+    hf = hf_model(config)
+    return config, hf, megatron_model(config, hf)
+
+
+def test_logits_match_hf_on_mixed_batch(models):
+    """Several images of different aspect ratios, a text-only padded row, GQA everywhere."""
+    config, hf, model = models
+    assert config.connector.num_kv_heads < config.connector.num_heads
+    assert config.text.num_kv_heads < config.text.num_heads
+    batch = make_batch(config)
+    reference = hf_logits(hf, batch)
+    ours = megatron_logits(model, batch)
+    valid = batch.padding.bool()
+    assert ours.shape == reference.shape
+    assert (ours - reference)[valid].abs().max() <= TOLERANCE
+    assert reference[valid].abs().max() > 0.1  # the comparison is not between near-zeros
+
+
+@pytest.mark.parametrize(
+    "images_per_row",
+    [
+        [[IMAGE_SIZES[2]], [IMAGE_SIZES[2]]],  # one size, not a multiple of the patch
+        [[], []],  # no image at all
+        [[(224, 112), (42, 224)]],  # the full position table, both orientations
+    ],
+)
+def test_logits_match_hf_on_other_layouts(models, images_per_row):
+    config, hf, model = models
+    batch = make_batch(config, seed=3, images_per_row=images_per_row, seq_len=32)
+    valid = batch.padding.bool()
+    assert (megatron_logits(model, batch) - hf_logits(hf, batch))[valid].abs().max() <= TOLERANCE
+
+
+def test_padded_pixels_do_not_change_anything(models):
+    config, _, model = models
+    batch = make_batch(config)
+    scribbled = batch.pixel_values.clone()
+    scribbled[~batch.pixel_mask[:, None].expand_as(scribbled)] = 7.0
+    before = megatron_logits(model, batch)
+    after = megatron_logits(model, batch, pixel_values=scribbled)
+    assert torch.equal(before, after)
+
+
+def test_image_token_count_must_match_images(models):
+    config, _, model = models
+    batch = make_batch(config)
+    with pytest.raises(ValueError, match="<image> tokens"):
+        megatron_logits(model, batch, pixel_values=batch.pixel_values[:-1], pixel_attention_mask=batch.pixel_mask[:-1])
+
+
+def test_mismatched_checkpoint_names_tensors(megatron_single_process):
+    config = tiny_config()
+    hf = hf_model(config)
+    state = hf.state_dict()
+    del state["model.text_model.layers.1.mlp.up_proj.weight"]
+    other = dataclasses.replace(config, vision=dataclasses.replace(config.vision, intermediate_size=96))
+    (model,) = build_model_chunks(other, ParallelConfig(), PrecisionConfig())
+    with pytest.raises(ValueError) as error:
+        load_hf_weights([model], state.__getitem__, set(state), other, 0, 1)
+    message = str(error.value)
+    assert "missing HF tensor: model.text_model.layers.1.mlp.up_proj.weight" in message
+    assert "vision.encoder.layers.0.mlp.linear_fc1.weight" in message

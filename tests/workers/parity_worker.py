@@ -1,0 +1,103 @@
+"""Run under torchrun: HF-parity of logits and one training step at a given TP/PP(/VPP) layout.
+
+Every rank builds the same tiny HF Idefics2 (same seed), loads it through the mapping table and
+writes ``rank{N}.json`` into --out with what it measured.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--vpp", type=int, default=None)
+    parser.add_argument("--first-stage-layers", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from parity import hf_logits, hf_model, make_batch, megatron_inputs, tiny_config
+
+    from megatron_vlm import distributed
+    from megatron_vlm.config import ParallelConfig, PrecisionConfig
+    from megatron_vlm.conversion.mapping import load_hf_weights
+    from megatron_vlm.models.idefics2 import build_model_chunks, gather_logits
+    from megatron_vlm.training.step import build_optimizer, labels_and_loss_mask, train_step, wrap_ddp
+
+    config = tiny_config()
+    parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, virtual_pipeline=args.vpp,
+                              decoder_layers_in_first_stage=args.first_stage_layers)
+    distributed.initialize(parallel, config, seed=1234)
+    rank = torch.distributed.get_rank()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    result: dict = {"rank": rank, "tp_rank": tp_rank, "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
+
+    hf = hf_model(config)
+    state = hf.state_dict()
+    chunks = build_model_chunks(config, parallel, PrecisionConfig())
+    load_hf_weights(chunks, state.__getitem__, set(state), config, tp_rank, args.tp)
+    result["decoder_layers"] = [len(c.language_model.decoder.layers) for c in chunks]
+    result["has_vision"] = [c.vision is not None for c in chunks]
+
+    # --- forward parity through the pipeline schedule
+    batch = make_batch(config)
+    inputs = megatron_inputs(batch)
+
+    def logits_step(data_iterator, model):
+        micro = next(data_iterator)
+        output = model(**micro)
+
+        def collect(output_tensor):
+            return output_tensor.sum() * 0.0, {"logits": gather_logits(output_tensor, config.text.vocab_size)}
+
+        return output, collect
+
+    for chunk in chunks:
+        chunk.eval()
+    with torch.no_grad():
+        collected = get_forward_backward_func()(
+            forward_step_func=logits_step,
+            # Two micro-batches: the interleaved schedule needs at least PP of them.
+            data_iterator=[iter([inputs] * 2) for _ in chunks] if len(chunks) > 1 else iter([inputs] * 2),
+            model=chunks, num_microbatches=2, seq_length=batch.input_ids.shape[1],
+            micro_batch_size=batch.input_ids.shape[0], forward_only=True,
+        )
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        ours = collected[0]["logits"]
+        reference = hf_logits(hf, batch)
+        valid = batch.padding.bool()
+        result["logits_max_abs_diff"] = float((ours - reference)[valid].abs().max())
+        result["logits_max_abs"] = float(reference[valid].abs().max())
+    for chunk in chunks:
+        chunk.train()
+
+    # --- training steps: one micro-batch with images, one without any image
+    def micro_batch(b):
+        labels, loss_mask = labels_and_loss_mask(b.input_ids, b.padding, config.image_token_id)
+        return {**megatron_inputs(b), "labels": labels, "loss_mask": loss_mask}
+
+    text_only = make_batch(config, seed=1, images_per_row=[[], [], [], []])
+    micro_batches = [micro_batch(batch), micro_batch(text_only)]
+    model = wrap_ddp(chunks)
+    optimizer = build_optimizer(model, OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1.0, weight_decay=0.0))
+    result["steps"] = [train_step(model, optimizer, micro_batches) for _ in range(args.steps)]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"rank{rank}.json").write_text(json.dumps(result))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
