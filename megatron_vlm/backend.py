@@ -138,12 +138,8 @@ def _patch_rng() -> None:
 
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.manual_seed = torch.manual_seed
-    megatron_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
-        torch.get_rng_state()
-    )
-    megatron_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
-        torch.set_rng_state(new_state)
-    )
+    megatron_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    megatron_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     # The tracker warns when the CPU generator moves inside a fork; here that is the point.
     logging.getLogger(megatron_random.__name__).setLevel(logging.ERROR)
 

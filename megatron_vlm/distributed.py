@@ -108,7 +108,9 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int) 
         raise ValueError("impossible parallel layout:\n  " + "\n  ".join(problems))
 
 
-def initialize(parallel: ParallelConfig, model: ModelConfig, seed: int = 1234, timeout_minutes: int = 10) -> ProcessEnvironment:
+def initialize(
+    parallel: ParallelConfig, model: ModelConfig, seed: int = 1234, timeout_minutes: int = 10
+) -> ProcessEnvironment:
     """Start torch.distributed from the launcher's environment and Megatron's parallel state."""
     from megatron.core import parallel_state, tensor_parallel
 

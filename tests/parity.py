@@ -21,7 +21,11 @@ def tiny_config(**text_overrides: int) -> ModelConfig:
     # A small vocabulary keeps HF and Megatron fast; the image tokens sit at its end.
     text = dataclasses.replace(config.text, vocab_size=259, **text_overrides)
     return dataclasses.replace(
-        config, text=text, fake_image_token_id=256, image_token_id=257, end_of_utterance_token_id=258,
+        config,
+        text=text,
+        fake_image_token_id=256,
+        image_token_id=257,
+        end_of_utterance_token_id=258,
         make_vocab_size_divisible_by=16,
     )
 
@@ -48,7 +52,9 @@ class Batch:
     pixel_mask: torch.Tensor  # [images, H, W]
 
 
-def make_batch(config: ModelConfig, seed: int = 0, images_per_row: list[list[tuple[int, int]]] | None = None, seq_len: int = 48) -> Batch:
+def make_batch(
+    config: ModelConfig, seed: int = 0, images_per_row: list[list[tuple[int, int]]] | None = None, seq_len: int = 48
+) -> Batch:
     """Rows mixing images of several aspect ratios, a text-only row and right padding."""
     generator = torch.Generator().manual_seed(seed)
     if images_per_row is None:
@@ -94,8 +100,12 @@ def hf_inputs(batch: Batch) -> dict[str, torch.Tensor]:
             pixel_values[row, slot] = batch.pixel_values[index]
             pixel_mask[row, slot] = batch.pixel_mask[index].long()
             index += 1
-    return dict(input_ids=batch.input_ids, attention_mask=batch.padding,
-                pixel_values=pixel_values, pixel_attention_mask=pixel_mask)
+    return dict(
+        input_ids=batch.input_ids,
+        attention_mask=batch.padding,
+        pixel_values=pixel_values,
+        pixel_attention_mask=pixel_mask,
+    )
 
 
 @torch.no_grad()
@@ -134,9 +144,18 @@ def run_torchrun(script: str, nproc: int, args: list[str], timeout: int = 600) -
     from pathlib import Path
 
     worker = Path(__file__).resolve().parent / "workers" / script
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", str(worker), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        str(worker),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if done.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
+        raise RuntimeError(
+            f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+        )

@@ -70,7 +70,11 @@ def _get(section: Any, key: str, default: Any = None) -> Any:
 def from_hf_config(hf: Any) -> ModelConfig:
     """Idefics2Config (object or config.json dict) -> ModelConfig. Refuses what we do not model."""
     v, p, t = _get(hf, "vision_config"), _get(hf, "perceiver_config"), _get(hf, "text_config")
-    for section, key, expected in ((v, "hidden_act", "gelu_pytorch_tanh"), (p, "hidden_act", "silu"), (t, "hidden_act", "silu")):
+    for section, key, expected in (
+        (v, "hidden_act", "gelu_pytorch_tanh"),
+        (p, "hidden_act", "silu"),
+        (t, "hidden_act", "silu"),
+    ):
         if _get(section, key, expected) != expected:
             raise ValueError(f"unsupported {key}={_get(section, key)!r} (expected {expected!r})")
     if _get(hf, "tie_word_embeddings", False) or _get(t, "tie_word_embeddings", False):

@@ -84,47 +84,104 @@ IDEFICS2_MAPPINGS: tuple[Mapping, ...] = (
     Mapping("vision.patch_embedding.bias", (_vision("embeddings.patch_embedding.bias"),)),
     Mapping("vision.position_embedding.weight", (_vision("embeddings.position_embedding.weight"),)),
     *_siglip_layer("input_layernorm", "layer_norm1"),
-    Mapping("vision.encoder.layers.*.self_attention.linear_qkv.weight",
-            tuple(f"{n}.weight" for n in _QKV_VISION), Split.COLUMN, Fuse.QKV, "vision"),
-    Mapping("vision.encoder.layers.*.self_attention.linear_qkv.bias",
-            tuple(f"{n}.bias" for n in _QKV_VISION), Split.COLUMN, Fuse.QKV, "vision"),
-    Mapping("vision.encoder.layers.*.self_attention.linear_proj.weight",
-            (_vision("encoder.layers.*.self_attn.out_proj.weight"),), Split.ROW),
-    Mapping("vision.encoder.layers.*.self_attention.linear_proj.bias",
-            (_vision("encoder.layers.*.self_attn.out_proj.bias"),)),
+    Mapping(
+        "vision.encoder.layers.*.self_attention.linear_qkv.weight",
+        tuple(f"{n}.weight" for n in _QKV_VISION),
+        Split.COLUMN,
+        Fuse.QKV,
+        "vision",
+    ),
+    Mapping(
+        "vision.encoder.layers.*.self_attention.linear_qkv.bias",
+        tuple(f"{n}.bias" for n in _QKV_VISION),
+        Split.COLUMN,
+        Fuse.QKV,
+        "vision",
+    ),
+    Mapping(
+        "vision.encoder.layers.*.self_attention.linear_proj.weight",
+        (_vision("encoder.layers.*.self_attn.out_proj.weight"),),
+        Split.ROW,
+    ),
+    Mapping(
+        "vision.encoder.layers.*.self_attention.linear_proj.bias",
+        (_vision("encoder.layers.*.self_attn.out_proj.bias"),),
+    ),
     *_siglip_layer("pre_mlp_layernorm", "layer_norm2"),
-    Mapping("vision.encoder.layers.*.mlp.linear_fc1.weight", (_vision("encoder.layers.*.mlp.fc1.weight"),), Split.COLUMN),
+    Mapping(
+        "vision.encoder.layers.*.mlp.linear_fc1.weight", (_vision("encoder.layers.*.mlp.fc1.weight"),), Split.COLUMN
+    ),
     Mapping("vision.encoder.layers.*.mlp.linear_fc1.bias", (_vision("encoder.layers.*.mlp.fc1.bias"),), Split.COLUMN),
     Mapping("vision.encoder.layers.*.mlp.linear_fc2.weight", (_vision("encoder.layers.*.mlp.fc2.weight"),), Split.ROW),
     Mapping("vision.encoder.layers.*.mlp.linear_fc2.bias", (_vision("encoder.layers.*.mlp.fc2.bias"),)),
     Mapping("vision.encoder.final_layernorm.weight", (_vision("post_layernorm.weight"),)),
     Mapping("vision.encoder.final_layernorm.bias", (_vision("post_layernorm.bias"),)),
     # --- connector: SwiGLU projection + Perceiver resampler
-    Mapping("connector.projection.linear_fc1.weight",
-            (_connector("modality_projection.gate_proj.weight"), _connector("modality_projection.up_proj.weight")),
-            Split.GATED_COLUMN, Fuse.GATE_UP),
+    Mapping(
+        "connector.projection.linear_fc1.weight",
+        (_connector("modality_projection.gate_proj.weight"), _connector("modality_projection.up_proj.weight")),
+        Split.GATED_COLUMN,
+        Fuse.GATE_UP,
+    ),
     Mapping("connector.projection.linear_fc2.weight", (_connector("modality_projection.down_proj.weight"),), Split.ROW),
     Mapping("connector.latents", (f"model.{_RESAMPLER}.latents",)),
-    Mapping("connector.layers.*.input_latents_norm.weight", (f"model.{_RESAMPLER}.layers.*.input_latents_norm.weight",)),
-    Mapping("connector.layers.*.input_context_norm.weight", (f"model.{_RESAMPLER}.layers.*.input_context_norm.weight",)),
-    Mapping("connector.layers.*.attention.linear_q.weight", (f"model.{_RESAMPLER}.layers.*.self_attn.q_proj.weight",), Split.COLUMN),
-    Mapping("connector.layers.*.attention.linear_k.weight", (f"model.{_RESAMPLER}.layers.*.self_attn.k_proj.weight",), Split.COLUMN),
-    Mapping("connector.layers.*.attention.linear_v.weight", (f"model.{_RESAMPLER}.layers.*.self_attn.v_proj.weight",), Split.COLUMN),
-    Mapping("connector.layers.*.attention.linear_proj.weight", (f"model.{_RESAMPLER}.layers.*.self_attn.o_proj.weight",), Split.ROW),
-    Mapping("connector.layers.*.pre_mlp_norm.weight", (f"model.{_RESAMPLER}.layers.*.post_attention_layernorm.weight",)),
-    Mapping("connector.layers.*.mlp.linear_fc1.weight",
-            (f"model.{_RESAMPLER}.layers.*.mlp.gate_proj.weight", f"model.{_RESAMPLER}.layers.*.mlp.up_proj.weight"),
-            Split.GATED_COLUMN, Fuse.GATE_UP),
-    Mapping("connector.layers.*.mlp.linear_fc2.weight", (f"model.{_RESAMPLER}.layers.*.mlp.down_proj.weight",), Split.ROW),
+    Mapping(
+        "connector.layers.*.input_latents_norm.weight", (f"model.{_RESAMPLER}.layers.*.input_latents_norm.weight",)
+    ),
+    Mapping(
+        "connector.layers.*.input_context_norm.weight", (f"model.{_RESAMPLER}.layers.*.input_context_norm.weight",)
+    ),
+    Mapping(
+        "connector.layers.*.attention.linear_q.weight",
+        (f"model.{_RESAMPLER}.layers.*.self_attn.q_proj.weight",),
+        Split.COLUMN,
+    ),
+    Mapping(
+        "connector.layers.*.attention.linear_k.weight",
+        (f"model.{_RESAMPLER}.layers.*.self_attn.k_proj.weight",),
+        Split.COLUMN,
+    ),
+    Mapping(
+        "connector.layers.*.attention.linear_v.weight",
+        (f"model.{_RESAMPLER}.layers.*.self_attn.v_proj.weight",),
+        Split.COLUMN,
+    ),
+    Mapping(
+        "connector.layers.*.attention.linear_proj.weight",
+        (f"model.{_RESAMPLER}.layers.*.self_attn.o_proj.weight",),
+        Split.ROW,
+    ),
+    Mapping(
+        "connector.layers.*.pre_mlp_norm.weight", (f"model.{_RESAMPLER}.layers.*.post_attention_layernorm.weight",)
+    ),
+    Mapping(
+        "connector.layers.*.mlp.linear_fc1.weight",
+        (f"model.{_RESAMPLER}.layers.*.mlp.gate_proj.weight", f"model.{_RESAMPLER}.layers.*.mlp.up_proj.weight"),
+        Split.GATED_COLUMN,
+        Fuse.GATE_UP,
+    ),
+    Mapping(
+        "connector.layers.*.mlp.linear_fc2.weight", (f"model.{_RESAMPLER}.layers.*.mlp.down_proj.weight",), Split.ROW
+    ),
     Mapping("connector.final_norm.weight", (f"model.{_RESAMPLER}.norm.weight",)),
     # --- Mistral decoder
     Mapping("language_model.embedding.word_embeddings.weight", (_text("embed_tokens.weight"),), Split.VOCAB),
     Mapping("language_model.decoder.layers.*.input_layernorm.weight", (_text("layers.*.input_layernorm.weight"),)),
-    Mapping("language_model.decoder.layers.*.self_attention.linear_qkv.weight", _QKV_TEXT, Split.COLUMN, Fuse.QKV, "text"),
-    Mapping("language_model.decoder.layers.*.self_attention.linear_proj.weight", (_text("layers.*.self_attn.o_proj.weight"),), Split.ROW),
-    Mapping("language_model.decoder.layers.*.pre_mlp_layernorm.weight", (_text("layers.*.post_attention_layernorm.weight"),)),
+    Mapping(
+        "language_model.decoder.layers.*.self_attention.linear_qkv.weight", _QKV_TEXT, Split.COLUMN, Fuse.QKV, "text"
+    ),
+    Mapping(
+        "language_model.decoder.layers.*.self_attention.linear_proj.weight",
+        (_text("layers.*.self_attn.o_proj.weight"),),
+        Split.ROW,
+    ),
+    Mapping(
+        "language_model.decoder.layers.*.pre_mlp_layernorm.weight", (_text("layers.*.post_attention_layernorm.weight"),)
+    ),
     Mapping("language_model.decoder.layers.*.mlp.linear_fc1.weight", _GATE_UP_TEXT, Split.GATED_COLUMN, Fuse.GATE_UP),
-    Mapping("language_model.decoder.layers.*.mlp.linear_fc2.weight", (_text("layers.*.mlp.down_proj.weight"),), Split.ROW),
+    Mapping(
+        "language_model.decoder.layers.*.mlp.linear_fc2.weight", (_text("layers.*.mlp.down_proj.weight"),), Split.ROW
+    ),
     Mapping("language_model.decoder.final_layernorm.weight", (_text("norm.weight"),)),
     Mapping("language_model.output_layer.weight", ("lm_head.weight",), Split.VOCAB),
 )
@@ -153,7 +210,9 @@ def lookup(name: str, mappings: Sequence[Mapping] = IDEFICS2_MAPPINGS) -> tuple[
     raise KeyError(f"no HF mapping for Megatron parameter {name!r}")
 
 
-def expand(config: ModelConfig, mappings: Sequence[Mapping] = IDEFICS2_MAPPINGS) -> Iterator[tuple[str, Mapping, str | None]]:
+def expand(
+    config: ModelConfig, mappings: Sequence[Mapping] = IDEFICS2_MAPPINGS
+) -> Iterator[tuple[str, Mapping, str | None]]:
     """Every concrete (Megatron name, row, layer) of a model with this config."""
     layers = {
         "vision.encoder.layers.": config.vision.num_layers,
@@ -199,7 +258,9 @@ def _split_qkv(fused: torch.Tensor, att: Attention) -> list[torch.Tensor]:
     return [t.reshape(-1, *rest) for t in (q, k, v)]
 
 
-def hf_to_megatron(mapping: Mapping, hf_tensors: Sequence[torch.Tensor], config: ModelConfig, padded_vocab: int) -> torch.Tensor:
+def hf_to_megatron(
+    mapping: Mapping, hf_tensors: Sequence[torch.Tensor], config: ModelConfig, padded_vocab: int
+) -> torch.Tensor:
     """HF tensor(s) of one row -> the full (TP=1) Megatron tensor."""
     if mapping.fuse is Fuse.QKV:
         return _fuse_qkv(*hf_tensors, _attention(mapping, config))
@@ -265,7 +326,7 @@ def global_parameter_names(chunk: torch.nn.Module) -> dict[str, str]:
         canonical = canonical_name(name)
         for local, global_ in renames.items():
             if canonical.startswith(local):
-                canonical = global_ + canonical[len(local):]
+                canonical = global_ + canonical[len(local) :]
                 break
         names[name] = canonical
     return names

@@ -63,16 +63,24 @@ class PerceiverAttention(MegatronModule):
 
         def column(out_features: int) -> tensor_parallel.ColumnParallelLinear:
             return tensor_parallel.ColumnParallelLinear(
-                hidden, out_features, config=config, init_method=config.init_method,
-                bias=False, gather_output=False,
+                hidden,
+                out_features,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                gather_output=False,
             )
 
         self.linear_q = column(connector.num_heads * connector.head_dim)
         self.linear_k = column(connector.num_kv_heads * connector.head_dim)
         self.linear_v = column(connector.num_kv_heads * connector.head_dim)
         self.linear_proj = tensor_parallel.RowParallelLinear(
-            connector.num_heads * connector.head_dim, hidden, config=config,
-            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
+            connector.num_heads * connector.head_dim,
+            hidden,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
             skip_bias_add=True,
         )
 
@@ -105,9 +113,7 @@ class PerceiverLayer(MegatronModule):
         self.mlp = swiglu_mlp(config, hidden, 4 * hidden)
 
     def forward(self, latents: torch.Tensor, context: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        latents = latents + self.attention(
-            self.input_latents_norm(latents), self.input_context_norm(context), keep
-        )
+        latents = latents + self.attention(self.input_latents_norm(latents), self.input_context_norm(context), keep)
         return latents + self.mlp(self.pre_mlp_norm(latents))[0]
 
 

@@ -92,7 +92,9 @@ class Idefics2Model(MegatronModule):
         mask = torch.ones(1, patch, patch, dtype=torch.bool, device=embeddings.device)
         return embeddings + 0.0 * self.encode_images(pixels, mask).sum().to(embeddings.dtype)
 
-    def splice_images(self, embeddings: torch.Tensor, input_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    def splice_images(
+        self, embeddings: torch.Tensor, input_ids: torch.Tensor, image_tokens: torch.Tensor
+    ) -> torch.Tensor:
         """Replace embeddings [s, b, h] at <image> positions with image tokens, batch-major."""
         is_image = input_ids == self.model_config.image_token_id  # [b, s]
         expected = image_tokens.shape[0] * image_tokens.shape[1]

@@ -15,7 +15,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 MicroBatch = dict[str, torch.Tensor]
 
 
-def labels_and_loss_mask(input_ids: torch.Tensor, padding: torch.Tensor, image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def labels_and_loss_mask(
+    input_ids: torch.Tensor, padding: torch.Tensor, image_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token labels [b, s] and the mask of positions that count: the next token is real text
     or a real special token, never padding and never an <image> placeholder (its embedding is
     replaced by image features, so there is nothing to predict)."""
@@ -26,22 +28,25 @@ def labels_and_loss_mask(input_ids: torch.Tensor, padding: torch.Tensor, image_t
     return labels.masked_fill(~loss_mask, 0), loss_mask.float()
 
 
-def wrap_ddp(chunks: Sequence[torch.nn.Module], distributed_optimizer: bool = False, overlap_grad_reduce: bool = False) -> list[DistributedDataParallel]:
+def wrap_ddp(
+    chunks: Sequence[torch.nn.Module], distributed_optimizer: bool = False, overlap_grad_reduce: bool = False
+) -> list[DistributedDataParallel]:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=distributed_optimizer,
     )
     wrapped = [
-        DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
-                                disable_bucketing=index > 0)
+        DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0)
         for index, chunk in enumerate(chunks)
     ]
     config = wrapped[0].config
     config.finalize_model_grads_func = finalize_model_grads
     if overlap_grad_reduce:
         config.no_sync_func = [chunk.no_sync for chunk in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
-        config.grad_sync_func = [chunk.start_grad_sync for chunk in wrapped] if len(wrapped) > 1 else wrapped[0].start_grad_sync
+        config.grad_sync_func = (
+            [chunk.start_grad_sync for chunk in wrapped] if len(wrapped) > 1 else wrapped[0].start_grad_sync
+        )
     return wrapped
 
 

@@ -36,8 +36,12 @@ def main() -> None:
     from megatron_vlm.training.step import build_optimizer, labels_and_loss_mask, train_step, wrap_ddp
 
     config = tiny_config()
-    parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, virtual_pipeline=args.vpp,
-                              decoder_layers_in_first_stage=args.first_stage_layers)
+    parallel = ParallelConfig(
+        tensor_parallel=args.tp,
+        pipeline_parallel=args.pp,
+        virtual_pipeline=args.vpp,
+        decoder_layers_in_first_stage=args.first_stage_layers,
+    )
     distributed.initialize(parallel, config, seed=1234)
     rank = torch.distributed.get_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -70,8 +74,11 @@ def main() -> None:
             forward_step_func=logits_step,
             # Two micro-batches: the interleaved schedule needs at least PP of them.
             data_iterator=[iter([inputs] * 2) for _ in chunks] if len(chunks) > 1 else iter([inputs] * 2),
-            model=chunks, num_microbatches=2, seq_length=batch.input_ids.shape[1],
-            micro_batch_size=batch.input_ids.shape[0], forward_only=True,
+            model=chunks,
+            num_microbatches=2,
+            seq_length=batch.input_ids.shape[1],
+            micro_batch_size=batch.input_ids.shape[0],
+            forward_only=True,
         )
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         ours = collected[0]["logits"]
