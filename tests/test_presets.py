@@ -1,0 +1,56 @@
+"""Presets: the published Idefics2-8B numbers, its exact parameter count, config round trips."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig, load_model_preset
+from megatron_vlm.conversion.hf_config import from_hf_config, to_hf_config
+from megatron_vlm.models.idefics2 import build_model_chunks
+
+
+def test_idefics2_8b_preset_has_the_published_numbers():
+    config = load_model_preset("idefics2-8b")
+    v, c, t = config.vision, config.connector, config.text
+    assert (v.num_layers, v.hidden_size, v.intermediate_size, v.num_heads, v.patch_size, v.image_size) == (
+        27, 1152, 4304, 16, 14, 980,
+    )
+    assert (c.num_latents, c.depth, c.num_heads, c.num_kv_heads, c.head_dim) == (64, 3, 16, 4, 96)
+    assert (t.num_layers, t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads) == (32, 4096, 14336, 32, 8)
+    assert (t.rope_theta, t.vocab_size) == (10000.0, 32003)
+    assert (config.fake_image_token_id, config.image_token_id, config.end_of_utterance_token_id) == (32000, 32001, 32002)
+
+
+def test_unknown_preset_and_unknown_keys_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="idefics2-8b"):
+        load_model_preset("no-such-model")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("text:\n  hiden_size: 12\n")
+    with pytest.raises(ValueError, match="hiden_size"):
+        load_model_preset(bad)
+
+
+@pytest.mark.parametrize("preset", ["idefics2-8b", "tiny"])
+def test_hf_config_round_trip(preset):
+    config = load_model_preset(preset)
+    assert from_hf_config(to_hf_config(config)) == dataclasses.replace(
+        config, fake_image_token_id=ModelConfig.fake_image_token_id,
+        end_of_utterance_token_id=ModelConfig.end_of_utterance_token_id,
+    )
+
+
+def test_8b_parameter_count_equals_transformers(megatron_single_process):
+    from transformers import Idefics2ForConditionalGeneration
+
+    config = load_model_preset("idefics2-8b")
+    with torch.device("meta"):
+        hf = Idefics2ForConditionalGeneration(to_hf_config(config))
+        unpadded = dataclasses.replace(config, make_vocab_size_divisible_by=1)
+        (ours,) = build_model_chunks(unpadded, ParallelConfig(), PrecisionConfig(params_dtype="bfloat16"))
+        (padded,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig(params_dtype="bfloat16"))
+    hf_count = sum(p.numel() for p in hf.parameters())
+    assert sum(p.numel() for p in ours.parameters()) == hf_count == 8_402_768_112
+    # With the vocabulary padded to a multiple of 128, embedding and output gain the pad rows only.
+    pad_rows = config.padded_vocab_size(1) - config.text.vocab_size
+    assert sum(p.numel() for p in padded.parameters()) == hf_count + 2 * pad_rows * config.text.hidden_size
