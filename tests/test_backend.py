@@ -74,7 +74,9 @@ def test_synchronize_is_a_noop(patched):
 def test_optimizer_sees_cuda_type_names_and_nobody_else(patched):
     tensor = torch.zeros(2)
     seen_by_optimizer = {}
-    exec("result = tensor.type()", {"__name__": "megatron.core.optimizer.optimizer", "tensor": tensor}, seen_by_optimizer)
+    exec(
+        "result = tensor.type()", {"__name__": "megatron.core.optimizer.optimizer", "tensor": tensor}, seen_by_optimizer
+    )
     assert seen_by_optimizer["result"] == "torch.cuda.FloatTensor"
     assert tensor.type() == "torch.FloatTensor"
     assert tensor.type(torch.float64).dtype == torch.float64

@@ -11,7 +11,9 @@ MODEL = load_model_preset("idefics2-8b")
 def test_feasible_8b_layouts_pass():
     check_layout(MODEL, ParallelConfig(tensor_parallel=4, pipeline_parallel=2), world_size=64)
     check_layout(MODEL, ParallelConfig(tensor_parallel=2, pipeline_parallel=4, virtual_pipeline=2), world_size=16)
-    check_layout(MODEL, ParallelConfig(tensor_parallel=2, pipeline_parallel=4, decoder_layers_in_first_stage=5), world_size=8)
+    check_layout(
+        MODEL, ParallelConfig(tensor_parallel=2, pipeline_parallel=4, decoder_layers_in_first_stage=5), world_size=8
+    )
 
 
 @pytest.mark.parametrize(
@@ -37,14 +39,27 @@ def test_impossible_layouts_name_the_fix(parallel, world_size, fix):
     [
         ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}, ("torchrun", 3, 8, 1)),
         ({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5"}, ("slurm", 5, 16, 5)),
-        ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}, ("openmpi", 2, 4, 0)),
+        (
+            {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0"},
+            ("openmpi", 2, 4, 0),
+        ),
         ({"PMI_RANK": "1", "PMI_SIZE": "2"}, ("pmi", 1, 2, 0)),
         ({}, ("single", 0, 1, 0)),
     ],
 )
 def test_launcher_environment(monkeypatch, variables, expected):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "OMPI_COMM_WORLD_RANK",
-                 "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "PMIX_RANK"):
+    for name in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_RANK",
+        "PMI_SIZE",
+        "PMIX_RANK",
+    ):
         monkeypatch.delenv(name, raising=False)
     for name, value in variables.items():
         monkeypatch.setenv(name, value)

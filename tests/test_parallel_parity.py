@@ -13,6 +13,8 @@ LAYOUTS = {
     # Stage 0 carries vision + connector, so it gets 1 decoder layer and stage 1 the other 3.
     "tp2pp2": (4, ["--tp", "2", "--pp", "2", "--first-stage-layers", "1"]),
     "pp2vpp2": (2, ["--tp", "1", "--pp", "2", "--vpp", "2"]),
+    "tp1pp1-lora": (1, ["--tp", "1", "--pp", "1", "--lora"]),
+    "tp2pp2-lora": (4, ["--tp", "2", "--pp", "2", "--lora"]),
 }
 
 
@@ -35,9 +37,12 @@ def test_logits_match_hf(results, layout):
         assert rank["logits_max_abs"] > 0.1
 
 
-@pytest.mark.parametrize("layout", ["tp2pp1", "tp2pp2", "pp2vpp2"])
-def test_training_steps_match_single_process(results, layout):
-    reference = results["tp1pp1"][0]["steps"]
+@pytest.mark.parametrize(
+    ("layout", "reference_layout"),
+    [("tp2pp1", "tp1pp1"), ("tp2pp2", "tp1pp1"), ("pp2vpp2", "tp1pp1"), ("tp2pp2-lora", "tp1pp1-lora")],
+)
+def test_training_steps_match_single_process(results, layout, reference_layout):
+    reference = results[reference_layout][0]["steps"]
     for rank in results[layout]:
         assert len(rank["steps"]) == len(reference) == 2
         for ours, ref in zip(rank["steps"], reference, strict=True):
@@ -54,3 +59,10 @@ def test_pipeline_placement(results):
     assert by_stage[1]["has_vision"] == [False] and by_stage[1]["decoder_layers"] == [3]
     vpp = {r["pp_rank"]: r for r in results["pp2vpp2"]}
     assert vpp[0]["has_vision"] == [True, False] and vpp[1]["has_vision"] == [False, False]
+
+
+def test_lora_training_leaves_backbones_frozen(results):
+    for rank in results["tp2pp2-lora"]:
+        assert rank["frozen_parameters"] > 0
+        assert rank["frozen_unchanged"]
+    assert results["tp1pp1-lora"][0]["steps"][1]["loss"] != results["tp1pp1"][0]["steps"][1]["loss"]

@@ -14,12 +14,21 @@ def test_idefics2_8b_preset_has_the_published_numbers():
     config = load_model_preset("idefics2-8b")
     v, c, t = config.vision, config.connector, config.text
     assert (v.num_layers, v.hidden_size, v.intermediate_size, v.num_heads, v.patch_size, v.image_size) == (
-        27, 1152, 4304, 16, 14, 980,
+        27,
+        1152,
+        4304,
+        16,
+        14,
+        980,
     )
     assert (c.num_latents, c.depth, c.num_heads, c.num_kv_heads, c.head_dim) == (64, 3, 16, 4, 96)
     assert (t.num_layers, t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads) == (32, 4096, 14336, 32, 8)
     assert (t.rope_theta, t.vocab_size) == (10000.0, 32003)
-    assert (config.fake_image_token_id, config.image_token_id, config.end_of_utterance_token_id) == (32000, 32001, 32002)
+    assert (config.fake_image_token_id, config.image_token_id, config.end_of_utterance_token_id) == (
+        32000,
+        32001,
+        32002,
+    )
 
 
 def test_unknown_preset_and_unknown_keys_are_named(tmp_path):
@@ -35,7 +44,8 @@ def test_unknown_preset_and_unknown_keys_are_named(tmp_path):
 def test_hf_config_round_trip(preset):
     config = load_model_preset(preset)
     assert from_hf_config(to_hf_config(config)) == dataclasses.replace(
-        config, fake_image_token_id=ModelConfig.fake_image_token_id,
+        config,
+        fake_image_token_id=ModelConfig.fake_image_token_id,
         end_of_utterance_token_id=ModelConfig.end_of_utterance_token_id,
     )
 

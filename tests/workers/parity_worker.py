@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--vpp", type=int, default=None)
     parser.add_argument("--first-stage-layers", type=int, default=None)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters on frozen backbones")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -30,9 +31,10 @@ def main() -> None:
     from parity import hf_logits, hf_model, make_batch, megatron_inputs, tiny_config
 
     from megatron_vlm import distributed
-    from megatron_vlm.config import ParallelConfig, PrecisionConfig
+    from megatron_vlm.config import ParallelConfig, PrecisionConfig, TrainableConfig
     from megatron_vlm.conversion.mapping import load_hf_weights
     from megatron_vlm.models.idefics2 import build_model_chunks, gather_logits
+    from megatron_vlm.models.lora import apply_trainable
     from megatron_vlm.training.step import build_optimizer, labels_and_loss_mask, train_step, wrap_ddp
 
     config = tiny_config()
@@ -96,9 +98,15 @@ def main() -> None:
 
     text_only = make_batch(config, seed=1, images_per_row=[[], [], [], []])
     micro_batches = [micro_batch(batch), micro_batch(text_only)]
+    if args.lora:
+        apply_trainable(chunks, TrainableConfig(lora_rank=4, lora_alpha=8.0))
+    frozen_before = {n: p.clone() for c in chunks for n, p in c.named_parameters() if not p.requires_grad}
     model = wrap_ddp(chunks)
     optimizer = build_optimizer(model, OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1.0, weight_decay=0.0))
     result["steps"] = [train_step(model, optimizer, micro_batches) for _ in range(args.steps)]
+    frozen_after = {n: p for c in chunks for n, p in c.named_parameters() if not p.requires_grad}
+    result["frozen_parameters"] = len(frozen_before)
+    result["frozen_unchanged"] = all(torch.equal(frozen_before[n], frozen_after[n]) for n in frozen_before)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps(result))
