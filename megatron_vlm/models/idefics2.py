@@ -183,3 +183,11 @@ def build_model_chunks(
             )
         )
     return chunks
+
+
+def causal_attention_mask(padding: torch.Tensor) -> torch.Tensor:
+    """[b, s] padding (1 real) -> [b, 1, s, s] bool, True where attention is not allowed:
+    future positions and padded keys (Megatron's mask convention)."""
+    seq = padding.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=padding.device).triu(1)
+    return causal[None, None] | ~padding.bool()[:, None, None, :]

@@ -1,0 +1,156 @@
+"""Numerical parity of our Megatron Idefics2 with transformers' Idefics2ForConditionalGeneration.
+
+``python -m megatron_vlm.conversion.verify --preset tiny`` builds a random HF model of the preset,
+loads it into the Megatron model through the mapping table, runs both on a batch mixing images of
+several aspect ratios, a text-only row and padding, and reports the largest logit difference
+(non-zero exit above the tolerance). The pieces are shared with the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import torch
+
+from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig, load_model_preset
+from megatron_vlm.conversion.hf_config import to_hf_config
+from megatron_vlm.conversion.mapping import load_hf_weights
+from megatron_vlm.models.idefics2 import build_model_chunks, causal_attention_mask, gather_logits
+
+IMAGE_SIZES = [(56, 98), (98, 42), (60, 90), (84, 84)]  # (h, w): wide, tall, non-multiple of 14, square
+
+
+def random_hf_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
+    from transformers import Idefics2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Idefics2ForConditionalGeneration(to_hf_config(config)).float().eval()
+    # HF initialises norms to 1 and latents to 1: randomise them so the mapping of every tensor shows.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or "latents" in name or name.endswith(".bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+@dataclasses.dataclass
+class Batch:
+    input_ids: torch.Tensor  # [b, s]
+    padding: torch.Tensor  # [b, s] 1 real, 0 padded
+    images_per_row: list[list[tuple[int, int]]]
+    pixel_values: torch.Tensor  # [images, 3, H, W] batch-major
+    pixel_mask: torch.Tensor  # [images, H, W]
+
+
+def make_batch(
+    config: ModelConfig, seed: int = 0, images_per_row: list[list[tuple[int, int]]] | None = None, seq_len: int = 48
+) -> Batch:
+    """Rows mixing images of several aspect ratios, a text-only row and right padding."""
+    generator = torch.Generator().manual_seed(seed)
+    if images_per_row is None:
+        images_per_row = [[IMAGE_SIZES[0]], [], [IMAGE_SIZES[1], IMAGE_SIZES[2]], [IMAGE_SIZES[3]]]
+    latents = config.connector.num_latents
+    input_ids = torch.randint(1, 250, (len(images_per_row), seq_len), generator=generator)
+    padding = torch.ones_like(input_ids)
+    for row, images in enumerate(images_per_row):
+        position = 3
+        for _ in images:
+            span = [config.fake_image_token_id] + [config.image_token_id] * latents + [config.fake_image_token_id]
+            input_ids[row, position : position + len(span)] = torch.tensor(span)
+            position += len(span) + 2
+        if position > seq_len:
+            raise ValueError(f"seq_len {seq_len} too short for {len(images)} images")
+    padded_row = next((r for r, images in enumerate(images_per_row) if not images), None)
+    if padded_row is not None:  # the text-only row ends with padding
+        padding[padded_row, -5:] = 0
+        input_ids[padded_row, -5:] = 0
+    sizes = [size for images in images_per_row for size in images]
+    max_h = max((h for h, _ in sizes), default=14)
+    max_w = max((w for _, w in sizes), default=14)
+    pixel_values = torch.zeros(len(sizes), 3, max_h, max_w)
+    pixel_mask = torch.zeros(len(sizes), max_h, max_w, dtype=torch.bool)
+    for i, (h, w) in enumerate(sizes):
+        pixel_values[i, :, :h, :w] = torch.randn(3, h, w, generator=generator)
+        pixel_mask[i, :h, :w] = True
+    return Batch(input_ids, padding, images_per_row, pixel_values, pixel_mask)
+
+
+def hf_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    """Our flat image list -> transformers' [batch, max images, ...] with all-zero padding images."""
+    rows = len(batch.images_per_row)
+    if batch.pixel_values.shape[0] == 0:  # transformers wants no pixel_values at all then
+        return dict(input_ids=batch.input_ids, attention_mask=batch.padding)
+    most = max(1, max(len(images) for images in batch.images_per_row))
+    _, channels, h, w = batch.pixel_values.shape
+    pixel_values = torch.zeros(rows, most, channels, h, w)
+    pixel_mask = torch.zeros(rows, most, h, w, dtype=torch.long)
+    index = 0
+    for row, images in enumerate(batch.images_per_row):
+        for slot in range(len(images)):
+            pixel_values[row, slot] = batch.pixel_values[index]
+            pixel_mask[row, slot] = batch.pixel_mask[index].long()
+            index += 1
+    return dict(
+        input_ids=batch.input_ids,
+        attention_mask=batch.padding,
+        pixel_values=pixel_values,
+        pixel_attention_mask=pixel_mask,
+    )
+
+
+@torch.no_grad()
+def hf_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    return model(**hf_inputs(batch)).logits
+
+
+def megatron_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    seq = batch.input_ids.shape[1]
+    return dict(
+        input_ids=batch.input_ids,
+        position_ids=torch.arange(seq).expand_as(batch.input_ids),
+        attention_mask=causal_attention_mask(batch.padding),
+        pixel_values=batch.pixel_values,
+        pixel_attention_mask=batch.pixel_mask,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny", help="model preset name or YAML path (default: tiny)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tolerance", type=float, default=1e-4)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from megatron_vlm import distributed
+
+    config = load_model_preset(args.preset)
+    distributed.initialize(ParallelConfig(), config)
+    try:
+        hf = random_hf_model(config, args.seed)
+        state = hf.state_dict()
+        (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
+        load_hf_weights([model], state.__getitem__, set(state), config, 0, 1)
+        batch = make_batch(config, seed=args.seed, seq_len=max(48, 4 + 2 * (config.connector.num_latents + 4)))
+        reference = hf_logits(hf, batch)
+        with torch.no_grad():
+            ours = gather_logits(model.eval()(**megatron_inputs(batch)), config.text.vocab_size)
+        valid = batch.padding.bool()
+        difference = float((ours - reference)[valid].abs().max())
+        images = sum(len(row) for row in batch.images_per_row)
+        print(
+            f"preset {args.preset}: {images} images of sizes {[s for r in batch.images_per_row for s in r]}, "
+            f"{len(batch.images_per_row)} rows x {batch.input_ids.shape[1]} tokens; "
+            f"max |logits - HF| = {difference:.3e} (tolerance {args.tolerance:.0e}); "
+            f"top-1 agreement {float((ours.argmax(-1) == reference.argmax(-1))[valid].float().mean()):.4f}"
+        )
+    finally:
+        distributed.shutdown()
+    return 0 if difference <= args.tolerance else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
