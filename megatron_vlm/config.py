@@ -83,11 +83,14 @@ class ModelConfig:
     image_token_id: int = 32001
     end_of_utterance_token_id: int = 32002
     pad_token_id: int = 0
-    # Megatron pads the vocabulary to a multiple of this times TP; padded logits are masked.
+    # The vocabulary is padded to a multiple of this (TP must divide it); padded logits are
+    # masked. Unlike Megatron-LM's multiple-times-TP, the padded size does not depend on the
+    # layout, so embedding checkpoints reshard between TP sizes.
     make_vocab_size_divisible_by: int = 128
 
-    def padded_vocab_size(self, tensor_parallel_size: int) -> int:
-        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
+    @property
+    def padded_vocab_size(self) -> int:
+        multiple = self.make_vocab_size_divisible_by
         return -(-self.text.vocab_size // multiple) * multiple
 
 

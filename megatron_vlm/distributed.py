@@ -78,6 +78,11 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int) 
                 f"TP={tp} must divide the {part} attention heads ({heads}) and KV heads ({kv}); "
                 f"choose TP from {[d for d in range(1, kv + 1) if kv % d == 0 and heads % d == 0]}"
             )
+    if model.make_vocab_size_divisible_by % tp:
+        problems.append(
+            f"TP={tp} must divide make_vocab_size_divisible_by={model.make_vocab_size_divisible_by} "
+            f"(the vocabulary is padded to that multiple and split over TP ranks)"
+        )
     for name, width in (
         ("text FFN", model.text.intermediate_size),
         ("vision FFN", model.vision.intermediate_size),

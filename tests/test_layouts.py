@@ -27,6 +27,7 @@ def test_feasible_8b_layouts_pass():
         (ParallelConfig(pipeline_parallel=3, decoder_layers_in_first_stage=3), 3, "must split evenly"),
         (ParallelConfig(pipeline_parallel=1, virtual_pipeline=2), 1, "virtual_pipeline needs pipeline_parallel >= 2"),
         (ParallelConfig(sequence_parallel=True), 1, "sequence_parallel needs Transformer Engine or apex"),
+        (ParallelConfig(tensor_parallel=256), 256, "must divide make_vocab_size_divisible_by=128"),
     ],
 )
 def test_impossible_layouts_name_the_fix(parallel, world_size, fix):

@@ -66,3 +66,14 @@ def test_lora_training_leaves_backbones_frozen(results):
         assert rank["frozen_parameters"] > 0
         assert rank["frozen_unchanged"]
     assert results["tp1pp1-lora"][0]["steps"][1]["loss"] != results["tp1pp1"][0]["steps"][1]["loss"]
+
+
+@pytest.mark.parametrize("layout", ["tp2pp1", "tp2pp2", "pp2vpp2"])
+def test_checkpoint_entries_are_layout_independent(results, layout):
+    """dist_checkpointing sees the same global tensors whatever the TP/PP/VPP layout."""
+    reference = results["tp1pp1"][0]["checkpoint_shapes"]
+    merged = {}
+    for rank in results[layout]:
+        for key, shape in rank["checkpoint_shapes"].items():
+            assert merged.setdefault(key, shape) == shape, key
+    assert merged == reference

@@ -62,5 +62,5 @@ def test_8b_parameter_count_equals_transformers(megatron_single_process):
     hf_count = sum(p.numel() for p in hf.parameters())
     assert sum(p.numel() for p in ours.parameters()) == hf_count == 8_402_768_112
     # With the vocabulary padded to a multiple of 128, embedding and output gain the pad rows only.
-    pad_rows = config.padded_vocab_size(1) - config.text.vocab_size
+    pad_rows = config.padded_vocab_size - config.text.vocab_size
     assert sum(p.numel() for p in padded.parameters()) == hf_count + 2 * pad_rows * config.text.hidden_size

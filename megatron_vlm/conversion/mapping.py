@@ -258,17 +258,15 @@ def _split_qkv(fused: torch.Tensor, att: Attention) -> list[torch.Tensor]:
     return [t.reshape(-1, *rest) for t in (q, k, v)]
 
 
-def hf_to_megatron(
-    mapping: Mapping, hf_tensors: Sequence[torch.Tensor], config: ModelConfig, padded_vocab: int
-) -> torch.Tensor:
+def hf_to_megatron(mapping: Mapping, hf_tensors: Sequence[torch.Tensor], config: ModelConfig) -> torch.Tensor:
     """HF tensor(s) of one row -> the full (TP=1) Megatron tensor."""
     if mapping.fuse is Fuse.QKV:
         return _fuse_qkv(*hf_tensors, _attention(mapping, config))
     if mapping.fuse is Fuse.GATE_UP:
         return torch.cat(list(hf_tensors), dim=0)
     (tensor,) = hf_tensors
-    if mapping.split is Split.VOCAB and tensor.shape[0] < padded_vocab:
-        padding = tensor.new_zeros(padded_vocab - tensor.shape[0], *tensor.shape[1:])
+    if mapping.split is Split.VOCAB and tensor.shape[0] < config.padded_vocab_size:
+        padding = tensor.new_zeros(config.padded_vocab_size - tensor.shape[0], *tensor.shape[1:])
         tensor = torch.cat([tensor, padding], dim=0)
     return tensor
 
@@ -346,7 +344,6 @@ def load_hf_weights(
     ``read_hf(name)`` returns one HF tensor (a safetensors reader or a state dict lookup), so only
     the tensors this rank holds are read. Raises naming every missing HF tensor and shape mismatch.
     """
-    padded_vocab = config.padded_vocab_size(tp_size)
     missing, wrong_shapes = [], []
     for chunk in chunks:
         parameters = dict(chunk.named_parameters())
@@ -357,7 +354,7 @@ def load_hf_weights(
             if absent:
                 missing.extend(absent)
                 continue
-            full = hf_to_megatron(mapping, [read_hf(n) for n in names], config, padded_vocab)
+            full = hf_to_megatron(mapping, [read_hf(n) for n in names], config)
             piece = shard(mapping, full, tp_rank, tp_size)
             target = parameters[local]
             if piece.shape != target.shape:

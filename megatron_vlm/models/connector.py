@@ -17,6 +17,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import sharded_state_dict_default
 from torch import nn
 
 from megatron_vlm.config import ConnectorConfig
@@ -117,6 +118,20 @@ class PerceiverLayer(MegatronModule):
         return latents + self.mlp(self.pre_mlp_norm(latents))[0]
 
 
+class ShardedModuleList(nn.ModuleList):
+    """A ModuleList whose distributed-checkpoint entries come from its members.
+
+    Megatron's default treats a plain ModuleList as replicated tensors, which would save each
+    tensor-parallel shard of the resampler layers as if it were the whole tensor.
+    """
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        entries = {}
+        for index, module in enumerate(self):
+            entries.update(sharded_state_dict_default(module, f"{prefix}{index}.", sharded_offsets, metadata))
+        return entries
+
+
 class Idefics2Connector(MegatronModule):
     """vision features [S, N, Hv] + patch mask [N, S] -> resampled image tokens [L, N, H]."""
 
@@ -125,7 +140,7 @@ class Idefics2Connector(MegatronModule):
         self.projection = swiglu_mlp(config, vision_hidden_size, config.ffn_hidden_size)
         hidden = config.hidden_size
         self.latents = nn.Parameter(torch.ones(connector.num_latents, hidden, dtype=config.params_dtype))
-        self.layers = nn.ModuleList(PerceiverLayer(config, connector) for _ in range(connector.depth))
+        self.layers = ShardedModuleList(PerceiverLayer(config, connector) for _ in range(connector.depth))
         self.final_norm = RMSNorm(hidden, connector.rms_norm_eps, config.params_dtype)
 
     def forward(self, vision_features: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:

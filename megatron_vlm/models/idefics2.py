@@ -42,7 +42,7 @@ class Idefics2Model(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         self.vocab_size = model_config.text.vocab_size
-        self.padded_vocab_size = model_config.padded_vocab_size(parallel.tensor_parallel)
+        self.padded_vocab_size = model_config.padded_vocab_size
         self.vision: SiglipVisionEncoder | None = None
         self.connector: Idefics2Connector | None = None
         if pre_process:

@@ -55,6 +55,13 @@ def main() -> None:
     load_hf_weights(chunks, state.__getitem__, set(state), config, tp_rank, args.tp)
     result["decoder_layers"] = [len(c.language_model.decoder.layers) for c in chunks]
     result["has_vision"] = [c.vision is not None for c in chunks]
+    # Distributed-checkpoint view: every tensor's global shape must not depend on the layout.
+    result["checkpoint_shapes"] = {
+        entry.key: list(entry.global_shape)
+        for chunk in chunks
+        for entry in chunk.sharded_state_dict().values()
+        if hasattr(entry, "global_shape") and not entry.key.endswith("_extra_state")
+    }
 
     # --- forward parity through the pipeline schedule
     batch = make_batch(config)
