@@ -1,0 +1,155 @@
+"""Megatron model checkpoints: Megatron-Core dist_checkpointing + a small metadata file.
+
+A checkpoint directory holds ``model/`` (dist_checkpointing: global tensors, so it loads at any
+TP/PP/VPP whatever layout saved it) and ``megatron_vlm.json`` (model config, trainable config,
+dtype, the layout it was saved at). Directories appear atomically: every rank writes into a
+temporary sibling, rank 0 writes the metadata last and renames it into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.validation import StrictHandling
+
+from megatron_vlm.config import ModelConfig, TrainableConfig, from_dict, to_dict
+
+METADATA_FILE = "megatron_vlm.json"
+MODEL_DIR = "model"
+FORMAT_VERSION = 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
+    """One sharded state dict for all of this rank's chunks (virtual pipeline stages)."""
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    merged: dict[str, Any] = {}
+    for index, chunk in enumerate(chunks):
+        merged[f"chunk{index}"] = chunk.sharded_state_dict()
+    return merged
+
+
+def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
+    temporary = directory / (METADATA_FILE + ".tmp")
+    temporary.write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    os.replace(temporary, directory / METADATA_FILE)
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a megatron-vlm checkpoint: {METADATA_FILE} is missing")
+    try:
+        metadata = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {metadata.get('format_version')} (expected {FORMAT_VERSION})")
+    if not (Path(directory) / MODEL_DIR).is_dir():
+        raise FileNotFoundError(f"{directory} has no {MODEL_DIR}/ directory (incomplete checkpoint?)")
+    return metadata
+
+
+def model_config_of(metadata: dict[str, Any]) -> ModelConfig:
+    return from_dict(ModelConfig, metadata["model"])
+
+
+def trainable_config_of(metadata: dict[str, Any]) -> TrainableConfig:
+    return from_dict(TrainableConfig, metadata.get("trainable", {}))
+
+
+def save_model(
+    chunks: Sequence[torch.nn.Module],
+    directory: str | Path,
+    model_config: ModelConfig,
+    trainable: TrainableConfig | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Collective: save this rank's chunks into ``directory`` (created atomically)."""
+    directory = Path(directory)
+    temporary = directory.with_name(directory.name + ".incomplete")
+    if _rank() == 0:
+        if directory.exists():
+            raise FileExistsError(f"{directory} exists; refusing to overwrite it")
+        shutil.rmtree(temporary, ignore_errors=True)
+        (temporary / MODEL_DIR).mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(model_sharded_state_dict(chunks), str(temporary / MODEL_DIR))
+    _barrier()
+    if _rank() == 0:
+        parameter = next(chunks[0].parameters())
+        write_metadata(
+            temporary,
+            {
+                "format_version": FORMAT_VERSION,
+                "model": to_dict(model_config),
+                "trainable": to_dict(trainable or TrainableConfig()),
+                "dtype": str(parameter.dtype).removeprefix("torch."),
+                "saved_at_layout": {
+                    "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+                    "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+                    "virtual_pipeline": len(chunks) if len(chunks) > 1 else None,
+                },
+                **(extra or {}),
+            },
+        )
+        os.replace(temporary, directory)
+    _barrier()
+    return directory
+
+
+def check_compatible(metadata: dict[str, Any], model_config: ModelConfig, trainable: TrainableConfig | None = None) -> None:
+    """Refuse a checkpoint whose model differs from ours, naming every differing field."""
+    saved = metadata["model"]
+    ours = to_dict(model_config)
+    differences = []
+    for section in ("vision", "connector", "text"):
+        for key, value in ours[section].items():
+            if saved.get(section, {}).get(key) != value:
+                differences.append(f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, model {value!r}")
+    for key in ("make_vocab_size_divisible_by", "image_token_id"):
+        if saved.get(key) != ours[key]:
+            differences.append(f"{key}: checkpoint {saved.get(key)!r}, model {ours[key]!r}")
+    if trainable is not None:
+        saved_rank = metadata.get("trainable", {}).get("lora_rank", 0)
+        if saved_rank != trainable.lora_rank:
+            differences.append(f"lora_rank: checkpoint {saved_rank}, model {trainable.lora_rank}")
+    if differences:
+        raise ValueError("checkpoint does not match the model:\n  " + "\n  ".join(differences))
+
+
+def load_model(
+    chunks: Sequence[torch.nn.Module],
+    directory: str | Path,
+    model_config: ModelConfig,
+    trainable: TrainableConfig | None = None,
+) -> dict[str, Any]:
+    """Collective: load a checkpoint into this rank's chunks (any saved layout); returns metadata."""
+    metadata = read_metadata(directory)
+    check_compatible(metadata, model_config, trainable)
+    state = dist_checkpointing.load(
+        model_sharded_state_dict(chunks), str(Path(directory) / MODEL_DIR), strict=StrictHandling.RAISE_ALL
+    )
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(state, strict=True)
+    else:
+        for index, chunk in enumerate(chunks):
+            chunk.load_state_dict(state[f"chunk{index}"], strict=True)
+    return metadata
