@@ -147,3 +147,34 @@ def shutdown() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_with_world_size(processes: int) -> None:
+    """For tools: when started as a plain process but the layout needs ``processes`` ranks,
+    run this same command under torchrun on this node and exit with its status."""
+    import subprocess
+    import sys
+
+    env = detect_environment()
+    if env.world_size == processes:
+        return
+    if env.launcher != "single":
+        raise ValueError(f"launched with {env.world_size} processes ({env.launcher}) but the layout needs {processes}")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        f"--master_port={free_port()}",
+        sys.argv[0],
+        *sys.argv[1:],
+    ]
+    raise SystemExit(subprocess.call(command))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,6 +18,7 @@ from megatron_vlm.conversion.verify import (  # noqa: E402, F401  (re-exported f
     megatron_inputs,
     random_hf_model,
 )
+from megatron_vlm.distributed import free_port  # noqa: E402, F401
 
 hf_model = random_hf_model
 
@@ -35,12 +35,6 @@ def tiny_config(**text_overrides: int) -> ModelConfig:
         end_of_utterance_token_id=258,
         make_vocab_size_divisible_by=16,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_torchrun(script: str, nproc: int, args: list[str], timeout: int = 600) -> None:

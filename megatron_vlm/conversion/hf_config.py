@@ -67,36 +67,59 @@ def _get(section: Any, key: str, default: Any = None) -> Any:
     return getattr(section, key, default)
 
 
-def from_hf_config(hf: Any) -> ModelConfig:
-    """Idefics2Config (object or config.json dict) -> ModelConfig. Refuses what we do not model."""
-    v, p, t = _get(hf, "vision_config"), _get(hf, "perceiver_config"), _get(hf, "text_config")
-    for section, key, expected in (
-        (v, "hidden_act", "gelu_pytorch_tanh"),
-        (p, "hidden_act", "silu"),
-        (t, "hidden_act", "silu"),
-    ):
-        if _get(section, key, expected) != expected:
-            raise ValueError(f"unsupported {key}={_get(section, key)!r} (expected {expected!r})")
-    if _get(hf, "tie_word_embeddings", False) or _get(t, "tie_word_embeddings", False):
+def _require_act(section: Any, expected: str) -> None:
+    if _get(section, "hidden_act", expected) != expected:
+        raise ValueError(f"unsupported hidden_act={_get(section, 'hidden_act')!r} (expected {expected!r})")
+
+
+def vision_config_from_hf(v: Any, image_size: int | None = None) -> VisionConfig:
+    """SigLIP / Idefics2 vision config -> VisionConfig (optionally at another image size)."""
+    _require_act(v, "gelu_pytorch_tanh")
+    return VisionConfig(
+        hidden_size=_get(v, "hidden_size"),
+        intermediate_size=_get(v, "intermediate_size"),
+        num_layers=_get(v, "num_hidden_layers"),
+        num_heads=_get(v, "num_attention_heads"),
+        patch_size=_get(v, "patch_size"),
+        image_size=image_size or _get(v, "image_size"),
+        num_channels=_get(v, "num_channels", 3),
+        layer_norm_eps=_get(v, "layer_norm_eps", 1e-6),
+    )
+
+
+def text_config_from_hf(t: Any) -> TextConfig:
+    """Mistral config -> TextConfig."""
+    _require_act(t, "silu")
+    if _get(t, "tie_word_embeddings", False):
         raise ValueError("tied word embeddings are not supported (Idefics2 unties them)")
-    text_heads = _get(t, "num_attention_heads")
-    head_dim = _get(t, "head_dim") or _get(t, "hidden_size") // text_heads
-    if head_dim * text_heads != _get(t, "hidden_size"):
+    heads = _get(t, "num_attention_heads")
+    head_dim = _get(t, "head_dim") or _get(t, "hidden_size") // heads
+    if head_dim * heads != _get(t, "hidden_size"):
         raise ValueError("text head_dim * heads must equal hidden_size")
     rope_theta = _get(t, "rope_theta")
     if rope_theta is None:  # transformers 5 keeps it in rope_parameters
         rope_theta = (_get(t, "rope_parameters") or {}).get("rope_theta", 10000.0)
+    return TextConfig(
+        vocab_size=_get(t, "vocab_size"),
+        hidden_size=_get(t, "hidden_size"),
+        intermediate_size=_get(t, "intermediate_size"),
+        num_layers=_get(t, "num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=_get(t, "num_key_value_heads") or heads,
+        rope_theta=float(rope_theta),
+        rms_norm_eps=_get(t, "rms_norm_eps"),
+        max_position_embeddings=_get(t, "max_position_embeddings"),
+    )
+
+
+def from_hf_config(hf: Any) -> ModelConfig:
+    """Idefics2Config (object or config.json dict) -> ModelConfig. Refuses what we do not model."""
+    v, p, t = _get(hf, "vision_config"), _get(hf, "perceiver_config"), _get(hf, "text_config")
+    _require_act(p, "silu")
+    if _get(hf, "tie_word_embeddings", False):
+        raise ValueError("tied word embeddings are not supported (Idefics2 unties them)")
     return ModelConfig(
-        vision=VisionConfig(
-            hidden_size=_get(v, "hidden_size"),
-            intermediate_size=_get(v, "intermediate_size"),
-            num_layers=_get(v, "num_hidden_layers"),
-            num_heads=_get(v, "num_attention_heads"),
-            patch_size=_get(v, "patch_size"),
-            image_size=_get(v, "image_size"),
-            num_channels=_get(v, "num_channels", 3),
-            layer_norm_eps=_get(v, "layer_norm_eps", 1e-6),
-        ),
+        vision=vision_config_from_hf(v),
         connector=ConnectorConfig(
             num_latents=_get(p, "resampler_n_latents"),
             depth=_get(p, "resampler_depth"),
@@ -105,17 +128,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
             head_dim=_get(p, "resampler_head_dim"),
             rms_norm_eps=_get(p, "rms_norm_eps"),
         ),
-        text=TextConfig(
-            vocab_size=_get(t, "vocab_size"),
-            hidden_size=_get(t, "hidden_size"),
-            intermediate_size=_get(t, "intermediate_size"),
-            num_layers=_get(t, "num_hidden_layers"),
-            num_heads=text_heads,
-            num_kv_heads=_get(t, "num_key_value_heads"),
-            rope_theta=float(rope_theta),
-            rms_norm_eps=_get(t, "rms_norm_eps"),
-            max_position_embeddings=_get(t, "max_position_embeddings"),
-        ),
+        text=text_config_from_hf(t),
         image_token_id=_get(hf, "image_token_id", 32001),
         pad_token_id=_get(t, "pad_token_id", 0) or 0,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -338,32 +338,40 @@ def load_hf_weights(
     config: ModelConfig,
     tp_rank: int,
     tp_size: int,
-) -> None:
+    keep_initialized: Callable[[str], bool] = lambda name: False,
+    progress: Callable[[Iterable], Iterable] = lambda items: items,
+) -> set[str]:
     """Copy HF tensors into this rank's model chunks through the table.
 
     ``read_hf(name)`` returns one HF tensor (a safetensors reader or a state dict lookup), so only
-    the tensors this rank holds are read. Raises naming every missing HF tensor and shape mismatch.
+    the tensors this rank holds are read, one at a time. Parameters for which
+    ``keep_initialized(canonical name)`` holds keep their initial values. Raises naming every
+    missing HF tensor and shape mismatch; returns the HF names used.
     """
-    missing, wrong_shapes = [], []
-    for chunk in chunks:
-        parameters = dict(chunk.named_parameters())
-        for local, canonical in global_parameter_names(chunk).items():
-            mapping, layer = lookup(canonical)
-            names = mapping.hf_names(layer)
-            absent = [n for n in names if n not in hf_names]
-            if absent:
-                missing.extend(absent)
-                continue
-            full = hf_to_megatron(mapping, [read_hf(n) for n in names], config)
-            piece = shard(mapping, full, tp_rank, tp_size)
-            target = parameters[local]
-            if piece.shape != target.shape:
-                wrong_shapes.append(f"{canonical} <- {names}: {tuple(piece.shape)} vs model {tuple(target.shape)}")
-                continue
-            target.copy_(piece.to(target.dtype))
+    missing, wrong_shapes, used = [], [], set()
+    parameters = {(id(chunk), name): param for chunk in chunks for name, param in chunk.named_parameters()}
+    work = [(chunk, local, canonical) for chunk in chunks for local, canonical in global_parameter_names(chunk).items()]
+    for chunk, local, canonical in progress(work):
+        if ".lora." in canonical or keep_initialized(canonical):
+            continue
+        mapping, layer = lookup(canonical)
+        names = mapping.hf_names(layer)
+        absent = [n for n in names if n not in hf_names]
+        if absent:
+            missing.extend(absent)
+            continue
+        full = hf_to_megatron(mapping, [read_hf(n) for n in names], config)
+        piece = shard(mapping, full, tp_rank, tp_size)
+        target = parameters[(id(chunk), local)]
+        if piece.shape != target.shape:
+            wrong_shapes.append(f"{canonical} <- {names}: {tuple(piece.shape)} vs model {tuple(target.shape)}")
+            continue
+        target.copy_(piece.to(target.dtype))
+        used.update(names)
     if missing or wrong_shapes:
         raise ValueError(
             "HF checkpoint does not match the model config:"
             + "".join(f"\n  missing HF tensor: {n}" for n in missing)
             + "".join(f"\n  shape mismatch: {s}" for s in wrong_shapes)
         )
+    return used

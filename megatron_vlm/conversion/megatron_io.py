@@ -115,7 +115,9 @@ def save_model(
     return directory
 
 
-def check_compatible(metadata: dict[str, Any], model_config: ModelConfig, trainable: TrainableConfig | None = None) -> None:
+def check_compatible(
+    metadata: dict[str, Any], model_config: ModelConfig, trainable: TrainableConfig | None = None
+) -> None:
     """Refuse a checkpoint whose model differs from ours, naming every differing field."""
     saved = metadata["model"]
     ours = to_dict(model_config)

@@ -12,6 +12,8 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -115,6 +117,117 @@ def megatron_inputs(batch: Batch) -> dict[str, torch.Tensor]:
         pixel_values=batch.pixel_values,
         pixel_attention_mask=batch.pixel_mask,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Converted checkpoints: HF directory vs Megatron directory on real photos
+# --------------------------------------------------------------------------------------------
+
+PROMPTS = (
+    ("<image>A cat looks at the camera.", 1),
+    ("Two photos: <image> and <image> show a cup of coffee and an astronaut.", 2),
+    ("A caption without any image, padded at the end.", 0),
+    ("<image>The same cat, turned on its side.", 1),
+)
+
+
+def default_photos() -> list[Any]:
+    """Real photos of several aspect ratios that ship with scikit-image (one rotated: portrait)."""
+    from PIL import Image
+
+    try:
+        import skimage
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError("default photos come from scikit-image; install it or pass --images") from error
+    folder = Path(skimage.__file__).parent / "data"
+    chelsea = Image.open(folder / "chelsea.png").convert("RGB")  # 300 x 451
+    coffee = Image.open(folder / "coffee.png").convert("RGB")  # 400 x 600
+    astronaut = Image.open(folder / "astronaut.png").convert("RGB")  # 512 x 512
+    return [chelsea, coffee, astronaut, chelsea.transpose(Image.Transpose.ROTATE_90)]
+
+
+def processor_inputs(
+    config: ModelConfig, photos: list[Any], tokenizer_dir: str | Path | None = None
+) -> tuple[dict, dict]:
+    """Tokenise the prompts and process the photos as transformers' Idefics2Processor does;
+    returns (HF inputs, Megatron inputs) for the same batch."""
+    from transformers import Idefics2ImageProcessor, Idefics2Processor
+
+    from megatron_vlm.data.tokens import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer.padding_side = "right"
+    longest = min(config.vision.image_size, 980)
+    image_processor = Idefics2ImageProcessor(
+        size={"longest_edge": longest, "shortest_edge": min(378, longest)}, do_image_splitting=False
+    )
+    processor = Idefics2Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=config.connector.num_latents
+    )
+    photos = list(photos)
+    images, texts = [], []
+    for index, (text, count) in enumerate(PROMPTS):
+        images.append([photos[(index + k) % len(photos)] for k in range(count)])
+        texts.append(text)
+    hf = dict(processor(text=texts, images=images, padding=True, return_tensors="pt"))
+    if int((hf["input_ids"] == config.image_token_id).sum()) == 0:
+        raise ValueError("the tokenizer's <image> id does not match the model's image_token_id")
+    flat_pixels = hf["pixel_values"].flatten(0, 1)
+    flat_mask = hf["pixel_attention_mask"].flatten(0, 1).bool()
+    real = flat_mask.flatten(1).any(-1)
+    seq = hf["input_ids"].shape[1]
+    megatron = dict(
+        input_ids=hf["input_ids"],
+        position_ids=torch.arange(seq).expand_as(hf["input_ids"]),
+        attention_mask=causal_attention_mask(hf["attention_mask"]),
+        pixel_values=flat_pixels[real],
+        pixel_attention_mask=flat_mask[real],
+    )
+    return hf, megatron
+
+
+def verify_checkpoints(
+    hf_dir: str | Path,
+    megatron_dir: str | Path,
+    parallel: ParallelConfig,
+    photos: list[Any] | None = None,
+    tolerance: float = 1e-4,
+) -> dict[str, float | bool]:
+    """Collective over the initialised layout: logits of both models on the same real photos and
+    text. Every rank returns the same result."""
+    from megatron.core import parallel_state
+    from transformers import Idefics2ForConditionalGeneration
+
+    from megatron_vlm.conversion.megatron_io import load_model, model_config_of, read_metadata
+    from megatron_vlm.training.step import forward_logits
+
+    config = model_config_of(read_metadata(megatron_dir))
+    tokenizer_dir = hf_dir if (Path(hf_dir) / "tokenizer_config.json").is_file() else None
+    hf_inputs_, megatron_inputs_ = processor_inputs(config, photos or default_photos(), tokenizer_dir)
+    chunks = build_model_chunks(config, parallel, PrecisionConfig(use_transformer_engine=False))
+    load_model(chunks, megatron_dir, config)
+    ours = forward_logits(chunks, megatron_inputs_, config.text.vocab_size)
+    result = torch.zeros(3, dtype=torch.float64)
+    if (
+        ours is not None
+        and parallel_state.get_tensor_model_parallel_rank() == parallel_state.get_data_parallel_rank() == 0
+    ):
+        hf = Idefics2ForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        with torch.no_grad():
+            reference = hf(**hf_inputs_).logits
+        valid = hf_inputs_["attention_mask"].bool()
+        result[0] = (ours - reference)[valid].abs().max()
+        result[1] = (ours.argmax(-1) == reference.argmax(-1))[valid].double().mean()
+        result[2] = 1.0
+    torch.distributed.all_reduce(result)  # exactly one rank filled it in
+    return {
+        "max_abs_diff": float(result[0]),
+        "top1_agreement": float(result[1]),
+        "tolerance": tolerance,
+        "passed": bool(result[0] <= tolerance),
+        "images": int(megatron_inputs_["pixel_values"].shape[0]),
+        "tokens": int(hf_inputs_["attention_mask"].sum()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

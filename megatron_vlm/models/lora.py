@@ -26,6 +26,8 @@ from megatron.core.tensor_parallel import (
     reduce_from_tensor_model_parallel_region,
     set_tensor_model_parallel_attributes,
 )
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from torch import nn
 
 from megatron_vlm.config import TrainableConfig
@@ -70,13 +72,36 @@ class LoRAAdapter(nn.Module):
         return self.scale * (self.b @ self.a)
 
 
-def _add_adapter(base: nn.Module, adapter: LoRAAdapter) -> None:
+def _add_adapter(base: nn.Module, adapter: LoRAAdapter, gated: bool) -> None:
     base.lora = adapter
 
     def add_low_rank(module: nn.Module, args: tuple, output: tuple) -> tuple:
         return (output[0] + module.lora(args[0]), *output[1:])
 
     base.lora_hook = base.register_forward_hook(add_low_rank)
+    base_sharded_state_dict = base.sharded_state_dict
+
+    def sharded_state_dict(prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """The base layer's entries, with the adapter's split half sharded like the base weight
+        (Megatron's linears would record the adapter as replicated)."""
+        entries = {
+            k: v for k, v in base_sharded_state_dict(prefix, sharded_offsets, metadata).items() if ".lora." not in k
+        }
+        axis = {"a": 1} if adapter.row_parallel else {"b": 0}
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        adapter_entries = make_sharded_tensors_for_checkpoint(
+            {"a": adapter.a, "b": adapter.b},
+            f"{prefix}lora.",
+            axis,
+            sharded_offsets,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
+        if gated:  # B's rows follow fc1's per-rank [gate_r; up_r] layout
+            key = f"{prefix}lora.b"
+            adapter_entries[key] = apply_swiglu_sharded_factory(adapter_entries[key], sharded_offsets)
+        return {**entries, **adapter_entries}
+
+    base.sharded_state_dict = sharded_state_dict
 
 
 def apply_trainable(chunks: Sequence[nn.Module], trainable: TrainableConfig, seed: int = 0) -> None:
@@ -116,9 +141,11 @@ def apply_trainable(chunks: Sequence[nn.Module], trainable: TrainableConfig, see
                     f"precision.use_transformer_engine=false for LoRA runs"
                 )
             seed_of_layer = zlib.crc32(f"{seed}:{global_names[module_name + '.weight']}".encode())
+            gated = module_name.endswith("mlp.linear_fc1") and module.config.gated_linear_unit
             _add_adapter(
                 module,
                 LoRAAdapter(module, trainable.lora_rank, trainable.lora_alpha, trainable.lora_dropout, seed_of_layer),
+                gated,
             )
 
 
@@ -132,6 +159,6 @@ def merge_lora(chunks: Sequence[nn.Module]) -> int:
             if isinstance(adapter, LoRAAdapter):
                 module.weight.add_(adapter.delta_weight().to(module.weight.dtype))
                 module.lora_hook.remove()
-                del module.lora, module.lora_hook
+                del module.lora, module.lora_hook, module.sharded_state_dict  # back to the class method
                 merged += 1
     return merged

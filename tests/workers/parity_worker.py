@@ -27,15 +27,14 @@ def main() -> None:
     import torch
     from megatron.core import parallel_state
     from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from parity import hf_logits, hf_model, make_batch, megatron_inputs, tiny_config
 
     from megatron_vlm import distributed
     from megatron_vlm.config import ParallelConfig, PrecisionConfig, TrainableConfig
     from megatron_vlm.conversion.mapping import load_hf_weights
-    from megatron_vlm.models.idefics2 import build_model_chunks, gather_logits
+    from megatron_vlm.models.idefics2 import build_model_chunks
     from megatron_vlm.models.lora import apply_trainable
-    from megatron_vlm.training.step import build_optimizer, labels_and_loss_mask, train_step, wrap_ddp
+    from megatron_vlm.training.step import build_optimizer, forward_logits, labels_and_loss_mask, train_step, wrap_ddp
 
     config = tiny_config()
     parallel = ParallelConfig(
@@ -67,36 +66,12 @@ def main() -> None:
     batch = make_batch(config)
     inputs = megatron_inputs(batch)
 
-    def logits_step(data_iterator, model):
-        micro = next(data_iterator)
-        output = model(**micro)
-
-        def collect(output_tensor):
-            return output_tensor.sum() * 0.0, {"logits": gather_logits(output_tensor, config.text.vocab_size)}
-
-        return output, collect
-
-    for chunk in chunks:
-        chunk.eval()
-    with torch.no_grad():
-        collected = get_forward_backward_func()(
-            forward_step_func=logits_step,
-            # Two micro-batches: the interleaved schedule needs at least PP of them.
-            data_iterator=[iter([inputs] * 2) for _ in chunks] if len(chunks) > 1 else iter([inputs] * 2),
-            model=chunks,
-            num_microbatches=2,
-            seq_length=batch.input_ids.shape[1],
-            micro_batch_size=batch.input_ids.shape[0],
-            forward_only=True,
-        )
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        ours = collected[0]["logits"]
+    ours = forward_logits(chunks, inputs, config.text.vocab_size)
+    if ours is not None:
         reference = hf_logits(hf, batch)
         valid = batch.padding.bool()
         result["logits_max_abs_diff"] = float((ours - reference)[valid].abs().max())
         result["logits_max_abs"] = float(reference[valid].abs().max())
-    for chunk in chunks:
-        chunk.train()
 
     # --- training steps: one micro-batch with images, one without any image
     def micro_batch(b):

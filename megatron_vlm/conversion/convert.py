@@ -1,0 +1,320 @@
+"""HF <-> Megatron conversion, both directions through the one mapping table.
+
+* ``hf_to_megatron``: an Idefics2 HF directory -> a Megatron checkpoint directory (collective:
+  every rank of the TP x PP layout reads only the tensors it holds, one at a time).
+* ``separate_to_megatron``: the paper's starting point, SigLIP + Mistral HF directories; the
+  connector keeps its fresh initialisation, the vocabulary gains the three image tokens (rows
+  initialised to the mean of the existing rows), the position table is resized when its grid
+  differs from the target image size.
+* ``megatron_to_hf``: a Megatron checkpoint (any layout; LoRA adapters merged) -> a directory that
+  ``Idefics2ForConditionalGeneration.from_pretrained`` loads, written shard by shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+
+from megatron_vlm.config import ConnectorConfig, ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_vlm.conversion import mapping
+from megatron_vlm.conversion.hf_config import (
+    from_hf_config,
+    text_config_from_hf,
+    to_hf_config_dict,
+    vision_config_from_hf,
+)
+from megatron_vlm.conversion.hf_io import HFCheckpoint, ShardedSafetensorsWriter, write_json
+from megatron_vlm.conversion.megatron_io import (
+    load_model,
+    model_config_of,
+    read_metadata,
+    save_model,
+    trainable_config_of,
+)
+from megatron_vlm.models.idefics2 import build_model_chunks
+from megatron_vlm.models.lora import apply_trainable, merge_lora
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "float32": "float32", "bfloat16": "bfloat16"}
+
+
+@dataclass
+class ConversionReport:
+    tensors: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    ignored: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        ignored = (
+            f"; ignored {len(self.ignored)} source tensors ({', '.join(self.ignored[:4])}...)" if self.ignored else ""
+        )
+        return (
+            f"{self.tensors} tensors, {self.bytes / 2**20:.1f} MiB in {self.seconds:.1f} s; "
+            f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB{ignored}"
+        )
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _max_over_ranks(value: int) -> int:
+    if not torch.distributed.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.long)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor[0])
+
+
+def rank0_progress(description: str) -> Callable[[Iterable], Iterable]:
+    def progress(items: Iterable) -> Iterable:
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return items
+        from tqdm import tqdm
+
+        return tqdm(items, desc=description, unit="tensor")
+
+    return progress
+
+
+def expected_hf_names(config: ModelConfig) -> set[str]:
+    return {name for _, row, layer in mapping.expand(config) for name in row.hf_names(layer)}
+
+
+def _refuse_unexpected(found: set[str], expected: set[str], source: str) -> None:
+    unexpected = sorted(found - expected)
+    if unexpected:
+        raise ValueError(
+            f"{source} has {len(unexpected)} tensors the model config does not account for "
+            f"(wrong config or not an Idefics2 checkpoint):\n  " + "\n  ".join(unexpected[:50])
+        )
+
+
+def _precision(dtype: str) -> PrecisionConfig:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return PrecisionConfig(params_dtype=DTYPES[dtype], use_transformer_engine=False)
+
+
+def hf_to_megatron(
+    hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig, dtype: str = "fp32"
+) -> ConversionReport:
+    """Collective over the TP x PP layout already initialised (``distributed.initialize``)."""
+    start = time.perf_counter()
+    checkpoint = HFCheckpoint(hf_dir)
+    config = from_hf_config(checkpoint.config)
+    _refuse_unexpected(checkpoint.names, expected_hf_names(config), str(hf_dir))
+    chunks = build_model_chunks(config, parallel, _precision(dtype))
+    mapping.load_hf_weights(
+        chunks,
+        checkpoint.read,
+        checkpoint.names,
+        config,
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel.tensor_parallel,
+        progress=rank0_progress("HF -> Megatron"),
+    )
+    save_model(chunks, out_dir, config, extra={"source": {"hf": str(hf_dir)}})
+    return ConversionReport(
+        tensors=len(checkpoint.names),  # each rank used its part; together, all of them
+        bytes=checkpoint.nbytes(),
+        seconds=time.perf_counter() - start,
+        peak_rss_bytes=_max_over_ranks(peak_rss_bytes()),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# SigLIP + Mistral -> Idefics2
+# --------------------------------------------------------------------------------------------
+
+_SIGLIP_IGNORED = ("head.", "vision_model.head.", "text_model.", "logit_scale", "logit_bias")
+
+
+def _siglip_vision_config(config: dict[str, Any]) -> dict[str, Any]:
+    if config.get("model_type") == "siglip" and "vision_config" in config:
+        return config["vision_config"]
+    if config.get("model_type") not in ("siglip_vision_model", "siglip", None):
+        raise ValueError(f"expected a SigLIP config, found model_type={config.get('model_type')!r}")
+    return config
+
+
+def combined_model_config(
+    vision_hf: dict[str, Any], text_hf: dict[str, Any], connector: ConnectorConfig, image_size: int
+) -> ModelConfig:
+    """Idefics2 config from a SigLIP and a Mistral config: vocabulary + 3 image tokens."""
+    if text_hf.get("model_type") not in ("mistral", "llama"):
+        raise ValueError(f"expected a Mistral text config, found model_type={text_hf.get('model_type')!r}")
+    vision = vision_config_from_hf(_siglip_vision_config(vision_hf), image_size=image_size)
+    if image_size % vision.patch_size:
+        raise ValueError(f"image size {image_size} is not a multiple of the SigLIP patch size {vision.patch_size}")
+    text = text_config_from_hf(text_hf)
+    vocab = text.vocab_size
+    return ModelConfig(
+        vision=vision,
+        connector=connector,
+        text=dataclasses.replace(text, vocab_size=vocab + 3),
+        fake_image_token_id=vocab,
+        image_token_id=vocab + 1,
+        end_of_utterance_token_id=vocab + 2,
+    )
+
+
+def resize_position_table(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """[old_grid^2, D] learned positions -> [grid^2, D], bicubic over the 2-D grid."""
+    old = int(round(table.shape[0] ** 0.5))
+    if old * old != table.shape[0]:
+        raise ValueError(f"position table of {table.shape[0]} rows is not a square grid")
+    if old == grid:
+        return table
+    image = table.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(image, size=(grid, grid), mode="bicubic", align_corners=False)
+    return resized.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)
+
+
+def with_new_token_rows(matrix: torch.Tensor, count: int) -> torch.Tensor:
+    """Append ``count`` rows equal to the mean of the existing ones (new tokens start "average")."""
+    return torch.cat([matrix, matrix.float().mean(0, keepdim=True).to(matrix.dtype).expand(count, -1)], dim=0)
+
+
+class SeparateCheckpoints:
+    """Presents a SigLIP and a Mistral checkpoint under Idefics2's HF names."""
+
+    def __init__(self, vision: HFCheckpoint, text: HFCheckpoint, config: ModelConfig) -> None:
+        self.vision, self.text, self.config = vision, text, config
+        self.vision_prefix = "vision_model." if any(n.startswith("vision_model.") for n in vision.names) else ""
+        self.names: dict[str, tuple[HFCheckpoint, str]] = {}
+        for name in vision.names:
+            if name.startswith(self.vision_prefix) and not name.startswith(_SIGLIP_IGNORED):
+                self.names["model.vision_model." + name[len(self.vision_prefix) :]] = (vision, name)
+        for name in text.names:
+            target = "lm_head.weight" if name == "lm_head.weight" else "model.text_model." + name.removeprefix("model.")
+            self.names[target] = (text, name)
+        self.ignored = sorted(n for n in vision.names if n.startswith(_SIGLIP_IGNORED))
+
+    def read(self, name: str) -> torch.Tensor:
+        source, source_name = self.names[name]
+        tensor = source.read(source_name)
+        if name == "model.vision_model.embeddings.position_embedding.weight":
+            return resize_position_table(tensor, self.config.vision.patches_per_side)
+        if name in ("model.text_model.embed_tokens.weight", "lm_head.weight"):
+            return with_new_token_rows(tensor, 3)
+        return tensor
+
+
+def separate_to_megatron(
+    vision_dir: str | Path,
+    text_dir: str | Path,
+    out_dir: str | Path,
+    parallel: ParallelConfig,
+    connector: ConnectorConfig,
+    image_size: int,
+    dtype: str = "fp32",
+) -> ConversionReport:
+    """Collective: SigLIP + Mistral -> Megatron Idefics2 with a freshly initialised connector."""
+    start = time.perf_counter()
+    vision, text = HFCheckpoint(vision_dir), HFCheckpoint(text_dir)
+    config = combined_model_config(vision.config, text.config, connector, image_size)
+    sources = SeparateCheckpoints(vision, text, config)
+    expected = {n for n in expected_hf_names(config) if not n.startswith("model.connector.")}
+    _refuse_unexpected(set(sources.names), expected, f"{vision_dir} + {text_dir}")
+    chunks = build_model_chunks(config, parallel, _precision(dtype))
+    mapping.load_hf_weights(
+        chunks,
+        sources.read,
+        set(sources.names),
+        config,
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel.tensor_parallel,
+        keep_initialized=lambda name: name.startswith("connector."),
+        progress=rank0_progress("SigLIP + Mistral -> Megatron"),
+    )
+    save_model(chunks, out_dir, config, extra={"source": {"vision_hf": str(vision_dir), "text_hf": str(text_dir)}})
+    return ConversionReport(
+        tensors=len(sources.names),
+        bytes=vision.nbytes() + text.nbytes(),
+        seconds=time.perf_counter() - start,
+        peak_rss_bytes=_max_over_ranks(peak_rss_bytes()),
+        ignored=sources.ignored,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron -> HF
+# --------------------------------------------------------------------------------------------
+
+
+def megatron_to_hf(
+    megatron_dir: str | Path,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    include_tokenizer: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: str | None = None,
+) -> ConversionReport:
+    """Single process (TP1 x PP1: dist_checkpointing reshards whatever layout saved it)."""
+    start = time.perf_counter()
+    metadata = read_metadata(megatron_dir)
+    config, trainable = model_config_of(metadata), trainable_config_of(metadata)
+    precision = _precision(dtype or metadata["dtype"])
+    chunks = build_model_chunks(config, ParallelConfig(), precision)
+    if trainable.lora_rank:
+        apply_trainable(chunks, trainable)
+    load_model(chunks, megatron_dir, config, trainable)
+    merge_lora(chunks)
+    (model,) = chunks
+    parameters = dict(model.named_parameters())
+    by_canonical = {canonical: parameters[local] for local, canonical in mapping.global_parameter_names(model).items()}
+
+    writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
+    report = ConversionReport()
+    try:
+        for name, row, layer in rank0_progress("Megatron -> HF")(list(mapping.expand(config))):
+            full = by_canonical[name].detach()
+            for hf_name, tensor in zip(row.hf_names(layer), mapping.megatron_to_hf(row, full, config), strict=True):
+                writer.add(hf_name, tensor)
+                report.tensors += 1
+        hf_config = to_hf_config_dict(config)
+        hf_config["torch_dtype"] = hf_config["dtype"] = precision.params_dtype
+        write_json(writer, "config.json", hf_config)
+        if include_tokenizer or tokenizer_dir is not None:
+            save_processor(writer.temporary, config, tokenizer_dir)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    report.bytes = writer.total_bytes
+    report.seconds = time.perf_counter() - start
+    report.peak_rss_bytes = peak_rss_bytes()
+    return report
+
+
+def save_processor(directory: Path, config: ModelConfig, tokenizer_dir: str | Path | None) -> None:
+    """Tokenizer (None: Mistral-7B's) + Idefics2 processor files, checked against the model."""
+    from transformers import Idefics2ImageProcessor, Idefics2Processor
+
+    from megatron_vlm.data.tokens import image_token_ids, load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ids = image_token_ids(tokenizer)
+    if ids["<image>"] != config.image_token_id or len(tokenizer) != config.text.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer_dir or 'mistral'} does not fit the model: <image> id {ids['<image>']} vs "
+            f"{config.image_token_id}, {len(tokenizer)} tokens vs vocabulary {config.text.vocab_size}"
+        )
+    longest = config.vision.image_size
+    image_processor = Idefics2ImageProcessor(size={"longest_edge": longest, "shortest_edge": min(378, longest)})
+    processor = Idefics2Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=config.connector.num_latents
+    )
+    processor.save_pretrained(str(directory))
