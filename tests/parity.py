@@ -59,3 +59,19 @@ def run_torchrun(script: str, nproc: int, args: list[str], timeout: int = 600) -
         raise RuntimeError(
             f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
         )
+
+
+def run_tool(tool: str, *args: str, timeout: int = 600) -> str:
+    """Run ``tools/<tool>`` as a user would; return its stdout, raise with its output on failure."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / tool
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if done.returncode:
+        raise RuntimeError(
+            f"{tool} {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+        )
+    return done.stdout

@@ -33,8 +33,8 @@ class HFCheckpoint:
             self.config: dict[str, Any] = json.loads(config_path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{config_path} is not valid JSON: {error}") from error
-        self.file_of: dict[str, Path] = self._weight_map()
         self._handles: dict[Path, Any] = {}
+        self.file_of: dict[str, Path] = self._weight_map()
 
     def _weight_map(self) -> dict[str, Path]:
         index = self.directory / INDEX_FILE
