@@ -54,7 +54,8 @@ def detect_environment() -> ProcessEnvironment:
                 master_port=int(os.environ.get("MASTER_PORT", "29500")),
                 launcher=launcher,
             )
-    return ProcessEnvironment(0, 1, 0, "127.0.0.1", int(os.environ.get("MASTER_PORT", "29500")), "single")
+    # A lone process rendezvouses with itself: any free port will do.
+    return ProcessEnvironment(0, 1, 0, "127.0.0.1", int(os.environ.get("MASTER_PORT") or free_port()), "single")
 
 
 def check_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> None:

@@ -12,13 +12,12 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def megatron_single_process():
     """torch.distributed + Megatron parallel state for one process (TP=PP=1), shared by the session."""
-    from parity import free_port, tiny_config
+    from parity import tiny_config
 
     from megatron_vlm import distributed
     from megatron_vlm.config import ParallelConfig
 
-    os.environ["MASTER_PORT"] = str(free_port())
-    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+    for name in ("MASTER_PORT", "RANK", "WORLD_SIZE", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
         os.environ.pop(name, None)
     distributed.initialize(ParallelConfig(), tiny_config())
     yield

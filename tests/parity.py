@@ -69,6 +69,7 @@ def run_tool(tool: str, *args: str, timeout: int = 600) -> str:
 
     path = Path(__file__).resolve().parents[1] / "tools" / tool
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("MASTER_PORT", None)  # the tool picks its own rendezvous
     done = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=timeout, env=env)
     if done.returncode:
         raise RuntimeError(

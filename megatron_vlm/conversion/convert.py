@@ -115,7 +115,7 @@ def hf_to_megatron(
     checkpoint = HFCheckpoint(hf_dir)
     config = from_hf_config(checkpoint.config)
     _refuse_unexpected(checkpoint.names, expected_hf_names(config), str(hf_dir))
-    chunks = build_model_chunks(config, parallel, _precision(dtype))
+    chunks = build_model_chunks(config, parallel, _precision(dtype), initialize_weights=False)
     mapping.load_hf_weights(
         chunks,
         checkpoint.read,
@@ -267,7 +267,7 @@ def megatron_to_hf(
     metadata = read_metadata(megatron_dir)
     config, trainable = model_config_of(metadata), trainable_config_of(metadata)
     precision = _precision(dtype or metadata["dtype"])
-    chunks = build_model_chunks(config, ParallelConfig(), precision)
+    chunks = build_model_chunks(config, ParallelConfig(), precision, initialize_weights=False)
     if trainable.lora_rank:
         apply_trainable(chunks, trainable)
     load_model(chunks, megatron_dir, config, trainable)

@@ -1,21 +1,78 @@
-"""Hugging Face checkpoint directories: streamed reads and sharded, atomic writes (safetensors)."""
+"""Hugging Face checkpoint directories: streamed reads and sharded, atomic writes (safetensors).
+
+Tensors are read and written one at a time with plain file I/O rather than memory maps: a mapped
+checkpoint stays resident (and counted) while a converter also holds the model, so a streamed
+conversion would need twice the model's memory.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import struct
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The tensor table of a safetensors file and the offset where its data starts."""
+    try:
+        with path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 100 * 2**20:
+                raise ValueError(f"header of {length} bytes")
+            header = json.loads(handle.read(length))
+        size = path.stat().st_size
+    except (OSError, struct.error, ValueError) as error:
+        raise ValueError(f"cannot read {path}: not a safetensors file ({error})") from error
+    header.pop("__metadata__", None)
+    for name, entry in header.items():
+        if entry["dtype"] not in _DTYPES or 8 + length + entry["data_offsets"][1] > size:
+            raise ValueError(f"cannot read {path}: tensor {name} is truncated or of unknown dtype {entry['dtype']}")
+    return header, 8 + length
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file, each tensor's bytes written straight from its storage."""
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for tensor in tensors.values():
+            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 class HFCheckpoint:
@@ -33,7 +90,7 @@ class HFCheckpoint:
             self.config: dict[str, Any] = json.loads(config_path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{config_path} is not valid JSON: {error}") from error
-        self._handles: dict[Path, Any] = {}
+        self._headers: dict[Path, tuple[dict[str, Any], int]] = {}
         self.file_of: dict[str, Path] = self._weight_map()
 
     def _weight_map(self) -> dict[str, Path]:
@@ -55,19 +112,12 @@ class HFCheckpoint:
                 else ""
             )
             raise FileNotFoundError(f"no safetensors weights in {self.directory}{hint}")
-        weight_map = {}
-        for file in files:
-            for name in self._open(file).keys():
-                weight_map[name] = file
-        return weight_map
+        return {name: file for file in files for name in self._header(file)[0]}
 
-    def _open(self, file: Path) -> Any:
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt")
-            except Exception as error:  # noqa: BLE001 - safetensors raises several types
-                raise ValueError(f"cannot read {file}: {error}") from error
-        return self._handles[file]
+    def _header(self, file: Path) -> tuple[dict[str, Any], int]:
+        if file not in self._headers:
+            self._headers[file] = read_safetensors_header(file)
+        return self._headers[file]
 
     @property
     def names(self) -> set[str]:
@@ -76,10 +126,20 @@ class HFCheckpoint:
     def read(self, name: str) -> torch.Tensor:
         if name not in self.file_of:
             raise KeyError(f"{name} is not in {self.directory}")
-        try:
-            return self._open(self.file_of[name]).get_tensor(name)
-        except Exception as error:  # noqa: BLE001
-            raise ValueError(f"cannot read tensor {name} from {self.file_of[name]}: {error}") from error
+        file = self.file_of[name]
+        header, data_start = self._header(file)
+        if name not in header:
+            raise ValueError(f"cannot read tensor {name} from {file}: the file does not contain it")
+        entry = header[name]
+        start, end = entry["data_offsets"]
+        buffer = bytearray(end - start)
+        with file.open("rb") as handle:
+            handle.seek(data_start + start)
+            if handle.readinto(buffer) != len(buffer):
+                raise ValueError(f"cannot read tensor {name} from {file}: the file is truncated")
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+        return torch.frombuffer(buffer, dtype=_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in set(self.file_of.values()))
@@ -107,13 +167,13 @@ class ShardedSafetensorsWriter:
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.contiguous()
+        self._pending[name] = tensor
         self._pending_bytes += size
         self.total_bytes += size
 
     def _flush(self) -> None:
         index = len(self._shards)
-        save_file(self._pending, str(self.temporary / f"shard-{index:05d}.safetensors"), metadata={"format": "pt"})
+        write_safetensors(self.temporary / f"shard-{index:05d}.safetensors", self._pending)
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 
@@ -143,7 +203,3 @@ class ShardedSafetensorsWriter:
 
 def write_json(writer: ShardedSafetensorsWriter, name: str, content: dict[str, Any]) -> None:
     writer.write_file(name, json.dumps(content, indent=2, sort_keys=True) + "\n")
-
-
-def iter_files(directory: Path, patterns: Iterable[str]) -> list[Path]:
-    return sorted({p for pattern in patterns for p in directory.glob(pattern) if p.is_file()})

@@ -204,7 +204,9 @@ def verify_checkpoints(
     config = model_config_of(read_metadata(megatron_dir))
     tokenizer_dir = hf_dir if (Path(hf_dir) / "tokenizer_config.json").is_file() else None
     hf_inputs_, megatron_inputs_ = processor_inputs(config, photos or default_photos(), tokenizer_dir)
-    chunks = build_model_chunks(config, parallel, PrecisionConfig(use_transformer_engine=False))
+    chunks = build_model_chunks(
+        config, parallel, PrecisionConfig(use_transformer_engine=False), initialize_weights=False
+    )
     load_model(chunks, megatron_dir, config)
     ours = forward_logits(chunks, megatron_inputs_, config.text.vocab_size)
     result = torch.zeros(3, dtype=torch.float64)

@@ -32,8 +32,9 @@ class Idefics2Model(MegatronModule):
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: int | None = None,
+        initialize_weights: bool = True,
     ) -> None:
-        language_config = specs.language_transformer_config(model_config, parallel, precision)
+        language_config = specs.language_transformer_config(model_config, parallel, precision, initialize_weights)
         super().__init__(config=language_config)
         use_te = specs.use_transformer_engine(precision)
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
@@ -46,12 +47,12 @@ class Idefics2Model(MegatronModule):
         self.vision: SiglipVisionEncoder | None = None
         self.connector: Idefics2Connector | None = None
         if pre_process:
-            vision_config = specs.vision_transformer_config(model_config, parallel, precision)
+            vision_config = specs.vision_transformer_config(model_config, parallel, precision, initialize_weights)
             self.vision = SiglipVisionEncoder(
                 vision_config, model_config.vision, specs.vision_layer_spec(vision_config, use_te)
             )
             self.connector = Idefics2Connector(
-                specs.connector_transformer_config(model_config, parallel, precision),
+                specs.connector_transformer_config(model_config, parallel, precision, initialize_weights),
                 model_config.connector,
                 model_config.vision.hidden_size,
             )
@@ -166,9 +167,10 @@ def gather_logits(logits_shard: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def build_model_chunks(
-    model_config: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig
+    model_config: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, initialize_weights: bool = True
 ) -> list[Idefics2Model]:
-    """This rank's model chunks: one, or one per virtual pipeline stage."""
+    """This rank's model chunks: one, or one per virtual pipeline stage. Without
+    ``initialize_weights`` parameters are left unset, for callers that load every weight next."""
     chunks = []
     for vp_stage in range(parallel.virtual_pipeline or 1):
         vp = vp_stage if parallel.virtual_pipeline else None
@@ -180,6 +182,7 @@ def build_model_chunks(
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
                 vp_stage=vp,
+                initialize_weights=initialize_weights,
             )
         )
     return chunks

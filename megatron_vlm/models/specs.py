@@ -42,7 +42,7 @@ def use_transformer_engine(precision: PrecisionConfig) -> bool:
     return precision.use_transformer_engine
 
 
-def _common_kwargs(parallel: ParallelConfig, precision: PrecisionConfig) -> dict:
+def _common_kwargs(parallel: ParallelConfig, precision: PrecisionConfig, initialize: bool) -> dict:
     dtype = torch_dtype(precision.params_dtype)
     if precision.fp8 and not backend.has_fp8():
         raise RuntimeError(f"fp8={precision.fp8!r} needs Transformer Engine on an FP8-capable GPU")
@@ -55,7 +55,7 @@ def _common_kwargs(parallel: ParallelConfig, precision: PrecisionConfig) -> dict
         fp16=dtype == torch.float16,
         fp8=precision.fp8,
         use_cpu_initialization=not backend.has_cuda(),
-        perform_initialization=True,
+        perform_initialization=initialize,  # False when every weight is loaded next
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # The fused kernels below need CUDA extensions; the unfused paths compute the same thing.
@@ -71,7 +71,7 @@ def _common_kwargs(parallel: ParallelConfig, precision: PrecisionConfig) -> dict
 
 
 def vision_transformer_config(
-    model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig
+    model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, initialize: bool = True
 ) -> TransformerConfig:
     """SigLIP: LayerNorm, biased linears, gelu-tanh MLP. It lives whole on pipeline stage 0."""
     vision = model.vision
@@ -88,12 +88,12 @@ def vision_transformer_config(
         gated_linear_unit=False,
         activation_func=functools.partial(F.gelu, approximate="tanh"),
         pipeline_model_parallel_size=1,
-        **_common_kwargs(parallel, precision),
+        **_common_kwargs(parallel, precision, initialize),
     )
 
 
 def connector_transformer_config(
-    model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig
+    model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, initialize: bool = True
 ) -> TransformerConfig:
     """Projection and resampler work at the text width, with SwiGLU MLPs and no biases."""
     connector = model.connector
@@ -110,12 +110,12 @@ def connector_transformer_config(
         gated_linear_unit=True,
         activation_func=F.silu,
         pipeline_model_parallel_size=1,
-        **_common_kwargs(parallel, precision),
+        **_common_kwargs(parallel, precision, initialize),
     )
 
 
 def language_transformer_config(
-    model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig
+    model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, initialize: bool = True
 ) -> TransformerConfig:
     """Mistral: RMSNorm, SwiGLU, GQA, RoPE; split over the pipeline, stage 0 possibly lighter."""
     text = model.text
@@ -134,7 +134,7 @@ def language_transformer_config(
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
         num_layers_in_first_pipeline_stage=parallel.decoder_layers_in_first_stage,
-        **_common_kwargs(parallel, precision),
+        **_common_kwargs(parallel, precision, initialize),
     )
 
 
