@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
@@ -77,16 +76,27 @@ def write_random_checkpoint(config: ModelConfig, directory: Path) -> int:
     return parameters
 
 
+# Linux carries a process's peak RSS across fork + exec, so a command started from this (large)
+# process would report at least this process's size. A lean interpreter starts it instead.
+SPAWNER = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_, status, usage = os.wait4(process.pid, 0)
+seconds = time.perf_counter() - start
+print(json.dumps({"code": os.waitstatus_to_exitcode(status), "seconds": seconds, "maxrss_kib": usage.ru_maxrss,
+                  "stderr": process.stderr.read().decode()[-4000:]}))
+"""
+
+
 def measure(command: list[str]) -> dict[str, float]:
     """Run a command alone; its wall time and peak resident memory."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-4000:]}")
-    return {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    done = subprocess.run([sys.executable, "-S", "-c", SPAWNER, *command], capture_output=True, text=True, env=env)
+    result = json.loads(done.stdout)
+    if result["code"] != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result['stderr']}")
+    return {"seconds": round(result["seconds"], 2), "peak_rss_mib": round(result["maxrss_kib"] / 1024, 1)}
 
 
 BASELINE = (

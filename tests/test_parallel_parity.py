@@ -13,6 +13,8 @@ LAYOUTS = {
     # Stage 0 carries vision + connector, so it gets 1 decoder layer and stage 1 the other 3.
     "tp2pp2": (4, ["--tp", "2", "--pp", "2", "--first-stage-layers", "1"]),
     "pp2vpp2": (2, ["--tp", "1", "--pp", "2", "--vpp", "2"]),
+    # One data-parallel rank has images, the other none: overlapped reduction must not wait forever.
+    "dp2-skewed": (2, ["--dp-split", "--distributed-optimizer", "--overlap-grad-reduce"]),
     "tp1pp1-lora": (1, ["--tp", "1", "--pp", "1", "--lora"]),
     "tp2pp2-lora": (4, ["--tp", "2", "--pp", "2", "--lora"]),
 }
@@ -39,7 +41,13 @@ def test_logits_match_hf(results, layout):
 
 @pytest.mark.parametrize(
     ("layout", "reference_layout"),
-    [("tp2pp1", "tp1pp1"), ("tp2pp2", "tp1pp1"), ("pp2vpp2", "tp1pp1"), ("tp2pp2-lora", "tp1pp1-lora")],
+    [
+        ("tp2pp1", "tp1pp1"),
+        ("tp2pp2", "tp1pp1"),
+        ("pp2vpp2", "tp1pp1"),
+        ("dp2-skewed", "tp1pp1"),
+        ("tp2pp2-lora", "tp1pp1-lora"),
+    ],
 )
 def test_training_steps_match_single_process(results, layout, reference_layout):
     reference = results[reference_layout][0]["steps"]

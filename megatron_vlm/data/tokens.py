@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -57,3 +58,26 @@ def load_tokenizer(directory: str | Path | None = None) -> Any:
 
 def image_token_ids(tokenizer: Any) -> dict[str, int]:
     return dict(zip(IMAGE_TOKENS, tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS)), strict=True))
+
+
+def image_prompt(image_seq_len: int, split: bool) -> str:
+    """What one <image> in a prompt becomes: fake, image x N, fake (x5 with splitting)."""
+    single = f"{FAKE_IMAGE_TOKEN}{IMAGE_TOKEN * image_seq_len}{FAKE_IMAGE_TOKEN}"
+    return single * 5 if split else single
+
+
+_WORD_AFTER_CLOSING_FAKE = re.compile(rf"{re.escape(FAKE_IMAGE_TOKEN)}(?=[^\s<])")
+
+
+def expand_image_placeholders(text: str, image_seq_len: int, split: bool = False) -> str:
+    """Expand each <image> as Idefics2 does: adjacent fake tokens merged, and a word glued to a
+    closing fake token separated by a space (so it tokenizes as a word start)."""
+    text = text.replace(IMAGE_TOKEN, image_prompt(image_seq_len, split))
+    text = text.replace(FAKE_IMAGE_TOKEN * 2, FAKE_IMAGE_TOKEN)
+    return _WORD_AFTER_CLOSING_FAKE.sub(f"{FAKE_IMAGE_TOKEN} ", text)
+
+
+def tokenize_prompts(tokenizer: Any, texts: list[str], image_seq_len: int, split: bool = False) -> list[list[int]]:
+    """Token ids of prompts with <image> placeholders, laid out as Idefics2Processor lays them."""
+    expanded = [expand_image_placeholders(text, image_seq_len, split) for text in texts]
+    return [list(ids) for ids in tokenizer(expanded, add_special_tokens=True)["input_ids"]]

@@ -21,6 +21,9 @@ def main() -> None:
     parser.add_argument("--first-stage-layers", type=int, default=None)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters on frozen backbones")
+    parser.add_argument("--dp-split", action="store_true", help="each data-parallel rank takes its own micro-batches")
+    parser.add_argument("--distributed-optimizer", action="store_true")
+    parser.add_argument("--overlap-grad-reduce", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -80,11 +83,25 @@ def main() -> None:
 
     text_only = make_batch(config, seed=1, images_per_row=[[], [], [], []])
     micro_batches = [micro_batch(batch), micro_batch(text_only)]
+    if args.dp_split:  # rank 0 gets the images, rank 1 a batch without any image
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        micro_batches = micro_batches[dp_rank::dp_size]
     if args.lora:
         apply_trainable(chunks, TrainableConfig(lora_rank=4, lora_alpha=8.0))
     frozen_before = {n: p.clone() for c in chunks for n, p in c.named_parameters() if not p.requires_grad}
-    model = wrap_ddp(chunks)
-    optimizer = build_optimizer(model, OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1.0, weight_decay=0.0))
+    model = wrap_ddp(
+        chunks, distributed_optimizer=args.distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce
+    )
+    optimizer = build_optimizer(
+        model,
+        OptimizerConfig(
+            optimizer="adam",
+            lr=1e-3,
+            clip_grad=1.0,
+            weight_decay=0.0,
+            use_distributed_optimizer=args.distributed_optimizer,
+        ),
+    )
     result["steps"] = [train_step(model, optimizer, micro_batches) for _ in range(args.steps)]
     frozen_after = {n: p for c in chunks for n, p in c.named_parameters() if not p.requires_grad}
     result["frozen_parameters"] = len(frozen_before)

@@ -1,0 +1,84 @@
+"""Image semantics of Idefics2 (the reference the DALI and Pillow paths implement).
+
+Same rules as transformers' ``Idefics2ImageProcessor``: optionally split into 4 crops + the full
+image (split first, on the original), resize keeping the aspect ratio (longest edge capped, then
+both edges raised to the shortest-edge floor), rescale by 1/255, normalize with mean = std = 0.5,
+and pad every image of a batch to the largest height and width with a pixel mask.
+Stage limits: 384 px longest edge in the paper's stage 1, 980 px in stage 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    longest_edge: int = 980
+    shortest_edge: int = 378
+    split: bool = False  # 4 crops + the full image: 5 images (and 5 placeholder groups) per image
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @property
+    def images_per_image(self) -> int:
+        return 5 if self.split else 1
+
+
+def resized_size(height: int, width: int, config: ImageConfig) -> tuple[int, int]:
+    """Output (height, width): the longest edge capped, then each edge at least the floor."""
+    aspect_ratio = width / height
+    if width >= height and width > config.longest_edge:
+        width = config.longest_edge
+        height = int(width / aspect_ratio)
+    elif height > width and height > config.longest_edge:
+        height = config.longest_edge
+        width = int(height * aspect_ratio)
+    return max(height, config.shortest_edge), max(width, config.shortest_edge)
+
+
+def split_crops(pixels: np.ndarray) -> list[np.ndarray]:
+    """[H, W, C] -> the 4 quadrants (row-major) and the full image."""
+    height, width = pixels.shape[:2]
+    mid_h, mid_w = height // 2, width // 2
+    return [pixels[:mid_h, :mid_w], pixels[:mid_h, mid_w:], pixels[mid_h:, :mid_w], pixels[mid_h:, mid_w:], pixels]
+
+
+def normalize(pixels: np.ndarray, config: ImageConfig) -> np.ndarray:
+    """uint8 [H, W, C] -> float32 [C, H, W], rescaled and normalized (float64 rescale, as HF)."""
+    scaled = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    mean = np.asarray(config.mean, dtype=np.float32)
+    std = np.asarray(config.std, dtype=np.float32)
+    return np.ascontiguousarray(((scaled - mean) / std).transpose(2, 0, 1))
+
+
+def process_image(image: Image.Image, config: ImageConfig) -> list[np.ndarray]:
+    """One image -> its model inputs (1, or 5 with splitting), each float32 [3, h, w]."""
+    pixels = np.asarray(image.convert("RGB"))
+    crops = split_crops(pixels) if config.split else [pixels]
+    processed = []
+    for crop in crops:
+        height, width = resized_size(crop.shape[0], crop.shape[1], config)
+        resized = Image.fromarray(crop).resize((width, height), resample=Image.Resampling.BILINEAR)
+        processed.append(normalize(np.asarray(resized), config))
+    return processed
+
+
+def pad_images(images: list[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [3, h_i, w_i] -> pixel_values [N, 3, H, W] (zero padded bottom/right) and
+    pixel_attention_mask [N, H, W] (True on real pixels). N may be 0."""
+    if not images:
+        return torch.zeros(0, 3, 1, 1), torch.zeros(0, 1, 1, dtype=torch.bool)
+    height = max(image.shape[-2] for image in images)
+    width = max(image.shape[-1] for image in images)
+    pixel_values = torch.zeros(len(images), images[0].shape[0], height, width)
+    mask = torch.zeros(len(images), height, width, dtype=torch.bool)
+    for index, image in enumerate(images):
+        h, w = image.shape[-2:]
+        pixel_values[index, :, :h, :w] = torch.as_tensor(image)
+        mask[index, :h, :w] = True
+    return pixel_values, mask
