@@ -1,0 +1,220 @@
+"""Distributed, resumable multimodal loader: shards -> documents -> packed micro-batches.
+
+* Each source (OBELICS-style documents, pairs, pages) is read in a seeded permutation per epoch;
+  data-parallel rank r takes every dp-th sample, so ranks see disjoint samples.
+* Each micro-batch comes from one source, drawn by the mixture weights with a counter-based
+  generator (seed, micro-batch index): no generator state to save.
+* Unusable samples (corrupt images, broken tar members, missing fields, truncated shards) are
+  skipped, counted by reason and logged with shard and key; training goes on.
+* ``state_dict()`` holds, per source, the epoch, the cursor and the documents read but not yet
+  handed out; ``load_state_dict()`` re-reads those and continues with the same samples in the
+  same order.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from megatron_vlm.data.images import ImageConfig, process_image
+from megatron_vlm.data.packing import Document, Packer, PackingConfig, collate, image_runs
+from megatron_vlm.data.shards import CorruptSample, Sample, Shard, shard_paths
+from megatron_vlm.data.tokens import IMAGE_TOKEN, expand_image_placeholders
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    shards: str  # a directory of *.tar, a glob, or one tar
+    weight: float = 1.0
+    seq_len: int = 2048
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[SourceConfig, ...] = ()
+    image: ImageConfig = field(default_factory=ImageConfig)
+    micro_batch_size: int = 1
+    max_images_per_sequence: int = 32
+    pack: bool = True
+    seed: int = 1234
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(source.seq_len for source in self.sources)
+
+
+class SourceStream:
+    """One source's samples, for one data-parallel rank, epoch after epoch."""
+
+    def __init__(self, config: SourceConfig, dp_rank: int, dp_size: int, seed: int) -> None:
+        self.config = config
+        self.shards = [Shard(path) for path in shard_paths(config.shards)]
+        self.locations = [(s, p) for s, shard in enumerate(self.shards) for p in range(len(shard))]
+        if len(self.locations) < dp_size:
+            raise ValueError(f"source {config.name} has {len(self.locations)} samples for {dp_size} data-parallel ranks")
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.seed = [seed, zlib.crc32(config.name.encode())]
+        self.epoch, self.cursor = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> np.ndarray:
+        permutation = np.random.default_rng([*self.seed, self.epoch]).permutation(len(self.locations))
+        return permutation[self.dp_rank :: self.dp_size]
+
+    def next_position(self) -> int:
+        if self.cursor == len(self._order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        position = int(self._order[self.cursor])
+        self.cursor += 1
+        return position
+
+    def read(self, position: int) -> Sample:
+        shard, index = self.locations[position]
+        return self.shards[shard].read(index)
+
+    def where(self, position: int) -> str:
+        shard, index = self.locations[position]
+        return f"{self.shards[shard].path.name}[{index}]"
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._epoch_order()
+
+
+class MultimodalLoader:
+    """Micro-batches for one data-parallel rank; an iterator with a resumable state."""
+
+    def __init__(
+        self,
+        config: DataConfig,
+        tokenizer: Any,
+        image_seq_len: int,
+        image_token_id: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+    ) -> None:
+        if not config.sources:
+            raise ValueError("the data config names no source")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_seq_len = image_seq_len
+        self.streams = {s.name: SourceStream(s, dp_rank, dp_size, config.seed) for s in config.sources}
+        self.packing = {
+            s.name: PackingConfig(
+                seq_len=s.seq_len, image_token_id=image_token_id, image_seq_len=image_seq_len,
+                max_images_per_sequence=config.max_images_per_sequence,
+                pad_token_id=tokenizer.pad_token_id or 0, pack=config.pack,
+            )
+            for s in config.sources
+        }
+        self.packers = {name: Packer(packing) for name, packing in self.packing.items()}
+        weights = np.array([s.weight for s in config.sources], dtype=np.float64)
+        if (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {weights.tolist()}")
+        self.weights = weights / weights.sum()
+        self.step = 0
+        self.skipped: Counter = Counter()
+
+    # -- documents ---------------------------------------------------------------------------
+
+    def encode(self, sample: Sample, source: str, position: int) -> Document:
+        """Sample -> tokens ([BOS] text with image placeholders [EOS]) and processed images."""
+        pieces, images = [], []
+        for segment in sample.segments:
+            if isinstance(segment, bytes):
+                try:
+                    with Image.open(io.BytesIO(segment)) as image:
+                        images += process_image(image, self.config.image)
+                except Exception as error:  # noqa: BLE001 - Pillow raises many types for bad data
+                    raise CorruptSample("corrupt_image", f"{sample.key}: {error}") from error
+                pieces.append(IMAGE_TOKEN)
+            else:
+                if pieces and pieces[-1] != IMAGE_TOKEN:
+                    pieces.append("\n\n")
+                pieces.append(segment)
+        text = expand_image_placeholders("".join(pieces), self.image_seq_len, self.config.image.split)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        tokens = [self.tokenizer.bos_token_id, *ids, self.tokenizer.eos_token_id]
+        image_token_id = self.packing[source].image_token_id
+        if len(image_runs(tokens, image_token_id)) != len(images):
+            raise CorruptSample("missing_field", f"{sample.key}: the text itself contains image tokens")
+        return Document(tokens, images, source, position)
+
+    def _next_document(self, source: str) -> Document:
+        stream = self.streams[source]
+        while True:
+            position = stream.next_position()
+            try:
+                return self.encode(stream.read(position), source, position)
+            except CorruptSample as skip:
+                self.skipped[skip.reason] += 1
+                logger.warning("skipped sample %s of %s: %s", stream.where(position), source, skip)
+
+    # -- micro-batches -----------------------------------------------------------------------
+
+    def source_of(self, step: int) -> str:
+        """The source of micro-batch ``step``: a pure function of (seed, step)."""
+        draw = np.random.default_rng([self.config.seed, 0x5EED, step]).random()
+        index = int(np.searchsorted(np.cumsum(self.weights), draw, side="right"))
+        return self.config.sources[min(index, len(self.config.sources) - 1)].name
+
+    def __iter__(self) -> MultimodalLoader:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        source = self.source_of(self.step)
+        packer = self.packers[source]
+        while len(packer.ready) < self.config.micro_batch_size:
+            packer.add(self._next_document(source))
+        sequences = [packer.pop() for _ in range(self.config.micro_batch_size)]
+        batch = collate(sequences, self.packing[source], seq_len=self.config.max_seq_len)
+        self.step += 1
+        batch["source"] = source
+        batch["num_images"] = sum(len(s.images) for s in sequences)
+        batch["num_tokens"] = sum(len(s.tokens) for s in sequences)
+        return batch
+
+    # -- exact resume ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "skipped": dict(self.skipped),
+            "sources": {
+                name: {**stream.state_dict(), "pending": [d.position for d in self.packers[name].pending()]}
+                for name, stream in self.streams.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self.streams) - set(state["sources"])
+        if missing:
+            raise ValueError(f"loader state has no entry for sources {sorted(missing)}")
+        self.step = state["step"]
+        self.skipped = Counter(state["skipped"])
+        for name, stream in self.streams.items():
+            source_state = state["sources"][name]
+            stream.load_state_dict(source_state)
+            self.packers[name] = Packer(self.packing[name])
+            for position in source_state["pending"]:  # documents read but not yet handed out
+                self.packers[name].add(self.encode(stream.read(position), name, position))
+
+
+def token_statistics(batch: dict[str, Any]) -> dict[str, float]:
+    """Share of the micro-batch's token slots that hold real tokens (1 - padding waste)."""
+    slots = batch["input_ids"].numel()
+    return {"real_tokens": float(batch["num_tokens"]), "slots": float(slots), "fill": batch["num_tokens"] / slots}

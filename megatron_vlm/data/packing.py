@@ -1,0 +1,168 @@
+"""Documents -> fixed-length training sequences: packing, truncation at image boundaries,
+document-aware attention masks, position ids and loss masks.
+
+A document is a token sequence whose ``<image>`` placeholder runs each stand for one processed
+image (64 latents by default; a split image is 5 runs). Several documents share a sequence
+(packing); attention never crosses a document boundary and positions restart at each document.
+A document never loses part of an image: truncation cuts before the first run that does not fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_vlm.data.images import pad_images
+
+
+@dataclass
+class Document:
+    tokens: list[int]
+    images: list[np.ndarray]  # processed images, one per <image> run, in order
+    source: str = ""
+    position: int = -1  # where it came from in its source's stream (for exact resume)
+
+
+@dataclass(frozen=True)
+class PackingConfig:
+    seq_len: int
+    image_token_id: int
+    image_seq_len: int
+    max_images_per_sequence: int = 32
+    pad_token_id: int = 0
+    pack: bool = True  # False: one document per sequence, padded
+
+
+def image_runs(tokens: list[int], image_token_id: int) -> list[tuple[int, int]]:
+    """[start, end) of each run of <image> tokens."""
+    runs, start = [], None
+    for index, token in enumerate(tokens):
+        if token == image_token_id and start is None:
+            start = index
+        elif token != image_token_id and start is not None:
+            runs.append((start, index))
+            start = None
+    if start is not None:
+        runs.append((start, len(tokens)))
+    return runs
+
+
+def fit(document: Document, config: PackingConfig, room: int, image_room: int) -> Document | None:
+    """The longest prefix of ``document`` within ``room`` tokens and ``image_room`` images that
+    keeps every image whole; None if not even one token of text fits before the first image."""
+    runs = image_runs(document.tokens, config.image_token_id)
+    if len(runs) != len(document.images):
+        raise ValueError(f"{len(runs)} <image> runs but {len(document.images)} images")
+    if any(end - start != config.image_seq_len for start, end in runs):
+        raise ValueError(f"an <image> run is not {config.image_seq_len} tokens long")
+    cut = min(room, len(document.tokens))
+    kept = 0
+    for start, end in runs:
+        if end > cut or kept == image_room:
+            cut = min(cut, start)
+            break
+        kept += 1
+    # Do not end on the fake token that opens a cut image: drop a dangling opener too.
+    if cut < len(document.tokens) and kept < len(runs) and cut > 0 and cut == runs[kept][0]:
+        cut -= 1
+    if cut <= 0:
+        return None
+    return Document(document.tokens[:cut], document.images[:kept], document.source, document.position)
+
+
+@dataclass
+class PackedSequence:
+    tokens: list[int]
+    document_ids: list[int]  # -1 for padding
+    images: list[np.ndarray]
+    positions: list[int]  # stream positions of the documents it holds
+
+
+class Packer:
+    """Greedy, deterministic packing: documents go in one at a time, full sequences come out.
+
+    With ``pack=False`` each document fills one sequence alone (padded later). ``pending()``
+    lists, in order, the documents not yet handed out; adding them again to a fresh packer
+    rebuilds the same state, which is how a resumed run continues exactly.
+    """
+
+    def __init__(self, config: PackingConfig) -> None:
+        self.config = config
+        self.ready: list[tuple[PackedSequence, list[Document]]] = []
+        self._current = PackedSequence([], [], [], [])
+        self._current_documents: list[Document] = []
+        self.dropped = 0  # documents without a single token that fits (e.g. an image too long alone)
+
+    def add(self, document: Document) -> None:
+        config = self.config
+        while True:
+            room = config.seq_len - len(self._current.tokens)
+            image_room = config.max_images_per_sequence - len(self._current.images)
+            whole = len(document.tokens) <= room and len(document.images) <= image_room
+            if not whole and self._current.tokens:
+                self._flush()  # start a new sequence for this document
+                continue
+            piece = document if whole else fit(document, config, room, image_room)
+            if piece is None:
+                self.dropped += 1
+                return
+            doc_id = len(self._current_documents)
+            self._current.tokens += piece.tokens
+            self._current.document_ids += [doc_id] * len(piece.tokens)
+            self._current.images += piece.images
+            self._current.positions.append(piece.position)
+            self._current_documents.append(document)
+            if not config.pack or len(self._current.tokens) >= config.seq_len:
+                self._flush()
+            return
+
+    def _flush(self) -> None:
+        self.ready.append((self._current, self._current_documents))
+        self._current = PackedSequence([], [], [], [])
+        self._current_documents = []
+
+    def pop(self) -> PackedSequence | None:
+        return self.ready.pop(0)[0] if self.ready else None
+
+    def pending(self) -> list[Document]:
+        return [d for _, documents in self.ready for d in documents] + list(self._current_documents)
+
+
+def collate(sequences: list[PackedSequence], config: PackingConfig, seq_len: int | None = None) -> dict[str, torch.Tensor]:
+    """Packed sequences -> one micro-batch for ``Idefics2Model`` (padded to ``seq_len``)."""
+    seq_len = seq_len or config.seq_len
+    batch = len(sequences)
+    input_ids = torch.full((batch, seq_len), config.pad_token_id, dtype=torch.long)
+    documents = torch.full((batch, seq_len), -1, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence.tokens)] = torch.tensor(sequence.tokens)
+        documents[row, : len(sequence.document_ids)] = torch.tensor(sequence.document_ids)
+    real = documents >= 0
+    # Positions restart at every document.
+    starts = torch.ones_like(real)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    index = torch.arange(seq_len).expand(batch, -1)
+    last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    position_ids = torch.where(real, index - last_start, torch.zeros_like(index))
+    # Attention: causal, within the same document; padding attends to nothing real but itself.
+    same = documents[:, :, None] == documents[:, None, :]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    allowed = same & causal & real[:, None, :]
+    allowed |= torch.eye(seq_len, dtype=torch.bool)  # no fully masked row
+    # Labels: the next token of the same document, never an <image> placeholder.
+    labels = torch.roll(input_ids, shifts=-1, dims=1)
+    next_same = torch.roll(documents, shifts=-1, dims=1) == documents
+    next_same[:, -1] = False
+    loss_mask = real & next_same & (labels != config.image_token_id)
+    pixel_values, pixel_mask = pad_images([image for s in sequences for image in s.images])
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": ~allowed[:, None],
+        "labels": labels.masked_fill(~loss_mask, 0),
+        "loss_mask": loss_mask.float(),
+        "pixel_values": pixel_values,
+        "pixel_attention_mask": pixel_mask,
+    }
