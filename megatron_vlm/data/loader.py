@@ -61,7 +61,9 @@ class SourceStream:
         self.shards = [Shard(path) for path in shard_paths(config.shards)]
         self.locations = [(s, p) for s, shard in enumerate(self.shards) for p in range(len(shard))]
         if len(self.locations) < dp_size:
-            raise ValueError(f"source {config.name} has {len(self.locations)} samples for {dp_size} data-parallel ranks")
+            raise ValueError(
+                f"source {config.name} has {len(self.locations)} samples for {dp_size} data-parallel ranks"
+            )
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed = [seed, zlib.crc32(config.name.encode())]
         self.epoch, self.cursor = 0, 0
@@ -115,9 +117,12 @@ class MultimodalLoader:
         self.streams = {s.name: SourceStream(s, dp_rank, dp_size, config.seed) for s in config.sources}
         self.packing = {
             s.name: PackingConfig(
-                seq_len=s.seq_len, image_token_id=image_token_id, image_seq_len=image_seq_len,
+                seq_len=s.seq_len,
+                image_token_id=image_token_id,
+                image_seq_len=image_seq_len,
                 max_images_per_sequence=config.max_images_per_sequence,
-                pad_token_id=tokenizer.pad_token_id or 0, pack=config.pack,
+                pad_token_id=tokenizer.pad_token_id or 0,
+                pack=config.pack,
             )
             for s in config.sources
         }

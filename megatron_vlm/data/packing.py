@@ -130,7 +130,9 @@ class Packer:
         return [d for _, documents in self.ready for d in documents] + list(self._current_documents)
 
 
-def collate(sequences: list[PackedSequence], config: PackingConfig, seq_len: int | None = None) -> dict[str, torch.Tensor]:
+def collate(
+    sequences: list[PackedSequence], config: PackingConfig, seq_len: int | None = None
+) -> dict[str, torch.Tensor]:
     """Packed sequences -> one micro-batch for ``Idefics2Model`` (padded to ``seq_len``)."""
     seq_len = seq_len or config.seq_len
     batch = len(sequences)

@@ -51,8 +51,13 @@ class PreprocessReport:
     rejects: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "written": self.written, "shards": self.shards,
-                "rejected": dict(self.rejected), "rejects": self.rejects}
+        return {
+            "rows": self.rows,
+            "written": self.written,
+            "shards": self.shards,
+            "rejected": dict(self.rejected),
+            "rejects": self.rejects,
+        }
 
 
 def read_rows(path: Path) -> Iterator[dict[str, Any]]:
