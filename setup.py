@@ -27,10 +27,11 @@ setup(
             "protobuf>=4",
             "mistral-common>=1.5",  # ships the real Mistral-7B tokenizer
             "scikit-image>=0.22",  # real photos for tests and the bundled dataset
+            "nvidia-dali-cuda130>=2.0",  # its CPU pipelines are the tested twin of GPU decoding
         ],
         "gpu": [
             "transformer-engine[pytorch]>=2.0",
-            "nvidia-dali-cuda120>=1.40",
+            "nvidia-dali-cuda130>=2.0",
         ],
         "mpi": ["mpi4py>=3.1", "openmpi>=5"],
     },

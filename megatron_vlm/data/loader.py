@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import zlib
 from collections import Counter
@@ -21,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from megatron_vlm.data.images import ImageConfig, process_image
+from megatron_vlm.data.dali import image_processor
+from megatron_vlm.data.images import ImageConfig
 from megatron_vlm.data.packing import Document, Packer, PackingConfig, collate, image_runs
 from megatron_vlm.data.shards import CorruptSample, Sample, Shard, shard_paths
 from megatron_vlm.data.tokens import IMAGE_TOKEN, expand_image_placeholders
@@ -47,6 +46,7 @@ class DataConfig:
     max_images_per_sequence: int = 32
     pack: bool = True
     seed: int = 1234
+    image_backend: str = "auto"  # pillow | dali-cpu | dali-gpu | auto (DALI on GPU when present)
 
     @property
     def max_seq_len(self) -> int:
@@ -114,6 +114,7 @@ class MultimodalLoader:
         self.config = config
         self.tokenizer = tokenizer
         self.image_seq_len = image_seq_len
+        self.images = image_processor(config.image, config.image_backend)
         self.streams = {s.name: SourceStream(s, dp_rank, dp_size, config.seed) for s in config.sources}
         self.packing = {
             s.name: PackingConfig(
@@ -138,14 +139,13 @@ class MultimodalLoader:
 
     def encode(self, sample: Sample, source: str, position: int) -> Document:
         """Sample -> tokens ([BOS] text with image placeholders [EOS]) and processed images."""
-        pieces, images = [], []
+        pieces = []
+        try:
+            images = [crop for crops in self.images(sample.images) for crop in crops]
+        except CorruptSample as error:
+            raise CorruptSample("corrupt_image", f"{sample.key}: {error}") from error
         for segment in sample.segments:
             if isinstance(segment, bytes):
-                try:
-                    with Image.open(io.BytesIO(segment)) as image:
-                        images += process_image(image, self.config.image)
-                except Exception as error:  # noqa: BLE001 - Pillow raises many types for bad data
-                    raise CorruptSample("corrupt_image", f"{sample.key}: {error}") from error
                 pieces.append(IMAGE_TOKEN)
             else:
                 if pieces and pieces[-1] != IMAGE_TOKEN:
