@@ -28,6 +28,7 @@ setup(
             "mistral-common>=1.5",  # ships the real Mistral-7B tokenizer
             "scikit-image>=0.22",  # real photos for tests and the bundled dataset
             "nvidia-dali-cuda130>=2.0",  # its CPU pipelines are the tested twin of GPU decoding
+            "megatron-energon>=7",  # our pair/page shards are read by it as they are
         ],
         "gpu": [
             "transformer-engine[pytorch]>=2.0",

@@ -1,5 +1,6 @@
 """Shards, preprocessing, packing and the resumable distributed loader on the bundled real data."""
 
+import dataclasses
 import json
 import tarfile
 from pathlib import Path
@@ -269,3 +270,40 @@ def test_loader_batches_train_the_model(shards, tokenizer, megatron_single_proce
     value.backward()
     assert torch.isfinite(value) and 8 < value < 12  # about ln(32003) for an untrained model
     assert model.vision.patch_embedding.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("preset", "weights"),
+    [("stage1", {"obelics": 0.7, "pairs": 0.3}), ("stage2", {"obelics": 0.45, "pairs": 0.35, "pdfs": 0.2})],
+)
+def test_paper_mixtures_are_followed(shards, tokenizer, preset, weights):
+    from megatron_vlm.data.loader import load_data_config
+
+    config = load_data_config(preset, shards)
+    assert {s.name: s.seq_len for s in config.sources} == (
+        {"obelics": 2048, "pairs": 1536} if preset == "stage1" else {"obelics": 2048, "pairs": 1536, "pdfs": 1024}
+    )
+    tiny = load_data_config("tiny", shards)
+    loader = MultimodalLoader(
+        dataclasses.replace(
+            tiny,
+            sources=tuple(
+                dataclasses.replace(s, name=n, weight=w)
+                for s, (n, w) in zip(tiny.sources, weights.items(), strict=False)
+            ),
+        ),
+        tokenizer,
+        image_seq_len=8,
+        image_token_id=IMAGE_TOKEN,
+    )
+    draws = [loader.source_of(step) for step in range(4000)]
+    for name, weight in weights.items():
+        assert abs(draws.count(name) / len(draws) - weight) < 0.03
+
+
+def test_parallel_preprocessing_gives_identical_shards(tmp_path):
+    one = preprocess([DATA / "pairs.jsonl"], tmp_path / "one", samples_per_shard=4, workers=1, progress=False)
+    two = preprocess([DATA / "pairs.jsonl"], tmp_path / "two", samples_per_shard=4, workers=2, progress=False)
+    assert one.shards == two.shards
+    for name in one.shards:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()

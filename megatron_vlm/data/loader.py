@@ -17,9 +17,11 @@ import logging
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from megatron_vlm.data.dali import image_processor
 from megatron_vlm.data.images import ImageConfig
@@ -28,6 +30,7 @@ from megatron_vlm.data.shards import CorruptSample, Sample, Shard, shard_paths
 from megatron_vlm.data.tokens import IMAGE_TOKEN, expand_image_placeholders
 
 logger = logging.getLogger(__name__)
+MIXTURES_DIR = Path(__file__).resolve().parents[2] / "examples" / "data_mixtures"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,24 @@ class DataConfig:
     @property
     def max_seq_len(self) -> int:
         return max(source.seq_len for source in self.sources)
+
+
+def load_data_config(path: str | Path, data_root: str | Path, **overrides: Any) -> DataConfig:
+    """A mixture preset (YAML; shard paths relative to ``data_root``) -> DataConfig."""
+    path = Path(path)
+    if not path.suffix:
+        path = MIXTURES_DIR / f"{path}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"data mixture {path} not found; presets: {sorted(p.stem for p in MIXTURES_DIR.glob('*.yaml'))}"
+        )
+    values = yaml.safe_load(path.read_text())
+    sources = tuple(
+        SourceConfig(**{**source, "shards": str(Path(data_root) / source["shards"])})
+        for source in values.pop("sources")
+    )
+    image = ImageConfig(**values.pop("image", {}))
+    return DataConfig(sources=sources, image=image, **{**values, **overrides})
 
 
 class SourceStream:

@@ -5,9 +5,10 @@ with a ``kind``: "interleaved" (OBELICS-style web documents), "pair" (image + ca
 (a document page image + its text). In the tar, members sharing a key form a sample:
 
     KEY.json            {"kind": ..., "layout": ["text", "image", ...], "texts": [...]}
-    KEY.<i>.<ext>       the i-th image of the sample (interleaved, page)
-    KEY.<ext> + KEY.txt a pair's image and caption, as webdataset captioning datasets store them,
-                        so ``energon prepare --sample-type CaptioningSample`` reads pair shards
+    KEY.<i>.<ext>       the i-th image of an interleaved document
+    KEY.<ext> + KEY.txt the image and text of a pair or a page, as webdataset captioning datasets
+                        store them, so ``energon prepare --sample-type CaptioningSample`` reads
+                        pair and page shards as they are
 
 Each ``NAME.tar`` has ``NAME.tar.idx.json``: every sample's key and byte range, for random access
 and exact resume. Tars are written deterministically (fixed metadata, input order).
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 KINDS = ("interleaved", "pair", "page")
+SINGLE_IMAGE_KINDS = ("pair", "page")  # stored in webdataset's captioning layout
 INDEX_SUFFIX = ".idx.json"
 
 
@@ -78,9 +80,9 @@ class ShardWriter:
         meta = {"kind": sample.kind, "layout": layout, "texts": sample.texts}
         members = [(f"{sample.key}.json", json.dumps(meta, ensure_ascii=False).encode())]
         extensions = list(sample.image_extensions) + ["jpg"] * len(sample.images)
-        if sample.kind == "pair":
+        if sample.kind in SINGLE_IMAGE_KINDS:
             if len(sample.images) != 1 or len(sample.texts) != 1:
-                raise ValueError(f"pair {sample.key} needs exactly one image and one caption")
+                raise ValueError(f"{sample.kind} {sample.key} needs exactly one image and one text")
             members.append((f"{sample.key}.txt", sample.texts[0].encode()))
             members.append((f"{sample.key}.{extensions[0]}", sample.images[0]))
         else:
@@ -159,7 +161,7 @@ def _assemble(key: str, members: dict[str, bytes], shard_name: str) -> Sample:
         raise CorruptSample("missing_field", f"{where}: bad .json ({error})") from error
     if kind not in KINDS:
         raise CorruptSample("missing_field", f"{where}: unknown kind {kind!r}")
-    if kind == "pair":
+    if kind in SINGLE_IMAGE_KINDS:
         found = [(data, ext) for ext, data in members.items() if ext not in ("json", "txt")]
         images = {0: found[0]} if len(found) == 1 else {}
     else:
