@@ -29,6 +29,7 @@ setup(
             "scikit-image>=0.22",  # real photos for tests and the bundled dataset
             "nvidia-dali-cuda130>=2.0",  # its CPU pipelines are the tested twin of GPU decoding
             "megatron-energon>=7",  # our pair/page shards are read by it as they are
+            "pyarrow>=14",  # parquet input of the preprocessing tool
         ],
         "gpu": [
             "transformer-engine[pytorch]>=2.0",

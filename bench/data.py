@@ -57,7 +57,8 @@ def transformers_processor(config: ImageConfig) -> object:
     from transformers import Idefics2ImageProcessor
 
     processor = Idefics2ImageProcessor(
-        size={"longest_edge": config.longest_edge, "shortest_edge": config.shortest_edge}, do_image_splitting=config.split
+        size={"longest_edge": config.longest_edge, "shortest_edge": config.shortest_edge},
+        do_image_splitting=config.split,
     )
 
     def run(encoded: list[bytes]) -> object:
@@ -70,14 +71,23 @@ def image_throughput(repeats: int) -> list[dict]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     encoded = photos(repeats)
     rows = []
-    for name, config in (("stage1 384px", ImageConfig(384, 378)), ("stage2 980px", ImageConfig(980, 378)),
-                         ("stage2 980px + split", ImageConfig(980, 378, split=True))):
+    for name, config in (
+        ("stage1 384px", ImageConfig(384, 378)),
+        ("stage2 980px", ImageConfig(980, 378)),
+        ("stage2 980px + split", ImageConfig(980, 378, split=True)),
+    ):
         baseline = images_per_second(transformers_processor(config), encoded)
         pillow = images_per_second(PillowImageProcessor(config), encoded)
         dali = images_per_second(DaliImageProcessor(config, device="cpu", num_threads=1, batch_size=32), encoded)
-        row = {"config": name, "images": len(encoded), "transformers_img_s": round(baseline, 1),
-               "pillow_img_s": round(pillow, 1), "dali_cpu_img_s": round(dali, 1),
-               "pillow_ratio": round(pillow / baseline, 2), "dali_cpu_ratio": round(dali / baseline, 2)}
+        row = {
+            "config": name,
+            "images": len(encoded),
+            "transformers_img_s": round(baseline, 1),
+            "pillow_img_s": round(pillow, 1),
+            "dali_cpu_img_s": round(dali, 1),
+            "pillow_ratio": round(pillow / baseline, 2),
+            "dali_cpu_ratio": round(dali / baseline, 2),
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -89,8 +99,11 @@ def token_waste(micro_batches: int) -> list[dict]:
         preprocess([DATA / f"{name}.jsonl"], shards / name, progress=False)
     config = load_data_config("stage2", shards, micro_batch_size=2, image_backend="pillow")
     mapping = {"obelics": "interleaved", "pairs": "pairs", "pdfs": "pages"}
-    config = dataclasses.replace(config, image=ImageConfig(224, 112), sources=tuple(
-        dataclasses.replace(s, shards=str(shards / mapping[s.name])) for s in config.sources))
+    config = dataclasses.replace(
+        config,
+        image=ImageConfig(224, 112),
+        sources=tuple(dataclasses.replace(s, shards=str(shards / mapping[s.name])) for s in config.sources),
+    )
     tokenizer = load_tokenizer()
     rows = []
     for pack in (False, True):
@@ -100,8 +113,12 @@ def token_waste(micro_batches: int) -> list[dict]:
             batch = next(loader)
             real += batch["num_tokens"]
             slots += batch["input_ids"].numel()
-        row = {"packing": pack, "micro_batches": micro_batches, "real_token_share": round(real / slots, 4),
-               "padding_share": round(1 - real / slots, 4)}
+        row = {
+            "packing": pack,
+            "micro_batches": micro_batches,
+            "real_token_share": round(real / slots, 4),
+            "padding_share": round(1 - real / slots, 4),
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -114,19 +131,37 @@ def main() -> None:
     gpu_note = "not measured: no GPU in this run" if not backend.has_cuda() else "see the GPU section"
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "data.json").write_text(json.dumps(
-        {"date": str(date.today()), "machine": machine, "images": images, "packing": waste, "dali_mixed": gpu_note}, indent=2))
-    lines = [f"# Data pipeline benchmark ({date.today()}, {machine})", "",
-             "Images per second for one worker (one thread), bundled real photos decoded from bytes; ratio against",
-             "transformers' Idefics2ImageProcessor in the same run.", "",
-             "| config | images | transformers img/s | Pillow img/s (ratio) | DALI CPU img/s (ratio) |", "|---|---|---|---|---|"]
+    (out / "data.json").write_text(
+        json.dumps(
+            {"date": str(date.today()), "machine": machine, "images": images, "packing": waste, "dali_mixed": gpu_note},
+            indent=2,
+        )
+    )
+    lines = [
+        f"# Data pipeline benchmark ({date.today()}, {machine})",
+        "",
+        "Images per second for one worker (one thread), bundled real photos decoded from bytes; ratio against",
+        "transformers' Idefics2ImageProcessor in the same run.",
+        "",
+        "| config | images | transformers img/s | Pillow img/s (ratio) | DALI CPU img/s (ratio) |",
+        "|---|---|---|---|---|",
+    ]
     for r in images:
-        lines.append(f"| {r['config']} | {r['images']} | {r['transformers_img_s']} | {r['pillow_img_s']} ({r['pillow_ratio']}) | "
-                     f"{r['dali_cpu_img_s']} ({r['dali_cpu_ratio']}) |")
-    lines += ["", "Token slots holding real tokens, stage 2 mixture (2048 / 1536 / 1024), 64 tokens per image:", "",
-              "| packing | micro-batches | real tokens | padding |", "|---|---|---|---|"]
+        lines.append(
+            f"| {r['config']} | {r['images']} | {r['transformers_img_s']} | {r['pillow_img_s']} ({r['pillow_ratio']}) | "
+            f"{r['dali_cpu_img_s']} ({r['dali_cpu_ratio']}) |"
+        )
+    lines += [
+        "",
+        "Token slots holding real tokens, stage 2 mixture (2048 / 1536 / 1024), 64 tokens per image:",
+        "",
+        "| packing | micro-batches | real tokens | padding |",
+        "|---|---|---|---|",
+    ]
     for r in waste:
-        lines.append(f"| {'on' if r['packing'] else 'off'} | {r['micro_batches']} | {r['real_token_share']:.1%} | {r['padding_share']:.1%} |")
+        lines.append(
+            f"| {'on' if r['packing'] else 'off'} | {r['micro_batches']} | {r['real_token_share']:.1%} | {r['padding_share']:.1%} |"
+        )
     lines += ["", f"DALI 'mixed' GPU decoding at 980 px: {gpu_note}."]
     (out / "data.md").write_text("\n".join(lines) + "\n")
     print((out / "data.md").read_text())

@@ -1,10 +1,13 @@
 """Shards, preprocessing, packing and the resumable distributed loader on the bundled real data."""
 
 import dataclasses
+import io
 import json
 import tarfile
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -198,7 +201,8 @@ def rename_member(data, header, new_name):
 
 
 def corrupt_shard(path):
-    """A shard with: 2 good pairs, a corrupt image, a member of another sample, a missing .json."""
+    """A shard with: 2 good pairs, a corrupt image, a member of another sample, a missing .json,
+    an image of an absurd size."""
     good = (DATA / "images" / "chelsea.jpg").read_bytes()
     writer = ShardWriter(path)
     writer.write(Sample("good0", "pair", [good, "A cat."], ["jpg"]))
@@ -206,6 +210,9 @@ def corrupt_shard(path):
     writer.write(Sample("good1", "pair", [good, "The cat again."], ["jpg"]))
     writer.write(Sample("nojson", "pair", [good, "Will lose its json."], ["jpg"]))
     writer.write(Sample("foreign", "pair", [good, "Will hold a foreign member."], ["jpg"]))
+    sliver = io.BytesIO()
+    Image.new("RGB", (3000, 20)).save(sliver, format="PNG")
+    writer.write(Sample("sliver", "pair", [sliver.getvalue(), "An absurd 3000 x 20 image."], ["png"]))
     writer.close()
     data = bytearray(path.read_bytes())
     index = json.loads(Path(str(path) + ".idx.json").read_text())
@@ -226,9 +233,22 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, tokenizer, caplog):
         pack=False,
     )
     loader = MultimodalLoader(config, tokenizer, image_seq_len=8, image_token_id=IMAGE_TOKEN)
-    batches = [next(loader) for _ in range(4)]  # 2 good samples per epoch: two epochs
+    batches = [next(loader) for _ in range(4)]  # 2 good samples per epoch: into the second epoch
     assert all(b["num_images"] == 1 for b in batches)
-    assert dict(loader.skipped) == {"corrupt_image": 2, "missing_field": 2, "broken_member": 2}
+    # Exactly the bad samples among the positions read so far were skipped, each for its reason.
+    stream = loader.streams["pairs"]
+    read = list(np.random.default_rng([*stream.seed, 0]).permutation(len(stream.locations)))
+    read += list(np.random.default_rng([*stream.seed, 1]).permutation(len(stream.locations))[: stream.cursor])
+    assert stream.epoch == 1
+    reasons = {
+        "badimage": "corrupt_image",
+        "nojson": "missing_field",
+        "foreign": "broken_member",
+        "sliver": "absurd_size",
+    }
+    keys = [stream.shards[0].entries[stream.locations[p][1]]["key"] for p in read]
+    expected = Counter(reasons[k] for k in keys if k in reasons)
+    assert dict(loader.skipped) == dict(expected) and set(expected) == set(reasons.values())
     assert "bad.tar" in caplog.text
 
 
@@ -307,3 +327,19 @@ def test_parallel_preprocessing_gives_identical_shards(tmp_path):
     assert one.shards == two.shards
     for name in one.shards:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_parquet_rows_give_the_same_shards_as_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    rows = [json.loads(line) for line in (DATA / "interleaved.jsonl").read_text().splitlines()]
+    parquet.write_table(pa.Table.from_pylist(rows), DATA / "interleaved.parquet")
+    try:
+        from_parquet = preprocess([DATA / "interleaved.parquet"], tmp_path / "pq", samples_per_shard=4, progress=False)
+    finally:
+        (DATA / "interleaved.parquet").unlink()
+    from_jsonl = preprocess([DATA / "interleaved.jsonl"], tmp_path / "js", samples_per_shard=4, progress=False)
+    assert from_parquet.written == from_jsonl.written == len(rows)
+    for a, b in zip(from_parquet.shards, from_jsonl.shards, strict=True):
+        assert (tmp_path / "pq" / a).read_bytes() == (tmp_path / "js" / b).read_bytes()

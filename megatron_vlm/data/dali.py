@@ -18,7 +18,20 @@ from PIL import Image
 
 from megatron_vlm import backend
 from megatron_vlm.data.images import ImageConfig, process_image, resized_size
+from megatron_vlm.data.preprocess import ImageLimits, size_problem
 from megatron_vlm.data.shards import CorruptSample
+
+
+def open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Open (header only) an encoded image; CorruptSample if unreadable or of an absurd size."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception as error:  # noqa: BLE001 - Pillow raises many types for bad data
+        raise CorruptSample("corrupt_image", str(error)) from error
+    problem = size_problem(image.width, image.height, limits)
+    if problem:
+        raise CorruptSample("absurd_size", problem)
+    return image
 
 
 def crop_windows(height: int, width: int, config: ImageConfig) -> list[tuple[int, int, int, int]]:
@@ -39,17 +52,17 @@ def crop_windows(height: int, width: int, config: ImageConfig) -> list[tuple[int
 class PillowImageProcessor:
     name = "pillow"
 
-    def __init__(self, config: ImageConfig) -> None:
-        self.config = config
+    def __init__(self, config: ImageConfig, limits: ImageLimits | None = None) -> None:
+        self.config, self.limits = config, limits or ImageLimits()
 
     def __call__(self, encoded: Sequence[bytes]) -> list[list[np.ndarray]]:
         outputs = []
         for data in encoded:
-            try:
-                with Image.open(io.BytesIO(data)) as image:
+            with open_checked(data, self.limits) as image:
+                try:
                     outputs.append(process_image(image, self.config))
-            except Exception as error:  # noqa: BLE001 - Pillow raises many types for bad data
-                raise CorruptSample("corrupt_image", str(error)) from error
+                except Exception as error:  # noqa: BLE001 - a truncated file fails only at decode
+                    raise CorruptSample("corrupt_image", str(error)) from error
         return outputs
 
 
@@ -64,6 +77,7 @@ class DaliImageProcessor:
         batch_size: int = 64,
         num_threads: int = 2,
         device_id: int | None = None,
+        limits: ImageLimits | None = None,
     ) -> None:
         if not backend.has_dali():
             raise RuntimeError(
@@ -72,6 +86,7 @@ class DaliImageProcessor:
         if device == "gpu" and not backend.has_cuda():
             raise RuntimeError("DALI 'mixed' decoding needs a GPU; use device='cpu' or the pillow backend")
         self.config, self.device, self.batch_size = config, device, batch_size
+        self.limits = limits or ImageLimits()
         self.name = f"dali-{device}"
         self._pipeline = self._build(num_threads, (device_id or 0) if device == "gpu" else None)
 
@@ -114,11 +129,8 @@ class DaliImageProcessor:
     def __call__(self, encoded: Sequence[bytes]) -> list[list[np.ndarray]]:
         entries = []  # (image index, bytes, window, target size)
         for index, data in enumerate(encoded):
-            try:
-                with Image.open(io.BytesIO(data)) as image:  # reads the header only
-                    width, height = image.size
-            except Exception as error:  # noqa: BLE001
-                raise CorruptSample("corrupt_image", str(error)) from error
+            with open_checked(data, self.limits) as image:  # reads the header only
+                width, height = image.size
             for top, left, h, w in crop_windows(height, width, self.config):
                 entries.append((index, data, (top, left, h, w), resized_size(h, w, self.config)))
         outputs: list[list[np.ndarray]] = [[] for _ in encoded]

@@ -164,7 +164,7 @@ class MultimodalLoader:
         try:
             images = [crop for crops in self.images(sample.images) for crop in crops]
         except CorruptSample as error:
-            raise CorruptSample("corrupt_image", f"{sample.key}: {error}") from error
+            raise CorruptSample(error.reason, f"{sample.key}: {error}") from error
         for segment in sample.segments:
             if isinstance(segment, bytes):
                 pieces.append(IMAGE_TOKEN)

@@ -103,13 +103,21 @@ def load_image(path: Path, limits: ImageLimits) -> tuple[bytes, str]:
         raise Rejected("absurd_size", f"{path}: {error}") from error
     except Exception as error:  # noqa: BLE001 - Pillow raises many types for bad files
         raise Rejected("corrupt_image", f"{path}: {error}") from error
-    if min(width, height) < limits.min_side or max(width, height) > limits.max_side:
-        raise Rejected("absurd_size", f"{path}: {width}x{height} outside [{limits.min_side}, {limits.max_side}]")
-    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
-        raise Rejected("absurd_size", f"{path}: aspect ratio {max(width, height) / min(width, height):.0f}")
-    if width * height > limits.max_pixels:
-        raise Rejected("absurd_size", f"{path}: {width * height} pixels")
+    problem = size_problem(width, height, limits)
+    if problem:
+        raise Rejected("absurd_size", f"{path}: {problem}")
     return data, IMAGE_FORMATS.get(image_format or "", "img")
+
+
+def size_problem(width: int, height: int, limits: ImageLimits) -> str | None:
+    """Why an image of this size is unusable, or None."""
+    if min(width, height) < limits.min_side or max(width, height) > limits.max_side:
+        return f"{width}x{height} outside [{limits.min_side}, {limits.max_side}]"
+    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        return f"aspect ratio {max(width, height) / min(width, height):.0f}"
+    if width * height > limits.max_pixels:
+        return f"{width * height} pixels"
+    return None
 
 
 def row_to_sample(key: str, row: dict[str, Any], base: Path, kind: str | None, limits: ImageLimits) -> Sample:
