@@ -17,15 +17,15 @@ setup(
         "psutil>=5.9",  # megatron-core's dist_checkpointing needs it and does not declare it
         "numpy>=1.24",
         "pillow>=10",
+        "transformers>=5.0,<6",  # tokenizer at run time; numerical oracle and HF side of the converters
+        "sentencepiece>=0.2",
+        "protobuf>=4",
+        "mistral-common>=1.5",  # ships the real Mistral-7B tokenizer: nothing is downloaded at run time
     ],
     extras_require={
         "test": [
             "pytest>=8",
             "ruff>=0.5",
-            "transformers>=5.0,<6",  # numerical oracle and HF side of the converters
-            "sentencepiece>=0.2",
-            "protobuf>=4",
-            "mistral-common>=1.5",  # ships the real Mistral-7B tokenizer
             "scikit-image>=0.22",  # real photos for tests and the bundled dataset
             "nvidia-dali-cuda130>=2.0",  # its CPU pipelines are the tested twin of GPU decoding
             "megatron-energon>=7",  # our pair/page shards are read by it as they are

@@ -159,3 +159,83 @@ def load_model_preset(name_or_path: str | Path) -> ModelConfig:
         raise FileNotFoundError(f"model preset {name_or_path!r} not found; available: {available}")
     with path.open() as handle:
         return from_dict(ModelConfig, yaml.safe_load(handle))
+
+
+@dataclass
+class DataSection:
+    mixture: str = "tiny"  # a preset name under examples/data_mixtures/ or a YAML path
+    root: str = ""  # where the mixture's shard directories live
+    micro_batch_size: int = 1
+    image_backend: str = "auto"  # pillow | dali-cpu | dali-gpu | auto
+
+
+@dataclass
+class TrainingConfig:
+    global_batch_size: int = 8
+    train_steps: int = 100
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    lr_decay: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    log_interval: int = 10
+    save_interval: int = 100
+    keep_last: int = 3
+    output_dir: str = "runs/default"  # checkpoints/ and tensorboard/ go here
+    load_weights: str | None = None  # a converted checkpoint to start from (when not resuming)
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    max_nonfinite_steps: int = 10  # skipped NaN/Inf steps tolerated before stopping
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+def _apply_override(values: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ValueError(f"override {override!r} is not KEY=VALUE (e.g. training.lr=3e-4)")
+    key, raw = override.split("=", 1)
+    *path, leaf = key.split(".")
+    section = values
+    for part in path:
+        section = section.setdefault(part, {})
+        if not isinstance(section, dict):
+            raise ValueError(f"override {override!r}: {part} is not a section")
+    section[leaf] = yaml.safe_load(raw)
+
+
+def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A run config YAML (see examples/*.yaml) with ``section.key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} not found; presets: {sorted(p.name for p in EXAMPLES_DIR.glob('*.yaml'))}")
+    values = yaml.safe_load(path.read_text()) or {}
+    for override in overrides:
+        _apply_override(values, override)
+    model = values.pop("model", "tiny")
+    if isinstance(model, str):
+        preset = load_model_preset(model)
+        values["model"] = to_dict(preset)
+    elif isinstance(model, dict) and "preset" in model:
+        preset = to_dict(load_model_preset(model.pop("preset")))
+        for section, entries in model.items():
+            if isinstance(entries, dict):
+                preset[section].update(entries)
+            else:
+                preset[section] = entries
+        values["model"] = preset
+    else:
+        values["model"] = model
+    return from_dict(RunConfig, values)

@@ -115,6 +115,8 @@ def apply_trainable(chunks: Sequence[nn.Module], trainable: TrainableConfig, see
         raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {sorted(BACKBONES)}")
     lora_on = set(trainable.lora_targets) if trainable.lora_rank > 0 else set()
     for chunk in chunks:
+        for param in chunk.parameters():  # start from "everything trains", then freeze
+            param.requires_grad_(True)
         frozen_prefixes = []
         if trainable.freeze_vision or "vision" in lora_on:
             frozen_prefixes.append("vision.")

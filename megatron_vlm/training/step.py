@@ -129,6 +129,21 @@ def forward_logits(model: Sequence[torch.nn.Module], micro_batch: MicroBatch, vo
     return collected[0]["logits"]
 
 
+def gradients_are_finite(model: Sequence[torch.nn.Module]) -> bool:
+    """Collective: whether every reduced gradient on every rank is finite."""
+    finite = torch.ones(1)
+    for chunk in model:
+        for param in chunk.parameters():
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad
+            if grad is not None and not torch.isfinite(grad).all():
+                finite[0] = 0.0
+                break
+    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite[0])
+
+
 def train_step(
     model: Sequence[DistributedDataParallel],
     optimizer: MegatronOptimizer,
@@ -140,7 +155,10 @@ def train_step(
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses = forward_backward(model, micro_batches)
-    updated, grad_norm, _ = optimizer.step()
+    if gradients_are_finite(model):
+        updated, grad_norm, _ = optimizer.step()
+    else:  # a NaN/Inf anywhere: skip this update on every rank
+        updated, grad_norm = False, float("nan")
     loss = torch.zeros(1)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         loss[0] = torch.stack([item["lm loss"][0] for item in losses]).mean()
@@ -148,4 +166,4 @@ def train_step(
         loss /= parallel_state.get_data_parallel_world_size()
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     torch.distributed.broadcast(loss, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    return {"loss": float(loss[0]), "grad_norm": float(grad_norm or 0.0), "updated": bool(updated)}
+    return {"loss": float(loss[0]), "grad_norm": float(grad_norm if grad_norm is not None else 0.0), "updated": bool(updated)}

@@ -1,0 +1,147 @@
+"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+
+    OUTPUT/checkpoints/
+      latest                  name of the newest complete checkpoint (written last, atomically)
+      iter_0000200/
+        model/, megatron_vlm.json   a model checkpoint (conversion.megatron_io): any layout loads it
+        optimizer/                  optimizer state (dist_checkpointing, from the model's entries)
+        rank00000.pt ...            per-rank state: RNG generators and the data loader's position
+
+A checkpoint is written into ``.iter_XXXXXXX.incomplete`` and renamed when every rank is done; a
+kill during the write leaves the previous checkpoint and ``latest`` untouched. The model and the
+optimizer reshard; the per-rank files resume exactly at the same data-parallel layout.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.validation import StrictHandling
+
+from megatron_vlm.config import ModelConfig, TrainableConfig
+from megatron_vlm.conversion.megatron_io import load_model, model_sharded_state_dict, save_model
+
+LATEST = "latest"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist")
+    return path
+
+
+def save_training_checkpoint(
+    root: str | Path,
+    iteration: int,
+    chunks: Sequence[torch.nn.Module],
+    optimizer: Any,
+    scheduler: Any,
+    loader_state: dict[str, Any],
+    model_config: ModelConfig,
+    trainable: TrainableConfig,
+    keep_last: int,
+) -> Path:
+    """Collective. Model (as a model checkpoint), optimizer, scheduler, RNG and loader state."""
+    root = Path(root)
+    final = root / f"iter_{iteration:07d}"
+    temporary = root / f".iter_{iteration:07d}.incomplete"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
+    _barrier()
+    save_model(chunks, temporary / "weights", model_config, trainable,
+               extra={"iteration": iteration, "scheduler": scheduler.state_dict()})
+    model_entries = model_sharded_state_dict(chunks)
+    if _rank() == 0:
+        (temporary / "optimizer").mkdir()
+    _barrier()
+    dist_checkpointing.save(optimizer.sharded_state_dict(model_entries), str(temporary / "optimizer"))
+    torch.save({"rng": rng_state(), "loader": loader_state, "iteration": iteration},
+               temporary / f"rank{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        # The model checkpoint lives at the top of the iteration directory, where tools expect it.
+        for item in (temporary / "weights").iterdir():
+            os.replace(item, temporary / item.name)
+        (temporary / "weights").rmdir()
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        pointer = root / (LATEST + ".tmp")
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / LATEST)
+        for old in sorted(root.glob("iter_*"))[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_training_checkpoint(
+    path: Path,
+    chunks: Sequence[torch.nn.Module],
+    optimizer: Any,
+    scheduler: Any,
+    model_config: ModelConfig,
+    trainable: TrainableConfig,
+) -> tuple[int, dict[str, Any]]:
+    """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns the
+    iteration and this rank's loader state."""
+    metadata = load_model(chunks, path, model_config, trainable)
+    model_entries = model_sharded_state_dict(chunks)
+    optimizer_state = dist_checkpointing.load(
+        optimizer.sharded_state_dict(model_entries, is_loading=True), str(path / "optimizer"),
+        strict=StrictHandling.RAISE_ALL,
+    )
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(metadata["scheduler"])
+    rank_file = path / f"rank{_rank():05d}.pt"
+    if not rank_file.is_file():
+        raise FileNotFoundError(
+            f"{rank_file} is missing: exact resume needs the same number of ranks as the run that saved "
+            f"{path.name} ({parallel_state.get_data_parallel_world_size()} data-parallel now)"
+        )
+    per_rank = torch.load(rank_file, weights_only=False)
+    set_rng_state(per_rank["rng"])
+    return metadata["iteration"], per_rank["loader"]

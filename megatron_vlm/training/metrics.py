@@ -1,0 +1,57 @@
+"""Training metrics: TensorBoard scalars and readable periodic log lines."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import resource
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("megatron_vlm.train")
+
+TENSORBOARD_METRICS = (
+    "loss", "learning_rate", "grad_norm", "tokens_per_second", "images_per_second", "tflops_per_second",
+    "mfu", "memory_gib", "skipped_samples", "skipped_steps",
+)
+
+
+def memory_gib() -> float:
+    """Peak memory of this process: the GPU allocator's peak on GPUs, resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class Metrics:
+    """Writes on one rank (the one holding the loss: last pipeline stage, first TP/DP rank)."""
+
+    def __init__(self, directory: str | Path | None) -> None:
+        self.writer = None
+        if directory is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(directory))
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def log_line(step: int, total: int, values: dict[str, float], seconds_per_step: float) -> str:
+    eta = datetime.timedelta(seconds=int(seconds_per_step * (total - step)))
+    return (
+        f"step {step:>6}/{total} | loss {values['loss']:.4f} | lr {values['learning_rate']:.3e} | "
+        f"grad norm {values['grad_norm']:.3f} | {values['tokens_per_second']:.0f} tok/s | "
+        f"{values['images_per_second']:.1f} img/s | {values['tflops_per_second']:.3f} TFLOP/s | "
+        f"MFU {100 * values['mfu']:.1f}% | mem {values['memory_gib']:.2f} GiB | "
+        f"skipped samples {values['skipped_samples']:.0f}, steps {values['skipped_steps']:.0f} | ETA {eta}"
+    )

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Idefics2 pretraining on Megatron-Core: `sbatch slurm/pretrain_idefics2.sh` on a Slurm cluster,
+# `bash slurm/pretrain_idefics2.sh` anywhere else (same job, launched locally with torchrun).
+#
+#SBATCH --job-name=idefics2-pretrain
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+#SBATCH --output=runs/slurm/%x-%j.out
+#
+# Settings (environment variables, all optional):
+#   CONFIG      run config (default: examples/tiny_cpu.yaml; the 8B presets are
+#               examples/idefics2_8b_stage1.yaml and examples/idefics2_8b_stage2.yaml)
+#   OVERRIDES   config overrides, e.g. "training.lr=1e-4 parallel.tensor_parallel=8"
+#   RUN_DIR     checkpoints/, tensorboard/ and logs (default: runs/<job name>, or runs/tiny locally);
+#               a requeued or resubmitted job with the same RUN_DIR resumes from its latest checkpoint
+#   DATA_ROOT   directory of the mixture's shard directories (default: the config's data.root;
+#               locally with the default config, the bundled dataset is built into runs/data)
+#   NPROC       local runs only: processes to start (default 1)
+#   MASTER_PORT rendezvous port (default: derived from the job id)
+# TP/PP come from the config (parallel.*); DP = tasks / (TP x PP). The trainer refuses impossible
+# layouts and batch sizes before allocating anything, naming the fix.
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+
+CONFIG=${CONFIG:-examples/tiny_cpu.yaml}
+read -r -a overrides <<< "${OVERRIDES:-}"
+
+build_bundled_data() {  # the tiny default trains on the dataset that ships in examples/data
+    local root=$1
+    for name in interleaved pairs pages; do
+        if [[ ! -f "$root/$name/$name.report.json" ]]; then
+            python tools/preprocess_data.py "examples/data/$name.jsonl" --out "$root/$name" --samples-per-shard 4
+        fi
+    done
+}
+
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+    # ---- local: torchrun on this machine (CPU + gloo without a GPU)
+    RUN_DIR=${RUN_DIR:-runs/tiny}
+    if [[ "$CONFIG" == examples/tiny_cpu.yaml && -z "${DATA_ROOT:-}" ]]; then
+        DATA_ROOT=runs/data
+        build_bundled_data "$DATA_ROOT"
+    fi
+    exec python -m torch.distributed.run --standalone --nproc_per_node="${NPROC:-1}" \
+        -m megatron_vlm.train --config "$CONFIG" training.output_dir="$RUN_DIR" \
+        ${DATA_ROOT:+data.root="$DATA_ROOT"} "${overrides[@]}"
+fi
+
+# ---- Slurm: one srun launch, one task per GPU (or per CPU slot on CPU nodes)
+RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}}
+mkdir -p "$RUN_DIR/logs" runs/slurm
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export MASTER_ADDR MASTER_PORT
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+export CUDA_DEVICE_MAX_CONNECTIONS=1           # Megatron: keep TP communication ordered with compute
+export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+if [[ "$CONFIG" == examples/tiny_cpu.yaml && -z "${DATA_ROOT:-}" ]]; then
+    DATA_ROOT=runs/data
+    build_bundled_data "$DATA_ROOT"
+fi
+echo "job $SLURM_JOB_ID: $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES node(s), master $MASTER_ADDR:$MASTER_PORT, config $CONFIG, run dir $RUN_DIR"
+
+# Preemption / time limit: Slurm signals this script (USR1, or TERM on scancel); the trainer gets
+# USR1, writes a checkpoint and exits; the job goes back to the queue and resumes from it.
+requeue() {
+    echo "$(date) signal received: checkpointing and requeueing"
+    kill -USR1 "$srun_pid" 2>/dev/null || true
+    wait "$srun_pid" || true
+    scontrol requeue "$SLURM_JOB_ID" || true
+    exit 0
+}
+trap requeue USR1 TERM
+
+srun --kill-on-bad-exit=1 --output="$RUN_DIR/logs/%j-%t.log" \
+    python -m megatron_vlm.train --config "$CONFIG" training.output_dir="$RUN_DIR" \
+    ${DATA_ROOT:+data.root="$DATA_ROOT"} "${overrides[@]}" &
+srun_pid=$!
+wait "$srun_pid"
