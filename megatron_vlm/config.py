@@ -220,7 +220,9 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     """A run config YAML (see examples/*.yaml) with ``section.key=value`` overrides."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config {path} not found; presets: {sorted(p.name for p in EXAMPLES_DIR.glob('*.yaml'))}")
+        raise FileNotFoundError(
+            f"config {path} not found; presets: {sorted(p.name for p in EXAMPLES_DIR.glob('*.yaml'))}"
+        )
     values = yaml.safe_load(path.read_text()) or {}
     for override in overrides:
         _apply_override(values, override)

@@ -88,18 +88,25 @@ def save_training_checkpoint(
     temporary = root / f".iter_{iteration:07d}.incomplete"
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(temporary, ignore_errors=True)
+        for stale in root.glob(".iter_*.incomplete"):  # left by writes that were cut off
+            shutil.rmtree(stale, ignore_errors=True)
         temporary.mkdir()
     _barrier()
-    save_model(chunks, temporary / "weights", model_config, trainable,
-               extra={"iteration": iteration, "scheduler": scheduler.state_dict()})
+    save_model(
+        chunks,
+        temporary / "weights",
+        model_config,
+        trainable,
+        extra={"iteration": iteration, "scheduler": scheduler.state_dict()},
+    )
     model_entries = model_sharded_state_dict(chunks)
     if _rank() == 0:
         (temporary / "optimizer").mkdir()
     _barrier()
     dist_checkpointing.save(optimizer.sharded_state_dict(model_entries), str(temporary / "optimizer"))
-    torch.save({"rng": rng_state(), "loader": loader_state, "iteration": iteration},
-               temporary / f"rank{_rank():05d}.pt")
+    torch.save(
+        {"rng": rng_state(), "loader": loader_state, "iteration": iteration}, temporary / f"rank{_rank():05d}.pt"
+    )
     _barrier()
     if _rank() == 0:
         # The model checkpoint lives at the top of the iteration directory, where tools expect it.
@@ -131,7 +138,8 @@ def load_training_checkpoint(
     metadata = load_model(chunks, path, model_config, trainable)
     model_entries = model_sharded_state_dict(chunks)
     optimizer_state = dist_checkpointing.load(
-        optimizer.sharded_state_dict(model_entries, is_loading=True), str(path / "optimizer"),
+        optimizer.sharded_state_dict(model_entries, is_loading=True),
+        str(path / "optimizer"),
         strict=StrictHandling.RAISE_ALL,
     )
     optimizer.load_state_dict(optimizer_state)

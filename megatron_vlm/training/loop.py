@@ -29,7 +29,15 @@ from megatron_vlm.training.metrics import Metrics, log_line, logger, memory_gib
 from megatron_vlm.training.preemption import PreemptionHandler
 from megatron_vlm.training.step import build_optimizer, train_step, wrap_ddp
 
-MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "labels", "loss_mask")
+MODEL_INPUTS = (
+    "input_ids",
+    "position_ids",
+    "attention_mask",
+    "pixel_values",
+    "pixel_attention_mask",
+    "labels",
+    "loss_mask",
+)
 
 
 def check_batch_layout(run: RunConfig, world_size: int) -> int:
@@ -68,42 +76,71 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         load_starting_weights(chunks, training.load_weights, run)
     apply_trainable(chunks, run.trainable, seed=training.seed)
     model = wrap_ddp(chunks, training.distributed_optimizer, training.overlap_grad_reduce)
-    optimizer = build_optimizer(model, OptimizerConfig(
-        optimizer="adam", lr=training.lr, min_lr=training.min_lr, weight_decay=training.weight_decay,
-        adam_beta1=training.adam_beta1, adam_beta2=training.adam_beta2, adam_eps=training.adam_eps,
-        clip_grad=training.clip_grad, bf16=run.precision.params_dtype == "bfloat16",
-        params_dtype=torch_dtype(run.precision.params_dtype),
-        use_distributed_optimizer=training.distributed_optimizer,
-    ))
+    optimizer = build_optimizer(
+        model,
+        OptimizerConfig(
+            optimizer="adam",
+            lr=training.lr,
+            min_lr=training.min_lr,
+            weight_decay=training.weight_decay,
+            adam_beta1=training.adam_beta1,
+            adam_beta2=training.adam_beta2,
+            adam_eps=training.adam_eps,
+            clip_grad=training.clip_grad,
+            bf16=run.precision.params_dtype == "bfloat16",
+            params_dtype=torch_dtype(run.precision.params_dtype),
+            use_distributed_optimizer=training.distributed_optimizer,
+        ),
+    )
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=training.lr, min_lr=training.min_lr,
-        lr_warmup_steps=training.warmup_steps, lr_decay_steps=training.train_steps,
-        lr_decay_style=training.lr_decay, start_wd=training.weight_decay, end_wd=training.weight_decay,
-        wd_incr_steps=training.train_steps, wd_incr_style="constant",
+        optimizer,
+        init_lr=0.0,
+        max_lr=training.lr,
+        min_lr=training.min_lr,
+        lr_warmup_steps=training.warmup_steps,
+        lr_decay_steps=training.train_steps,
+        lr_decay_style=training.lr_decay,
+        start_wd=training.weight_decay,
+        end_wd=training.weight_decay,
+        wd_incr_steps=training.train_steps,
+        wd_incr_style="constant",
     )
 
     # --- data: this data-parallel rank's share of the mixture
     tokenizer = load_tokenizer()
     if image_token_ids(tokenizer)["<image>"] != run.model.image_token_id:
         raise ValueError("the tokenizer's <image> id differs from the model's image_token_id")
-    data_config = load_data_config(run.data.mixture, run.data.root, micro_batch_size=run.data.micro_batch_size,
-                                   image_backend=run.data.image_backend, seed=training.seed)
+    data_config = load_data_config(
+        run.data.mixture,
+        run.data.root,
+        micro_batch_size=run.data.micro_batch_size,
+        image_backend=run.data.image_backend,
+        seed=training.seed,
+    )
     loader = MultimodalLoader(
-        data_config, tokenizer, run.model.connector.num_latents, run.model.image_token_id,
-        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+        data_config,
+        tokenizer,
+        run.model.connector.num_latents,
+        run.model.image_token_id,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
     )
 
     # --- resume
     iteration = 0
     if resume_from is not None:
         iteration, loader_state = checkpoint.load_training_checkpoint(
-            resume_from, chunks, optimizer, scheduler, run.model, run.trainable)
+            resume_from, chunks, optimizer, scheduler, run.model, run.trainable
+        )
         loader.load_state_dict(loader_state)
-        logger.info("resumed from %s at step %d", resume_from, iteration)
+        if env.rank == 0:
+            logger.info("resumed from %s at step %d", resume_from, iteration)
 
-    reports = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-               and parallel_state.get_tensor_model_parallel_rank() == 0
-               and parallel_state.get_data_parallel_rank() == 0)
+    reports = (
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
     metrics = Metrics(output / "tensorboard" if reports else None)
     preemption = PreemptionHandler()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,9 +148,15 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     if env.rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "run_config.json").write_text(json.dumps(to_dict(run), indent=2, default=str))
-        logger.info("training for %d steps on %d ranks: %d micro-batches of %d per step and data-parallel rank; "
-                    "matmul peak %.3f TFLOP/s per rank", training.train_steps, env.world_size,
-                    micro_batches_per_step, run.data.micro_batch_size, peak_tflops)
+        logger.info(
+            "training for %d steps on %d ranks: %d micro-batches of %d per step and data-parallel rank; "
+            "matmul peak %.3f TFLOP/s per rank",
+            training.train_steps,
+            env.world_size,
+            micro_batches_per_step,
+            run.data.micro_batch_size,
+            peak_tflops,
+        )
 
     # --- steps
     skipped_steps, window_start, window = 0, time.perf_counter(), dict(tokens=0.0, images=0.0, flops=0.0, steps=0)
@@ -125,10 +168,14 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
             scheduler.step(increment=1)
         else:
             skipped_steps += 1
-            logger.warning("step %d: non-finite loss or gradients, update skipped (%d so far)", iteration + 1, skipped_steps)
+            logger.warning(
+                "step %d: non-finite loss or gradients, update skipped (%d so far)", iteration + 1, skipped_steps
+            )
             if skipped_steps > training.max_nonfinite_steps:
-                raise RuntimeError(f"{skipped_steps} steps with NaN/Inf loss or gradients (limit "
-                                   f"{training.max_nonfinite_steps}): lower the learning rate or check the data")
+                raise RuntimeError(
+                    f"{skipped_steps} steps with NaN/Inf loss or gradients (limit "
+                    f"{training.max_nonfinite_steps}): lower the learning rate or check the data"
+                )
         iteration += 1
         window["tokens"] += sum(b["num_tokens"] for b in batches)
         window["images"] += sum(b["num_images"] for b in batches)
@@ -141,10 +188,15 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
             elapsed = time.perf_counter() - window_start
             achieved = totals[2].item() / elapsed / 1e12  # model FLOPs of all data-parallel replicas
             last = {
-                "loss": step["loss"], "learning_rate": optimizer.param_groups[0]["lr"], "grad_norm": step["grad_norm"],
-                "tokens_per_second": totals[0].item() / elapsed, "images_per_second": totals[1].item() / elapsed,
-                "tflops_per_second": achieved, "mfu": achieved / (peak_tflops * env.world_size),
-                "memory_gib": memory_gib(), "skipped_samples": float(sum(loader.skipped.values())),
+                "loss": step["loss"],
+                "learning_rate": optimizer.param_groups[0]["lr"],
+                "grad_norm": step["grad_norm"],
+                "tokens_per_second": totals[0].item() / elapsed,
+                "images_per_second": totals[1].item() / elapsed,
+                "tflops_per_second": achieved,
+                "mfu": achieved / (peak_tflops * env.world_size),
+                "memory_gib": memory_gib(),
+                "skipped_samples": float(sum(loader.skipped.values())),
                 "skipped_steps": float(skipped_steps),
             }
             metrics.write(iteration, last)
@@ -155,8 +207,16 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         preempted = preemption.requested()
         if iteration % training.save_interval == 0 or iteration == training.train_steps or preempted:
             path = checkpoint.save_training_checkpoint(
-                checkpoints, iteration, chunks, optimizer, scheduler, loader.state_dict(), run.model,
-                run.trainable, training.keep_last)
+                checkpoints,
+                iteration,
+                chunks,
+                optimizer,
+                scheduler,
+                loader.state_dict(),
+                run.model,
+                run.trainable,
+                training.keep_last,
+            )
             if env.rank == 0:
                 logger.info("saved %s", path)
         if preempted:
@@ -172,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_vlm.config import load_run_config
 
-    parser = argparse.ArgumentParser(description="Idefics2 pretraining on Megatron-Core",
-                                     epilog="example: python -m megatron_vlm.train --config examples/tiny_cpu.yaml training.lr=1e-3")
+    parser = argparse.ArgumentParser(
+        description="Idefics2 pretraining on Megatron-Core",
+        epilog="example: python -m megatron_vlm.train --config examples/tiny_cpu.yaml training.lr=1e-3",
+    )
     parser.add_argument("--config", required=True, help="run config YAML (examples/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.train_steps=10")
     args = parser.parse_args(argv)
@@ -184,5 +246,3 @@ def main(argv: list[str] | None = None) -> int:
     result = pretrain(run)
     logger.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
     return 0
-
-

@@ -12,8 +12,16 @@ import torch
 logger = logging.getLogger("megatron_vlm.train")
 
 TENSORBOARD_METRICS = (
-    "loss", "learning_rate", "grad_norm", "tokens_per_second", "images_per_second", "tflops_per_second",
-    "mfu", "memory_gib", "skipped_samples", "skipped_steps",
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_second",
+    "images_per_second",
+    "tflops_per_second",
+    "mfu",
+    "memory_gib",
+    "skipped_samples",
+    "skipped_steps",
 )
 
 

@@ -166,4 +166,8 @@ def train_step(
         loss /= parallel_state.get_data_parallel_world_size()
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     torch.distributed.broadcast(loss, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    return {"loss": float(loss[0]), "grad_norm": float(grad_norm if grad_norm is not None else 0.0), "updated": bool(updated)}
+    return {
+        "loss": float(loss[0]),
+        "grad_norm": float(grad_norm if grad_norm is not None else 0.0),
+        "updated": bool(updated),
+    }

@@ -1,0 +1,152 @@
+"""The trainer on real processes: loss falls on the bundled data, every metric reaches TensorBoard,
+a SIGKILLed 2-process run resumes bit for bit, and impossible layouts are refused up front."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from parity import free_port
+
+from megatron_vlm.data.preprocess import preprocess
+from megatron_vlm.training.metrics import TENSORBOARD_METRICS
+
+pytestmark = pytest.mark.multiprocess
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "data"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for name in ("interleaved", "pairs", "pages"):
+        preprocess([DATA / f"{name}.jsonl"], root / name, samples_per_shard=4, progress=False)
+    return root
+
+
+def train_command(processes, output, data_root, *overrides):
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        f"--master_port={free_port()}",
+        "-m",
+        "megatron_vlm.train",
+        "--config",
+        str(ROOT / "examples/tiny_cpu.yaml"),
+        f"training.output_dir={output}",
+        f"data.root={data_root}",
+        *overrides,
+    ]
+
+
+def environment():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("MASTER_PORT", None)
+    return env
+
+
+def run(command, timeout=900):
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment(), cwd=ROOT)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return done.stdout
+
+
+def scalars(tensorboard_dir, name):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {event.step: event.value for event in accumulator.Scalars(f"train/{name}")}
+
+
+def test_tiny_run_learns_and_reports_every_metric(data_root, tmp_path):
+    output = run(
+        train_command(
+            1,
+            tmp_path / "run",
+            data_root,
+            "training.train_steps=30",
+            "training.log_interval=3",
+            "training.save_interval=30",
+        )
+    )
+    assert "step     30/30" in output and "ETA" in output and "MFU" in output
+    losses = scalars(tmp_path / "run" / "tensorboard", "loss")
+    first, last = losses[min(losses)], losses[max(losses)]
+    assert last < first - 1.0, losses  # from ~ln(32003) = 10.4, clearly down
+    for name in TENSORBOARD_METRICS:
+        values = scalars(tmp_path / "run" / "tensorboard", name)
+        assert sorted(values) == list(range(3, 31, 3)), name
+    rates = scalars(tmp_path / "run" / "tensorboard", "learning_rate")
+    assert rates[6] > rates[30] and rates[30] == pytest.approx(2e-4, rel=1e-3)  # warm-up, then cosine down to min
+    assert scalars(tmp_path / "run" / "tensorboard", "tokens_per_second")[30] > 0
+    assert 0 < scalars(tmp_path / "run" / "tensorboard", "mfu")[30] < 1
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "iter_0000030"
+
+
+def kill_everything_running(output):
+    """SIGKILL every process whose command line names this run's output directory (torchrun starts
+    its workers in sessions of their own, so a process-group kill would miss them)."""
+    import psutil
+
+    victims = [
+        p for p in psutil.process_iter(["cmdline"]) if any(str(output) in part for part in p.info["cmdline"] or [])
+    ]
+    for victim in victims:
+        victim.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=30)
+    assert len(victims) >= 3  # torchrun + 2 ranks
+
+
+def test_killed_two_process_run_resumes_bit_for_bit(data_root, tmp_path):
+    steps = ["training.train_steps=8", "training.save_interval=4", "training.log_interval=1"]
+    run(train_command(2, tmp_path / "whole", data_root, *steps))
+    reference = scalars(tmp_path / "whole" / "tensorboard", "loss")
+
+    process = subprocess.Popen(
+        train_command(2, tmp_path / "cut", data_root, *steps),
+        env=environment(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    latest = tmp_path / "cut" / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while not (latest.is_file() and latest.read_text().strip() == "iter_0000004"):
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.2)
+    kill_everything_running(tmp_path / "cut")  # the launcher and every rank, mid-training
+    process.wait()
+    # A checkpoint write that was cut off leaves only a temporary directory behind.
+    (tmp_path / "cut" / "checkpoints" / ".iter_0000006.incomplete" / "model").mkdir(parents=True)
+
+    output = run(train_command(2, tmp_path / "cut", data_root, *steps))
+    assert "resumed from" in output and "iter_0000004 at step 4" in output
+    resumed = scalars(tmp_path / "cut" / "tensorboard", "loss")
+    for step in range(5, 9):
+        assert resumed[step] == reference[step], (step, resumed[step], reference[step])
+    assert not list((tmp_path / "cut" / "checkpoints").glob(".iter_*"))  # the stale write was cleared
+    assert reference[8] != reference[5]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fix"),
+    [
+        (["parallel.tensor_parallel=3"], "choose TP from"),
+        (["training.global_batch_size=3"], "use a multiple of 2"),
+        (["parallel.pipeline_parallel=8"], "not divisible by TP\\*PP"),
+    ],
+)
+def test_impossible_layouts_are_refused_before_allocation(data_root, tmp_path, overrides, fix):
+    import re
+
+    with pytest.raises(RuntimeError) as error:
+        run(train_command(1, tmp_path / "bad", data_root, *overrides), timeout=300)
+    assert re.search(fix, str(error.value))
+    assert not (tmp_path / "bad" / "checkpoints").exists()
