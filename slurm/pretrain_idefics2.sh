@@ -68,8 +68,9 @@ if [[ "$CONFIG" == examples/tiny_cpu.yaml && -z "${DATA_ROOT:-}" ]]; then
 fi
 echo "job $SLURM_JOB_ID: $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES node(s), master $MASTER_ADDR:$MASTER_PORT, config $CONFIG, run dir $RUN_DIR"
 
-# Preemption / time limit: Slurm signals this script (USR1, or TERM on scancel); the trainer gets
-# USR1, writes a checkpoint and exits; the job goes back to the queue and resumes from it.
+# Time limit: Slurm sends USR1 to this script 5 minutes before (--signal=B:USR1@300); srun passes
+# it to the trainers, which write a checkpoint and exit; the job is requeued and resumes from it.
+# Preemption or `scancel --signal=TERM`: the trainers get SIGTERM themselves and do the same.
 requeue() {
     echo "$(date) signal received: checkpointing and requeueing"
     kill -USR1 "$srun_pid" 2>/dev/null || true
@@ -77,7 +78,7 @@ requeue() {
     scontrol requeue "$SLURM_JOB_ID" || true
     exit 0
 }
-trap requeue USR1 TERM
+trap requeue USR1
 
 srun --kill-on-bad-exit=1 --output="$RUN_DIR/logs/%j-%t.log" \
     python -m megatron_vlm.train --config "$CONFIG" training.output_dir="$RUN_DIR" \

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# A one-node Slurm cluster on localhost for tests and CI (Debian's slurm-wlm + munge, as root).
+#   slurm/local_cluster.sh start DIR   install if needed, write DIR/slurm.conf, start munged,
+#                                      slurmctld and slurmd; prints `export SLURM_CONF=...`
+#   slurm/local_cluster.sh stop DIR    stop the daemons started by `start`
+set -euo pipefail
+action=${1:?start or stop}
+dir=$(realpath -m "${2:?state directory}")
+node=$(hostname)
+
+if [[ $action == stop ]]; then
+    for name in slurmd slurmctld; do
+        [[ -f "$dir/$name.pid" ]] && kill "$(cat "$dir/$name.pid")" 2>/dev/null || true
+    done
+    [[ -f "$dir/munged.pid" ]] && kill "$(cat "$dir/munged.pid")" 2>/dev/null || true
+    exit 0
+fi
+
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+fi
+mkdir -p "$dir/spool/ctld" "$dir/spool/d" /run/munge
+chown munge:munge /run/munge
+if ! pgrep -x munged >/dev/null; then
+    runuser -u munge -- munged
+    pgrep -x munged > "$dir/munged.pid"
+fi
+cpus=$(nproc)
+memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
+cat > "$dir/slurm.conf" <<CONF
+ClusterName=local
+SlurmctldHost=$node(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+StateSaveLocation=$dir/spool/ctld
+SlurmdSpoolDir=$dir/spool/d
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/slurmctld.log
+SlurmdLogFile=$dir/slurmd.log
+SlurmctldPort=6817
+SlurmdPort=6818
+NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
+PartitionName=local Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+CONF
+export SLURM_CONF=$dir/slurm.conf
+slurmctld -f "$SLURM_CONF"
+slurmd -f "$SLURM_CONF"
+for _ in $(seq 1 60); do
+    if sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then
+        echo "export SLURM_CONF=$SLURM_CONF"
+        exit 0
+    fi
+    sleep 1
+done
+echo "the local Slurm cluster did not come up; see $dir/slurmctld.log and $dir/slurmd.log" >&2
+exit 1

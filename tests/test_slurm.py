@@ -1,0 +1,129 @@
+"""`sbatch slurm/pretrain_idefics2.sh` on a real one-node Slurm cluster (2 CPU tasks, gloo):
+the job completes and checkpoints; a SIGTERM makes it save, and the next submission resumes."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """The cluster .ci/run started (SLURM_CONF), or one started here for this module."""
+    if os.environ.get("SLURM_CONF"):
+        yield os.environ["SLURM_CONF"]
+        return
+    state = tmp_path_factory.mktemp("slurm")
+    subprocess.run(["bash", str(ROOT / "slurm/local_cluster.sh"), "start", str(state)], check=True, timeout=600)
+    yield str(state / "slurm.conf")
+    subprocess.run(["bash", str(ROOT / "slurm/local_cluster.sh"), "stop", str(state)], check=False, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from megatron_vlm.data.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("data")
+    for name in ("interleaved", "pairs", "pages"):
+        preprocess([ROOT / "examples" / "data" / f"{name}.jsonl"], root / name, samples_per_shard=4, progress=False)
+    return root
+
+
+def submit(slurm, run_dir, data_root, overrides):
+    run_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the --output directory
+    env = {
+        **os.environ,
+        "SLURM_CONF": slurm,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    env.pop("MASTER_PORT", None)
+    done = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=1",
+            "--ntasks=2",
+            "--ntasks-per-node=2",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            "--time=30",
+            f"--output={run_dir}/slurm-%j.out",
+            f"--export=ALL,RUN_DIR={run_dir},DATA_ROOT={data_root},OVERRIDES={overrides}",
+            str(ROOT / "slurm/pretrain_idefics2.sh"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
+    return done.stdout.strip().split(";")[0], env
+
+
+def job_state(job, env):
+    done = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=env)
+    match = re.search(r"JobState=(\w+)", done.stdout)
+    return match.group(1) if match else "GONE"
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def test_sbatch_trains_and_checkpoints(slurm, data_root, tmp_path):
+    job, env = submit(
+        slurm, tmp_path / "run", data_root, "training.train_steps=6 training.save_interval=3 training.log_interval=1"
+    )
+    wait_for(lambda: job_state(job, env) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"), 600, "the job")
+    output = (tmp_path / "run" / f"slurm-{job}.out").read_text()
+    assert job_state(job, env) in ("COMPLETED", "GONE"), output
+    assert "2 tasks on 1 node(s)" in output
+    logs = "".join(p.read_text() for p in (tmp_path / "run" / "logs").glob("*.log"))
+    assert "step      6/6" in logs
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
+
+
+def test_sigterm_saves_and_the_next_submission_resumes(slurm, data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = "training.train_steps=400 training.save_interval=1000 training.log_interval=1"
+    job, env = submit(slurm, run_dir, data_root, overrides)
+    logs = run_dir / "logs"
+    wait_for(
+        lambda: logs.is_dir() and any("step      2/400" in p.read_text() for p in logs.glob("*.log")), 600, "training"
+    )
+    subprocess.run(["scancel", "--signal=TERM", job], check=True, env=env)  # to the tasks, as preemption does
+    latest = run_dir / "checkpoints" / "latest"
+    wait_for(latest.is_file, 300, "the preemption checkpoint")
+    saved = int(latest.read_text().strip().removeprefix("iter_"))
+    assert 2 <= saved < 400
+    wait_for(lambda: job_state(job, env) in ("COMPLETED", "GONE"), 300, "the job to end cleanly")
+    text = "".join(p.read_text() for p in logs.glob("*.log"))
+    assert f"preempted at step {saved}" in text
+
+    resumed, _ = submit(
+        slurm,
+        run_dir,
+        data_root,
+        f"training.train_steps={saved + 3} training.save_interval=1000 training.log_interval=1",
+    )
+    wait_for(
+        lambda: job_state(resumed, env) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"),
+        600,
+        "the resumed job",
+    )
+    text = "".join(p.read_text() for p in logs.glob(f"{resumed}-*.log"))
+    assert f"resumed from {run_dir / 'checkpoints' / f'iter_{saved:07d}'} at step {saved}" in text
+    assert latest.read_text().strip() == f"iter_{saved + 3:07d}"
