@@ -4,8 +4,11 @@
       latest                  name of the newest complete checkpoint (written last, atomically)
       iter_0000200/
         model/, megatron_vlm.json   a model checkpoint (conversion.megatron_io): any layout loads it
-        optimizer/                  optimizer state (dist_checkpointing, from the model's entries)
-        rank00000.pt ...            per-rank state: RNG generators and the data loader's position
+        optimizer/                  optimizer state: dist_checkpointing from the model's entries, or,
+                                    with the distributed optimizer, one file per TP x PP rank with
+                                    the state gathered over data parallelism
+        rank00000.pt ...            per-rank state: RNG generators, the data loader's position, and
+                                    the distributed optimizer's own (non-parameter) state
 
 A checkpoint is written into ``.iter_XXXXXXX.incomplete`` and renamed when every rank is done; a
 kill during the write leaves the previous checkpoint and ``latest`` untouched. The model and the
@@ -31,6 +34,21 @@ from megatron_vlm.config import ModelConfig, TrainableConfig
 from megatron_vlm.conversion.megatron_io import load_model, model_sharded_state_dict, save_model
 
 LATEST = "latest"
+
+
+def _distributed(optimizer: Any) -> bool:
+    """Megatron-Core 0.16's dist_checkpointing of the distributed optimizer's state fails without
+    apex/TE (flattened ranges; Adam 'step' entries), so that state is saved the way Megatron-LM's
+    non-dist-ckpt path does: gathered over data parallelism, one file per TP x PP rank."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _optimizer_file(directory: Path) -> Path:
+    tp = parallel_state.get_tensor_model_parallel_rank()
+    pp = parallel_state.get_pipeline_model_parallel_rank()
+    return directory / f"distributed_tp{tp:03d}_pp{pp:03d}.pt"
 
 
 def _rank() -> int:
@@ -103,10 +121,13 @@ def save_training_checkpoint(
     if _rank() == 0:
         (temporary / "optimizer").mkdir()
     _barrier()
-    dist_checkpointing.save(optimizer.sharded_state_dict(model_entries), str(temporary / "optimizer"))
-    torch.save(
-        {"rng": rng_state(), "loader": loader_state, "iteration": iteration}, temporary / f"rank{_rank():05d}.pt"
-    )
+    per_rank = {"rng": rng_state(), "loader": loader_state, "iteration": iteration}
+    if _distributed(optimizer):
+        optimizer.save_parameter_state(str(_optimizer_file(temporary / "optimizer")))
+        per_rank["optimizer"] = optimizer.state_dict()
+    else:
+        dist_checkpointing.save(optimizer.sharded_state_dict(model_entries), str(temporary / "optimizer"))
+    torch.save(per_rank, temporary / f"rank{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
         # The model checkpoint lives at the top of the iteration directory, where tools expect it.
@@ -136,14 +157,6 @@ def load_training_checkpoint(
     """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns the
     iteration and this rank's loader state."""
     metadata = load_model(chunks, path, model_config, trainable)
-    model_entries = model_sharded_state_dict(chunks)
-    optimizer_state = dist_checkpointing.load(
-        optimizer.sharded_state_dict(model_entries, is_loading=True),
-        str(path / "optimizer"),
-        strict=StrictHandling.RAISE_ALL,
-    )
-    optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(metadata["scheduler"])
     rank_file = path / f"rank{_rank():05d}.pt"
     if not rank_file.is_file():
         raise FileNotFoundError(
@@ -151,5 +164,18 @@ def load_training_checkpoint(
             f"{path.name} ({parallel_state.get_data_parallel_world_size()} data-parallel now)"
         )
     per_rank = torch.load(rank_file, weights_only=False)
+    if _distributed(optimizer):
+        if "optimizer" not in per_rank:
+            raise ValueError(f"{path.name} was saved without the distributed optimizer; resume with it off")
+        optimizer.load_state_dict(per_rank["optimizer"])
+        optimizer.load_parameter_state(str(_optimizer_file(path / "optimizer")))
+    else:
+        optimizer_state = dist_checkpointing.load(
+            optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=True),
+            str(path / "optimizer"),
+            strict=StrictHandling.RAISE_ALL,
+        )
+        optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(metadata["scheduler"])
     set_rng_state(per_rank["rng"])
     return metadata["iteration"], per_rank["loader"]
