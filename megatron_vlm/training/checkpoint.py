@@ -4,11 +4,10 @@
       latest                  name of the newest complete checkpoint (written last, atomically)
       iter_0000200/
         model/, megatron_vlm.json   a model checkpoint (conversion.megatron_io): any layout loads it
-        optimizer/                  optimizer state: dist_checkpointing from the model's entries, or,
-                                    with the distributed optimizer, one file per TP x PP rank with
-                                    the state gathered over data parallelism
+        optimizer/                  optimizer state (dist_checkpointing, from the model's entries);
+                                    empty with the distributed optimizer, whose shards are per rank
         rank00000.pt ...            per-rank state: RNG generators, the data loader's position, and
-                                    the distributed optimizer's own (non-parameter) state
+                                    this rank's shard of the distributed optimizer
 
 A checkpoint is written into ``.iter_XXXXXXX.incomplete`` and renamed when every rank is done; a
 kill during the write leaves the previous checkpoint and ``latest`` untouched. The model and the
@@ -36,19 +35,47 @@ from megatron_vlm.conversion.megatron_io import load_model, model_sharded_state_
 LATEST = "latest"
 
 
+def _parts(optimizer: Any) -> list[Any]:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _distributed(optimizer: Any) -> bool:
-    """Megatron-Core 0.16's dist_checkpointing of the distributed optimizer's state fails without
-    apex/TE (flattened ranges; Adam 'step' entries), so that state is saved the way Megatron-LM's
-    non-dist-ckpt path does: gathered over data parallelism, one file per TP x PP rank."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+    return any(isinstance(part, DistributedOptimizer) for part in _parts(optimizer))
 
 
-def _optimizer_file(directory: Path) -> Path:
-    tp = parallel_state.get_tensor_model_parallel_rank()
-    pp = parallel_state.get_pipeline_model_parallel_rank()
-    return directory / f"distributed_tp{tp:03d}_pp{pp:03d}.pt"
+def distributed_optimizer_state(optimizer: Any) -> list[dict[str, Any]]:
+    """This rank's shard of the distributed optimizer: the inner torch optimizer's state (moments,
+    steps) and the fp32 main copies of low-precision parameters.
+
+    Megatron-Core 0.16's own ways fail without apex/TE: dist_checkpointing rejects flattened
+    ranges, and the DP-gathered parameter-state file cannot be read back (it drops torch Adam's
+    per-parameter 'step'). Saved per rank, the shard resumes exactly at the same layout.
+    """
+    return [
+        {
+            "inner": part.optimizer.state_dict(),
+            "main": [
+                p.detach().clone() for group in getattr(part, "shard_fp32_from_float16_groups", []) for p in group
+            ],
+        }
+        for part in _parts(optimizer)
+    ]
+
+
+@torch.no_grad()
+def load_distributed_optimizer_state(optimizer: Any, state: list[dict[str, Any]]) -> None:
+    parts = _parts(optimizer)
+    if len(parts) != len(state):
+        raise ValueError(f"optimizer has {len(parts)} parts, the checkpoint {len(state)}: not the same run layout")
+    for part, saved in zip(parts, state, strict=True):
+        part.optimizer.load_state_dict(saved["inner"])
+        mains = [p for group in getattr(part, "shard_fp32_from_float16_groups", []) for p in group]
+        if len(mains) != len(saved["main"]):
+            raise ValueError("the distributed optimizer's shards differ from the checkpoint's: not the same layout")
+        for main, value in zip(mains, saved["main"], strict=True):
+            main.copy_(value)
 
 
 def _rank() -> int:
@@ -123,8 +150,7 @@ def save_training_checkpoint(
     _barrier()
     per_rank = {"rng": rng_state(), "loader": loader_state, "iteration": iteration}
     if _distributed(optimizer):
-        optimizer.save_parameter_state(str(_optimizer_file(temporary / "optimizer")))
-        per_rank["optimizer"] = optimizer.state_dict()
+        per_rank["optimizer"] = distributed_optimizer_state(optimizer)
     else:
         dist_checkpointing.save(optimizer.sharded_state_dict(model_entries), str(temporary / "optimizer"))
     torch.save(per_rank, temporary / f"rank{_rank():05d}.pt")
@@ -167,8 +193,7 @@ def load_training_checkpoint(
     if _distributed(optimizer):
         if "optimizer" not in per_rank:
             raise ValueError(f"{path.name} was saved without the distributed optimizer; resume with it off")
-        optimizer.load_state_dict(per_rank["optimizer"])
-        optimizer.load_parameter_state(str(_optimizer_file(path / "optimizer")))
+        load_distributed_optimizer_state(optimizer, per_rank["optimizer"])
     else:
         optimizer_state = dist_checkpointing.load(
             optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=True),

@@ -45,6 +45,10 @@ def check_batch_layout(run: RunConfig, world_size: int) -> int:
     parallel = run.parallel
     data_parallel = world_size // (parallel.tensor_parallel * parallel.pipeline_parallel)
     per_step = run.data.micro_batch_size * data_parallel
+    if not 0 <= run.training.warmup_steps < run.training.train_steps:
+        raise ValueError(
+            f"warmup_steps={run.training.warmup_steps} must be smaller than train_steps={run.training.train_steps}"
+        )
     if run.training.global_batch_size % per_step:
         raise ValueError(
             f"global batch {run.training.global_batch_size} is not divisible by micro batch "
