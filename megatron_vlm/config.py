@@ -102,6 +102,7 @@ class ParallelConfig:
     # Decoder layers on pipeline stage 0, which also runs vision + connector (None: even split).
     decoder_layers_in_first_stage: int | None = None
     sequence_parallel: bool = False  # needs TE/apex norms: GPU path only
+    recompute: str = "none"  # activations: none | selective (attention cores) | full (every layer)
 
 
 @dataclass
@@ -141,6 +142,12 @@ def from_dict(cls: type[T], values: dict[str, Any] | None) -> T:
             value = from_dict(default, value)
         elif isinstance(value, list):
             value = tuple(value)
+        elif isinstance(known[name].default, float) and isinstance(value, int | str) and not isinstance(value, bool):
+            # YAML reads 1e-4 (no dot) as a string: numbers are numbers here.
+            try:
+                value = float(value)
+            except ValueError as error:
+                raise ValueError(f"{cls.__name__}.{name}: {value!r} is not a number") from error
         kwargs[name] = value
     return cls(**kwargs)
 

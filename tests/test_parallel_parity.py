@@ -15,6 +15,9 @@ LAYOUTS = {
     "pp2vpp2": (2, ["--tp", "1", "--pp", "2", "--vpp", "2"]),
     # One data-parallel rank has images, the other none: overlapped reduction must not wait forever.
     "dp2-skewed": (2, ["--dp-split", "--distributed-optimizer", "--overlap-grad-reduce"]),
+    # Activation recompute changes memory, not math.
+    "tp1pp1-full-recompute": (1, ["--recompute", "full"]),
+    "tp2pp2-selective-recompute": (4, ["--tp", "2", "--pp", "2", "--recompute", "selective"]),
     "tp1pp1-lora": (1, ["--tp", "1", "--pp", "1", "--lora"]),
     "tp2pp2-lora": (4, ["--tp", "2", "--pp", "2", "--lora"]),
 }
@@ -46,6 +49,8 @@ def test_logits_match_hf(results, layout):
         ("tp2pp2", "tp1pp1"),
         ("pp2vpp2", "tp1pp1"),
         ("dp2-skewed", "tp1pp1"),
+        ("tp1pp1-full-recompute", "tp1pp1"),
+        ("tp2pp2-selective-recompute", "tp1pp1"),
         ("tp2pp2-lora", "tp1pp1-lora"),
     ],
 )

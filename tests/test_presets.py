@@ -64,3 +64,20 @@ def test_8b_parameter_count_equals_transformers(megatron_single_process):
     # With the vocabulary padded to a multiple of 128, embedding and output gain the pad rows only.
     pad_rows = config.padded_vocab_size - config.text.vocab_size
     assert sum(p.numel() for p in padded.parameters()) == hf_count + 2 * pad_rows * config.text.hidden_size
+
+
+def test_run_config_overrides_and_numbers(tmp_path):
+    from megatron_vlm.config import load_run_config
+
+    run = load_run_config(
+        "examples/tiny_cpu.yaml", ["training.lr=3e-4", "training.train_steps=7", "parallel.recompute=full"]
+    )
+    assert run.training.lr == 3e-4 and isinstance(run.training.lr, float)
+    assert run.training.train_steps == 7 and run.parallel.recompute == "full"
+    with pytest.raises(ValueError, match="TrainingConfig.lr: 'fast' is not a number"):
+        load_run_config("examples/tiny_cpu.yaml", ["training.lr=fast"])
+    with pytest.raises(ValueError, match="is not KEY=VALUE"):
+        load_run_config("examples/tiny_cpu.yaml", ["training.lr"])
+    for preset in ("idefics2_8b_stage1", "idefics2_8b_stage2"):
+        run = load_run_config(f"examples/{preset}.yaml")
+        assert run.model.text.num_layers == 32 and run.trainable.lora_rank == 16

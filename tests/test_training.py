@@ -106,8 +106,12 @@ def kill_everything_running(output):
 
 @pytest.mark.parametrize(
     "optimizer",
-    [[], ["training.distributed_optimizer=true", "training.overlap_grad_reduce=true"]],
-    ids=["adam", "distributed-adam-overlapped"],
+    [
+        [],
+        ["training.distributed_optimizer=true", "training.overlap_grad_reduce=true"],
+        ["precision.params_dtype=bfloat16"],
+    ],
+    ids=["adam", "distributed-adam-overlapped", "bf16"],
 )
 def test_killed_two_process_run_resumes_bit_for_bit(data_root, tmp_path, optimizer):
     steps = ["training.train_steps=8", "training.save_interval=4", "training.log_interval=1", *optimizer]
@@ -138,7 +142,7 @@ def test_killed_two_process_run_resumes_bit_for_bit(data_root, tmp_path, optimiz
         assert resumed[step] == reference[step], (step, resumed[step], reference[step])
     assert not list((tmp_path / "cut" / "checkpoints").glob(".iter_*"))  # the stale write was cleared
     assert reference[8] != reference[5]
-    if optimizer:  # Adam's state sharded over data parallelism: each rank keeps its shard
+    if "training.distributed_optimizer=true" in optimizer:  # each rank keeps its shard of Adam's state
         import torch
 
         shards = [
@@ -148,6 +152,27 @@ def test_killed_two_process_run_resumes_bit_for_bit(data_root, tmp_path, optimiz
             for r in range(2)
         ]
         assert all(shard for shard in shards)
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(data_root, tmp_path):
+    """A learning rate that blows the weights up: NaN/Inf steps are skipped and counted, and past
+    the limit the run stops with a message naming the cause."""
+    with pytest.raises(RuntimeError) as error:
+        run(
+            train_command(
+                1,
+                tmp_path / "nan",
+                data_root,
+                "training.lr=1e30",
+                "training.max_nonfinite_steps=2",
+                "training.log_interval=1",
+                "training.train_steps=20",
+            ),
+            timeout=600,
+        )
+    message = str(error.value)
+    assert "3 steps with NaN/Inf loss or gradients (limit 2): lower the learning rate or check the data" in message
+    assert message.count("update skipped") >= 3
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,13 @@ def use_transformer_engine(precision: PrecisionConfig) -> bool:
 
 def _common_kwargs(parallel: ParallelConfig, precision: PrecisionConfig, initialize: bool) -> dict:
     dtype = torch_dtype(precision.params_dtype)
+    recompute = {
+        "none": {},
+        "selective": {"recompute_granularity": "selective"},
+        "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    }
+    if parallel.recompute not in recompute:
+        raise ValueError(f"recompute={parallel.recompute!r}: use one of {sorted(recompute)}")
     if precision.fp8 and not backend.has_fp8():
         raise RuntimeError(f"fp8={precision.fp8!r} needs Transformer Engine on an FP8-capable GPU")
     return dict(
@@ -67,6 +74,7 @@ def _common_kwargs(parallel: ParallelConfig, precision: PrecisionConfig, initial
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
         batch_p2p_comm=backend.has_cuda(),
+        **recompute[parallel.recompute],
     )
 
 

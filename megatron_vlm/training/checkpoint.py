@@ -5,9 +5,9 @@
       iter_0000200/
         model/, megatron_vlm.json   a model checkpoint (conversion.megatron_io): any layout loads it
         optimizer/                  optimizer state (dist_checkpointing, from the model's entries);
-                                    empty with the distributed optimizer, whose shards are per rank
+                                    empty with the distributed or bf16 optimizer, saved per rank
         rank00000.pt ...            per-rank state: RNG generators, the data loader's position, and
-                                    this rank's shard of the distributed optimizer
+                                    (distributed or bf16 optimizer) this rank's optimizer state
 
 A checkpoint is written into ``.iter_XXXXXXX.incomplete`` and renamed when every rank is done; a
 kill during the write leaves the previous checkpoint and ``latest`` untouched. The model and the
@@ -39,41 +39,44 @@ def _parts(optimizer: Any) -> list[Any]:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _distributed(optimizer: Any) -> bool:
+def _main_params(part: Any) -> list[torch.Tensor]:
+    """fp32 master copies of low-precision parameters (this rank's shard with the distributed optimizer)."""
+    groups = getattr(part, "shard_fp32_from_float16_groups", None) or getattr(part, "fp32_from_float16_groups", None)
+    return [p for group in groups or [] for p in group]
+
+
+def _per_rank(optimizer: Any) -> bool:
+    """Whether this optimizer's state is checkpointed per rank rather than with dist_checkpointing.
+
+    Megatron-Core 0.16's own ways fail here without apex/TE: dist_checkpointing of the distributed
+    optimizer rejects flattened ranges and its DP-gathered parameter-state file cannot be read back
+    (torch Adam's per-parameter 'step' is dropped); the bf16 optimizer's sharded state maps main
+    parameters to the wrong model tensors. Saved per rank, the state resumes exactly at the same
+    layout; fp32 without the distributed optimizer keeps the reshardable dist_checkpointing path.
+    """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    return any(isinstance(part, DistributedOptimizer) for part in _parts(optimizer))
+    return any(isinstance(part, DistributedOptimizer) or _main_params(part) for part in _parts(optimizer))
 
 
-def distributed_optimizer_state(optimizer: Any) -> list[dict[str, Any]]:
-    """This rank's shard of the distributed optimizer: the inner torch optimizer's state (moments,
-    steps) and the fp32 main copies of low-precision parameters.
-
-    Megatron-Core 0.16's own ways fail without apex/TE: dist_checkpointing rejects flattened
-    ranges, and the DP-gathered parameter-state file cannot be read back (it drops torch Adam's
-    per-parameter 'step'). Saved per rank, the shard resumes exactly at the same layout.
-    """
+def optimizer_shard_state(optimizer: Any) -> list[dict[str, Any]]:
+    """This rank's optimizer state: the inner torch optimizer's (moments, steps) and main params."""
     return [
-        {
-            "inner": part.optimizer.state_dict(),
-            "main": [
-                p.detach().clone() for group in getattr(part, "shard_fp32_from_float16_groups", []) for p in group
-            ],
-        }
+        {"inner": part.optimizer.state_dict(), "main": [p.detach().clone() for p in _main_params(part)]}
         for part in _parts(optimizer)
     ]
 
 
 @torch.no_grad()
-def load_distributed_optimizer_state(optimizer: Any, state: list[dict[str, Any]]) -> None:
+def load_optimizer_shard_state(optimizer: Any, state: list[dict[str, Any]]) -> None:
     parts = _parts(optimizer)
     if len(parts) != len(state):
         raise ValueError(f"optimizer has {len(parts)} parts, the checkpoint {len(state)}: not the same run layout")
     for part, saved in zip(parts, state, strict=True):
         part.optimizer.load_state_dict(saved["inner"])
-        mains = [p for group in getattr(part, "shard_fp32_from_float16_groups", []) for p in group]
+        mains = _main_params(part)
         if len(mains) != len(saved["main"]):
-            raise ValueError("the distributed optimizer's shards differ from the checkpoint's: not the same layout")
+            raise ValueError("the optimizer's parameter shards differ from the checkpoint's: not the same layout")
         for main, value in zip(mains, saved["main"], strict=True):
             main.copy_(value)
 
@@ -149,8 +152,8 @@ def save_training_checkpoint(
         (temporary / "optimizer").mkdir()
     _barrier()
     per_rank = {"rng": rng_state(), "loader": loader_state, "iteration": iteration}
-    if _distributed(optimizer):
-        per_rank["optimizer"] = distributed_optimizer_state(optimizer)
+    if _per_rank(optimizer):
+        per_rank["optimizer"] = optimizer_shard_state(optimizer)
     else:
         dist_checkpointing.save(optimizer.sharded_state_dict(model_entries), str(temporary / "optimizer"))
     torch.save(per_rank, temporary / f"rank{_rank():05d}.pt")
@@ -190,10 +193,12 @@ def load_training_checkpoint(
             f"{path.name} ({parallel_state.get_data_parallel_world_size()} data-parallel now)"
         )
     per_rank = torch.load(rank_file, weights_only=False)
-    if _distributed(optimizer):
+    if _per_rank(optimizer):
         if "optimizer" not in per_rank:
-            raise ValueError(f"{path.name} was saved without the distributed optimizer; resume with it off")
-        load_distributed_optimizer_state(optimizer, per_rank["optimizer"])
+            raise ValueError(
+                f"{path.name} holds a dist_checkpointing optimizer state: resume with the same precision and optimizer"
+            )
+        load_optimizer_shard_state(optimizer, per_rank["optimizer"])
     else:
         optimizer_state = dist_checkpointing.load(
             optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=True),

@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--dp-split", action="store_true", help="each data-parallel rank takes its own micro-batches")
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--overlap-grad-reduce", action="store_true")
+    parser.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -45,6 +46,7 @@ def main() -> None:
         pipeline_parallel=args.pp,
         virtual_pipeline=args.vpp,
         decoder_layers_in_first_stage=args.first_stage_layers,
+        recompute=args.recompute,
     )
     distributed.initialize(parallel, config, seed=1234)
     rank = torch.distributed.get_rank()
