@@ -30,11 +30,12 @@ setup(
             "nvidia-dali-cuda130>=2.0",  # its CPU pipelines are the tested twin of GPU decoding
             "megatron-energon>=7",  # our pair/page shards are read by it as they are
             "pyarrow>=14",  # parquet input of the preprocessing tool
+            "mpich>=4",  # an MPI launcher (mpiexec) for the MPI launch test
         ],
         "gpu": [
             "transformer-engine[pytorch]>=2.0",
             "nvidia-dali-cuda130>=2.0",
         ],
-        "mpi": ["mpi4py>=3.1", "openmpi>=5"],
+        "mpi": ["mpi4py>=3.1", "mpich>=4"],
     },
 )

@@ -50,8 +50,9 @@ def environment():
     return env
 
 
-def run(command, timeout=900):
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment(), cwd=ROOT)
+def run(command, timeout=900, extra_env=None):
+    env = {**environment(), **(extra_env or {})}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     return done.stdout
@@ -152,6 +153,27 @@ def test_killed_two_process_run_resumes_bit_for_bit(data_root, tmp_path, optimiz
             for r in range(2)
         ]
         assert all(shard for shard in shards)
+
+
+def test_mpi_launch(data_root, tmp_path):
+    """Ranks from an MPI launcher's environment (mpich's mpiexec sets PMI_RANK / PMI_SIZE)."""
+    command = [
+        str(Path(sys.executable).parent / "mpiexec"),
+        "-n",
+        "2",
+        sys.executable,
+        "-m",
+        "megatron_vlm.train",
+        "--config",
+        str(ROOT / "examples/tiny_cpu.yaml"),
+        f"training.output_dir={tmp_path / 'mpi'}",
+        f"data.root={data_root}",
+        "training.train_steps=6",
+        "training.save_interval=6",
+    ]
+    output = run(command, extra_env={"MASTER_PORT": str(free_port())})
+    assert "on 2 ranks" in output and "step      6/6" in output
+    assert (tmp_path / "mpi" / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(data_root, tmp_path):

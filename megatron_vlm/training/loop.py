@@ -148,7 +148,10 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     metrics = Metrics(output / "tensorboard" if reports else None)
     preemption = PreemptionHandler()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    peak_tflops = measured_matmul_tflops(torch_dtype(run.precision.params_dtype), device)
+    # The device's matmul peak, measured now; the best rank's figure (others may be disturbed).
+    peak = torch.tensor([measured_matmul_tflops(torch_dtype(run.precision.params_dtype), device)])
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    peak_tflops = float(peak[0])
     if env.rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "run_config.json").write_text(json.dumps(to_dict(run), indent=2, default=str))
