@@ -1,5 +1,6 @@
 """The trainer on real processes: loss falls on the bundled data, every metric reaches TensorBoard,
-a SIGKILLed 2-process run resumes bit for bit, and impossible layouts are refused up front."""
+a 2-process run SIGKILLed while writing a checkpoint resumes bit for bit from the previous one,
+MPI launches work, NaN/Inf steps are skipped, and impossible layouts are refused up front."""
 
 import os
 import signal
@@ -126,22 +127,23 @@ def test_killed_two_process_run_resumes_bit_for_bit(data_root, tmp_path, optimiz
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    latest = tmp_path / "cut" / "checkpoints" / "latest"
+    # Kill it while it writes its step-8 checkpoint: the step-4 one must stay the latest and load.
+    writing = tmp_path / "cut" / "checkpoints" / ".iter_0000008.incomplete"
     deadline = time.time() + 600
-    while not (latest.is_file() and latest.read_text().strip() == "iter_0000004"):
-        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.2)
-    kill_everything_running(tmp_path / "cut")  # the launcher and every rank, mid-training
+    while not writing.exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before writing step 8"
+        time.sleep(0.01)
+    kill_everything_running(tmp_path / "cut")  # the launcher and every rank, mid-write
     process.wait()
-    # A checkpoint write that was cut off leaves only a temporary directory behind.
-    (tmp_path / "cut" / "checkpoints" / ".iter_0000006.incomplete" / "model").mkdir(parents=True)
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
+    assert not (tmp_path / "cut" / "checkpoints" / "iter_0000008").exists()
 
     output = run(train_command(2, tmp_path / "cut", data_root, *steps))
     assert "resumed from" in output and "iter_0000004 at step 4" in output
     resumed = scalars(tmp_path / "cut" / "tensorboard", "loss")
     for step in range(5, 9):
         assert resumed[step] == reference[step], (step, resumed[step], reference[step])
-    assert not list((tmp_path / "cut" / "checkpoints").glob(".iter_*"))  # the stale write was cleared
+    assert not list((tmp_path / "cut" / "checkpoints").glob(".iter_*"))  # the cut-off write was cleared
     assert reference[8] != reference[5]
     if "training.distributed_optimizer=true" in optimizer:  # each rank keeps its shard of Adam's state
         import torch
