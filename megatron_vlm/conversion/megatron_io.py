@@ -81,14 +81,17 @@ def save_model(
     model_config: ModelConfig,
     trainable: TrainableConfig | None = None,
     extra: dict[str, Any] | None = None,
+    atomic: bool = True,
 ) -> Path:
-    """Collective: save this rank's chunks into ``directory`` (created atomically)."""
+    """Collective: save this rank's chunks into ``directory``, created atomically; with
+    ``atomic=False`` into an existing directory that the caller itself renames into place."""
     directory = Path(directory)
-    temporary = directory.with_name(directory.name + ".incomplete")
+    temporary = directory.with_name(directory.name + ".incomplete") if atomic else directory
     if _rank() == 0:
-        if directory.exists():
+        if atomic and directory.exists():
             raise FileExistsError(f"{directory} exists; refusing to overwrite it")
-        shutil.rmtree(temporary, ignore_errors=True)
+        if atomic:
+            shutil.rmtree(temporary, ignore_errors=True)
         (temporary / MODEL_DIR).mkdir(parents=True)
     _barrier()
     dist_checkpointing.save(model_sharded_state_dict(chunks), str(temporary / MODEL_DIR))
@@ -110,7 +113,8 @@ def save_model(
                 **(extra or {}),
             },
         )
-        os.replace(temporary, directory)
+        if atomic:
+            os.replace(temporary, directory)
     _barrier()
     return directory
 

@@ -142,9 +142,10 @@ def save_training_checkpoint(
     _barrier()
     save_model(
         chunks,
-        temporary / "weights",
+        temporary,
         model_config,
         trainable,
+        atomic=False,
         extra={"iteration": iteration, "scheduler": scheduler.state_dict()},
     )
     model_entries = model_sharded_state_dict(chunks)
@@ -159,10 +160,6 @@ def save_training_checkpoint(
     torch.save(per_rank, temporary / f"rank{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
-        # The model checkpoint lives at the top of the iteration directory, where tools expect it.
-        for item in (temporary / "weights").iterdir():
-            os.replace(item, temporary / item.name)
-        (temporary / "weights").rmdir()
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)

@@ -170,7 +170,8 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     last: dict[str, float] = {}
     while iteration < training.train_steps:
         batches = [next(loader) for _ in range(micro_batches_per_step)]
-        step = train_step(model, optimizer, [{k: b[k] for k in MODEL_INPUTS} for b in batches])
+        inputs = [{k: b[k] for k in MODEL_INPUTS} for b in batches]
+        step = train_step(model, optimizer, inputs)
         if step["updated"] and math.isfinite(step["loss"]):
             scheduler.step(increment=1)
         else:
@@ -186,7 +187,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         iteration += 1
         window["tokens"] += sum(b["num_tokens"] for b in batches)
         window["images"] += sum(b["num_images"] for b in batches)
-        window["flops"] += sum(batch_training_flops(run.model, {k: b[k] for k in MODEL_INPUTS}) for b in batches)
+        window["flops"] += sum(batch_training_flops(run.model, micro) for micro in inputs)
         window["steps"] += 1
 
         if iteration % training.log_interval == 0 or iteration == training.train_steps:
