@@ -82,3 +82,44 @@ def test_each_part_freezes_independently(model, trainable, frozen_prefix, traine
 def test_unknown_lora_target_is_named(model):
     with pytest.raises(ValueError, match="perceiver"):
         apply_trainable([model], TrainableConfig(lora_rank=2, lora_targets=("perceiver",)))
+
+
+def test_training_starts_from_converted_weights_with_adapters_merged(megatron_single_process, tmp_path):
+    """training.load_weights: a converted checkpoint loads exactly; one saved with LoRA adapters
+    is merged on load (what stage 2 does with stage 1's weights)."""
+    import dataclasses
+
+    from parity import hf_model, tiny_config
+
+    from megatron_vlm.config import ParallelConfig, PrecisionConfig, RunConfig
+    from megatron_vlm.conversion import convert
+    from megatron_vlm.conversion.megatron_io import save_model
+    from megatron_vlm.models.idefics2 import build_model_chunks
+    from megatron_vlm.training.loop import load_starting_weights
+
+    config = dataclasses.replace(tiny_config(), make_vocab_size_divisible_by=128)  # what HF configs imply
+    hf = hf_model(config, seed=3)
+    hf.save_pretrained(tmp_path / "hf")
+    convert.hf_to_megatron(tmp_path / "hf", tmp_path / "converted", ParallelConfig())
+    run = RunConfig(model=config)
+    (fresh,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
+    load_starting_weights([fresh], str(tmp_path / "converted"), run)
+    reference = megatron_model(config, hf)
+    reference_state = reference.state_dict()
+    for name, tensor in fresh.state_dict().items():
+        if not name.endswith("_extra_state"):
+            assert torch.equal(tensor, reference_state[name]), name
+
+    # Stage 1 -> stage 2: a checkpoint with trained adapters starts the next run merged.
+    trainable = TrainableConfig(lora_rank=4, lora_alpha=8.0)
+    apply_trainable([reference], trainable)
+    with torch.no_grad():
+        for adapter in adapters(reference):
+            adapter.b.normal_(std=0.05)
+    batch = make_batch(config)
+    adapted = megatron_logits(reference, batch)
+    save_model([reference], tmp_path / "stage1", config, trainable)
+    (next_stage,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
+    load_starting_weights([next_stage], str(tmp_path / "stage1"), run)
+    assert not adapters(next_stage)
+    assert (megatron_logits(next_stage.eval(), batch) - adapted).abs().max() <= 1e-5
