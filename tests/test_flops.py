@@ -1,0 +1,57 @@
+"""The analytic FLOP count (MFU's numerator) against torch's FLOP counter on the real model."""
+
+import dataclasses
+
+import pytest
+from parity import make_batch, megatron_inputs, tiny_config
+from torch.utils.flop_counter import FlopCounterMode
+
+from megatron_vlm.config import ParallelConfig, PrecisionConfig, load_model_preset
+from megatron_vlm.models.idefics2 import build_model_chunks
+from megatron_vlm.perf.flops import decoder_forward_flops, vision_forward_flops
+
+
+def scaled(factor):
+    config = dataclasses.replace(tiny_config(), make_vocab_size_divisible_by=1)  # logits over the real vocabulary
+    v, t = config.vision, config.text
+    return dataclasses.replace(
+        config,
+        vision=dataclasses.replace(
+            v, hidden_size=v.hidden_size * factor, intermediate_size=v.intermediate_size * factor
+        ),
+        text=dataclasses.replace(t, hidden_size=t.hidden_size * factor, intermediate_size=t.intermediate_size * factor),
+    )
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_forward_flops_match_torch_counter(megatron_single_process, factor):
+    config = scaled(factor)
+    (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
+    side = 70  # equal image sizes: no padded patches, so computed and real patches agree
+    batch = make_batch(config, images_per_row=[[(side, side)], [], [(side, side), (side, side)]], seq_len=40)
+    with FlopCounterMode(display=False) as counter:  # grad mode on: its module tracker needs it
+        model.eval()(**megatron_inputs(batch))
+    measured = counter.get_total_flops()
+    patches = (side // config.vision.patch_size) ** 2
+    tokens = batch.input_ids.numel()
+    # The kernels compute the full score matrix (masked), so count every (query, key) pair here.
+    analytic = 3 * vision_forward_flops(config, patches) + decoder_forward_flops(
+        config, tokens, batch.input_ids.shape[0] * batch.input_ids.shape[1] ** 2
+    )
+    assert analytic == pytest.approx(measured, rel=0.02)
+
+
+def test_8b_decoder_count_follows_its_parameters():
+    """At 8B the formula's decoder term is ~2 FLOPs per weight and token, plus attention."""
+    config = load_model_preset("idefics2-8b")
+    t = config.text
+    per_layer_weights = 4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * t.intermediate_size
+    weights = t.num_layers * per_layer_weights + 4096 * t.vocab_size
+    tokens = 2048
+    without_attention = decoder_forward_flops(config, tokens, 0)
+    assert without_attention == pytest.approx(2 * weights * tokens, rel=1e-9)
+    causal = tokens * (tokens + 1) // 2
+    assert decoder_forward_flops(config, tokens, causal) - without_attention == 4 * causal * 4096 * t.num_layers
+    # One 980 x 980 image (70 x 70 patches) costs about as much as ~1,300 text tokens.
+    image = vision_forward_flops(config, 70 * 70)
+    assert 2e12 < image < 1e13
