@@ -97,13 +97,15 @@ def kill_everything_running(output):
     its workers in sessions of their own, so a process-group kill would miss them)."""
     import psutil
 
-    victims = [
+    named = [
         p for p in psutil.process_iter(["cmdline"]) if any(str(output) in part for part in p.info["cmdline"] or [])
     ]
+    # Their helpers too (e.g. checkpoint writer processes), which a real SIGKILL would orphan.
+    victims = {p for process in named for p in [process, *process.children(recursive=True)]}
     for victim in victims:
         victim.send_signal(signal.SIGKILL)
-    psutil.wait_procs(victims, timeout=30)
-    assert len(victims) >= 3  # torchrun + 2 ranks
+    psutil.wait_procs(list(victims), timeout=30)
+    assert len(named) >= 3  # torchrun + 2 ranks
 
 
 @pytest.mark.parametrize(
