@@ -142,6 +142,15 @@ def initialize(
     return env
 
 
+def global_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown() -> None:
     from megatron.core import parallel_state
 

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import dataclasses
-import resource
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from megatron_vlm.conversion.megatron_io import (
 )
 from megatron_vlm.models.idefics2 import build_model_chunks
 from megatron_vlm.models.lora import apply_trainable, merge_lora
+from megatron_vlm.perf.memory import peak_rss_bytes
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "float32": "float32", "bfloat16": "bfloat16"}
 
@@ -62,18 +62,6 @@ class ConversionReport:
             f"{self.tensors} tensors, {self.bytes / 2**20:.1f} MiB in {self.seconds:.1f} s; "
             f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB{ignored}"
         )
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size: VmHWM where /proc has it (getrusage's maxrss
-    also counts the parent's memory at fork), else getrusage."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _max_over_ranks(value: int) -> int:

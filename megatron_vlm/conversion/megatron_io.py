@@ -16,24 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_vlm.config import ModelConfig, TrainableConfig, from_dict, to_dict
+from megatron_vlm.distributed import barrier, global_rank
 
 METADATA_FILE = "megatron_vlm.json"
 MODEL_DIR = "model"
 FORMAT_VERSION = 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
@@ -87,16 +78,16 @@ def save_model(
     ``atomic=False`` into an existing directory that the caller itself renames into place."""
     directory = Path(directory)
     temporary = directory.with_name(directory.name + ".incomplete") if atomic else directory
-    if _rank() == 0:
+    if global_rank() == 0:
         if atomic and directory.exists():
             raise FileExistsError(f"{directory} exists; refusing to overwrite it")
         if atomic:
             shutil.rmtree(temporary, ignore_errors=True)
         (temporary / MODEL_DIR).mkdir(parents=True)
-    _barrier()
+    barrier()
     dist_checkpointing.save(model_sharded_state_dict(chunks), str(temporary / MODEL_DIR))
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if global_rank() == 0:
         parameter = next(chunks[0].parameters())
         write_metadata(
             temporary,
@@ -115,7 +106,7 @@ def save_model(
         )
         if atomic:
             os.replace(temporary, directory)
-    _barrier()
+    barrier()
     return directory
 
 

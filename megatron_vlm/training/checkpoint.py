@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_vlm.config import ModelConfig, TrainableConfig
 from megatron_vlm.conversion.megatron_io import load_model, model_sharded_state_dict, save_model
+from megatron_vlm.distributed import barrier, global_rank
 
 LATEST = "latest"
 
@@ -81,15 +81,6 @@ def load_optimizer_shard_state(optimizer: Any, state: list[dict[str, Any]]) -> N
             main.copy_(value)
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def rng_state() -> dict[str, Any]:
     return {
         "python": random.getstate(),
@@ -134,12 +125,12 @@ def save_training_checkpoint(
     root = Path(root)
     final = root / f"iter_{iteration:07d}"
     temporary = root / f".iter_{iteration:07d}.incomplete"
-    if _rank() == 0:
+    if global_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".iter_*.incomplete"):  # left by writes that were cut off
             shutil.rmtree(stale, ignore_errors=True)
         temporary.mkdir()
-    _barrier()
+    barrier()
     save_model(
         chunks,
         temporary,
@@ -149,17 +140,17 @@ def save_training_checkpoint(
         extra={"iteration": iteration, "scheduler": scheduler.state_dict()},
     )
     model_entries = model_sharded_state_dict(chunks)
-    if _rank() == 0:
+    if global_rank() == 0:
         (temporary / "optimizer").mkdir()
-    _barrier()
+    barrier()
     per_rank = {"rng": rng_state(), "loader": loader_state, "iteration": iteration}
     if _per_rank(optimizer):
         per_rank["optimizer"] = optimizer_shard_state(optimizer)
     else:
         dist_checkpointing.save(optimizer.sharded_state_dict(model_entries), str(temporary / "optimizer"))
-    torch.save(per_rank, temporary / f"rank{_rank():05d}.pt")
-    _barrier()
-    if _rank() == 0:
+    torch.save(per_rank, temporary / f"rank{global_rank():05d}.pt")
+    barrier()
+    if global_rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
@@ -168,7 +159,7 @@ def save_training_checkpoint(
         os.replace(pointer, root / LATEST)
         for old in sorted(root.glob("iter_*"))[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -183,7 +174,7 @@ def load_training_checkpoint(
     """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns the
     iteration and this rank's loader state."""
     metadata = load_model(chunks, path, model_config, trainable)
-    rank_file = path / f"rank{_rank():05d}.pt"
+    rank_file = path / f"rank{global_rank():05d}.pt"
     if not rank_file.is_file():
         raise FileNotFoundError(
             f"{rank_file} is missing: exact resume needs the same number of ranks as the run that saved "

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime
 import logging
-import resource
 from pathlib import Path
 
 import torch
+
+from megatron_vlm.perf.memory import peak_rss_bytes
 
 logger = logging.getLogger("megatron_vlm.train")
 
@@ -29,7 +30,7 @@ def memory_gib() -> float:
     """Peak memory of this process: the GPU allocator's peak on GPUs, resident memory on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_bytes() / 2**30
 
 
 class Metrics:
