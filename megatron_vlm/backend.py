@@ -59,6 +59,24 @@ def has_fp8() -> bool:
     return has_transformer_engine() and torch.cuda.get_device_capability() >= (8, 9)
 
 
+def has_fused_softmax() -> bool:
+    """Megatron's fused masked-softmax kernels (a separately built CUDA extension)."""
+    return has_cuda() and _imports("scaled_masked_softmax_cuda")
+
+
+def fp8_backend(requested: str) -> str:
+    """Which FP8 implementation runs: "te" (Transformer Engine) or "torch" (``torch._scaled_mm``)."""
+    if requested not in ("auto", "te", "torch"):
+        raise ValueError(f"fp8_backend={requested!r}: use auto, te or torch")
+    if requested == "te" and not has_fp8():
+        raise RuntimeError("fp8_backend='te' needs Transformer Engine on an FP8-capable GPU (compute >= 8.9)")
+    if requested == "torch" and has_cuda() and torch.cuda.get_device_capability() < (8, 9):
+        raise RuntimeError("FP8 GEMMs need a GPU of compute capability >= 8.9 (Ada, Hopper or newer)")
+    if requested == "auto":
+        return "te" if has_fp8() else "torch"
+    return requested
+
+
 def default_distributed_backend() -> str:
     return "nccl" if has_cuda() else "gloo"
 

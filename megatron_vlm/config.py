@@ -121,7 +121,10 @@ class TrainableConfig:
 @dataclass
 class PrecisionConfig:
     params_dtype: str = "float32"  # float32 | bfloat16
-    fp8: str | None = None  # None | "hybrid" | "e4m3" (needs Transformer Engine on Hopper)
+    fp8: str | None = None  # None | "hybrid" (e4m3 forward, e5m2 gradients) | "e4m3"
+    # te: Transformer Engine (Hopper); torch: torch._scaled_mm linears (models/fp8.py), also on
+    # CPU; auto: TE when it imports with an FP8-capable GPU, else torch.
+    fp8_backend: str = "auto"
     use_transformer_engine: bool | None = None  # None: use TE when it imports
 
 

@@ -142,6 +142,11 @@ def initialize(
     return env
 
 
+def collective_device() -> torch.device:
+    """Where small tensors for collectives must live: NCCL takes CUDA tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if backend.has_cuda() else torch.device("cpu")
+
+
 def global_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -39,6 +39,7 @@ from megatron_vlm.conversion.megatron_io import (
     save_model,
     trainable_config_of,
 )
+from megatron_vlm.distributed import collective_device
 from megatron_vlm.models.idefics2 import build_model_chunks
 from megatron_vlm.models.lora import apply_trainable, merge_lora
 from megatron_vlm.perf.memory import peak_rss_bytes
@@ -67,7 +68,7 @@ class ConversionReport:
 def _max_over_ranks(value: int) -> int:
     if not torch.distributed.is_initialized():
         return value
-    tensor = torch.tensor([value], dtype=torch.long)
+    tensor = torch.tensor([value], dtype=torch.long, device=collective_device())
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return int(tensor[0])
 

@@ -15,9 +15,11 @@ from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_vlm import backend
 from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_vlm.models import specs
 from megatron_vlm.models.connector import Idefics2Connector
+from megatron_vlm.models.fp8 import use_torch_fp8
 from megatron_vlm.models.vision import SiglipVisionEncoder, patch_attention_mask
 
 
@@ -185,6 +187,8 @@ def build_model_chunks(
                 initialize_weights=initialize_weights,
             )
         )
+    if precision.fp8 and backend.fp8_backend(precision.fp8_backend) == "torch":
+        use_torch_fp8(chunks, precision.fp8)
     return chunks
 
 

@@ -51,8 +51,9 @@ def _common_kwargs(parallel: ParallelConfig, precision: PrecisionConfig, initial
     }
     if parallel.recompute not in recompute:
         raise ValueError(f"recompute={parallel.recompute!r}: use one of {sorted(recompute)}")
-    if precision.fp8 and not backend.has_fp8():
-        raise RuntimeError(f"fp8={precision.fp8!r} needs Transformer Engine on an FP8-capable GPU")
+    # Megatron-Core runs FP8 itself only through TE; the torch backend switches linears after
+    # the model is built (models/fp8.py).
+    te_fp8 = precision.fp8 if precision.fp8 and backend.fp8_backend(precision.fp8_backend) == "te" else None
     return dict(
         tensor_model_parallel_size=parallel.tensor_parallel,
         sequence_parallel=parallel.sequence_parallel,
@@ -60,7 +61,7 @@ def _common_kwargs(parallel: ParallelConfig, precision: PrecisionConfig, initial
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        fp8=precision.fp8,
+        fp8=te_fp8,
         use_cpu_initialization=not backend.has_cuda(),
         perform_initialization=initialize,  # False when every weight is loaded next
         hidden_dropout=0.0,
@@ -68,7 +69,7 @@ def _common_kwargs(parallel: ParallelConfig, precision: PrecisionConfig, initial
         # The fused kernels below need CUDA extensions; the unfused paths compute the same thing.
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,
-        masked_softmax_fusion=backend.has_cuda(),
+        masked_softmax_fusion=backend.has_fused_softmax(),
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,

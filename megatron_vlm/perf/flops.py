@@ -55,14 +55,27 @@ def batch_training_flops(config: ModelConfig, batch: dict[str, torch.Tensor]) ->
 
 
 def measured_matmul_tflops(dtype: torch.dtype, device: str, size: int | None = None, seconds: float = 0.5) -> float:
-    """The matmul throughput of this device, measured now: the peak that MFU is reported against."""
+    """The matmul throughput of this device, measured now: the peak that MFU is reported against.
+    FP8 dtypes time ``torch._scaled_mm`` (e4m3 x e4m3 -> bf16), the GEMM FP8 training runs."""
     size = size or (8192 if device.startswith("cuda") else 1024)
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    torch.matmul(a, b)
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype).t()  # column-major, as _scaled_mm wants
+        one = torch.ones((), device=device)
+
+        def multiply() -> torch.Tensor:
+            return torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    else:
+        a = torch.randn(size, size, dtype=dtype, device=device)
+        b = torch.randn(size, size, dtype=dtype, device=device)
+
+        def multiply() -> torch.Tensor:
+            return torch.matmul(a, b)
+
+    multiply()
     count, start = 0, time.perf_counter()
     while True:
-        torch.matmul(a, b)
+        multiply()
         count += 1
         if device.startswith("cuda"):
             torch.cuda.synchronize()

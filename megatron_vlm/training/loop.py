@@ -149,7 +149,10 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     preemption = PreemptionHandler()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # The device's matmul peak, measured now; the best rank's figure (others may be disturbed).
-    peak = torch.tensor([measured_matmul_tflops(torch_dtype(run.precision.params_dtype), device)])
+    peak = torch.tensor(
+        [measured_matmul_tflops(torch_dtype(run.precision.params_dtype), device)],
+        device=distributed.collective_device(),
+    )
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     peak_tflops = float(peak[0])
     if env.rank == 0:
@@ -170,7 +173,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     last: dict[str, float] = {}
     while iteration < training.train_steps:
         batches = [next(loader) for _ in range(micro_batches_per_step)]
-        inputs = [{k: b[k] for k in MODEL_INPUTS} for b in batches]
+        inputs = [{k: b[k].to(device, non_blocking=True) for k in MODEL_INPUTS} for b in batches]
         step = train_step(model, optimizer, inputs)
         if step["updated"] and math.isfinite(step["loss"]):
             scheduler.step(increment=1)
@@ -187,11 +190,15 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         iteration += 1
         window["tokens"] += sum(b["num_tokens"] for b in batches)
         window["images"] += sum(b["num_images"] for b in batches)
-        window["flops"] += sum(batch_training_flops(run.model, micro) for micro in inputs)
+        window["flops"] += sum(batch_training_flops(run.model, batch) for batch in batches)  # CPU copies: no sync
         window["steps"] += 1
 
         if iteration % training.log_interval == 0 or iteration == training.train_steps:
-            totals = torch.tensor([window["tokens"], window["images"], window["flops"]], dtype=torch.float64)
+            totals = torch.tensor(
+                [window["tokens"], window["images"], window["flops"]],
+                dtype=torch.float64,
+                device=distributed.collective_device(),
+            )
             torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
             elapsed = time.perf_counter() - window_start
             achieved = totals[2].item() / elapsed / 1e12  # model FLOPs of all data-parallel replicas

@@ -9,6 +9,8 @@ import types
 import torch
 import torch.distributed as dist
 
+from megatron_vlm.distributed import collective_device
+
 
 class PreemptionHandler:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
@@ -21,7 +23,8 @@ class PreemptionHandler:
 
     def requested(self) -> bool:
         """True on every rank as soon as any rank was signalled (collective)."""
-        flag = torch.tensor([1.0 if self._requested else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not dist.is_initialized():
+            return self._requested
+        flag = torch.tensor([1.0 if self._requested else 0.0], device=collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag[0])

@@ -12,6 +12,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_vlm.distributed import collective_device
+
 MicroBatch = dict[str, torch.Tensor]
 
 
@@ -131,15 +133,15 @@ def forward_logits(model: Sequence[torch.nn.Module], micro_batch: MicroBatch, vo
 
 def gradients_are_finite(model: Sequence[torch.nn.Module]) -> bool:
     """Collective: whether every reduced gradient on every rank is finite."""
-    finite = torch.ones(1)
+    checks = [torch.ones((), dtype=torch.bool, device=collective_device())]
     for chunk in model:
         for param in chunk.parameters():
             grad = getattr(param, "main_grad", None)
             if grad is None:
                 grad = param.grad
-            if grad is not None and not torch.isfinite(grad).all():
-                finite[0] = 0.0
-                break
+            if grad is not None:
+                checks.append(torch.isfinite(grad).all())  # stays on the device: one sync below
+    finite = torch.stack(checks).all().float().reshape(1)
     torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
     return bool(finite[0])
 
@@ -159,7 +161,7 @@ def train_step(
         updated, grad_norm, _ = optimizer.step()
     else:  # a NaN/Inf anywhere: skip this update on every rank
         updated, grad_norm = False, float("nan")
-    loss = torch.zeros(1)
+    loss = torch.zeros(1, device=collective_device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         loss[0] = torch.stack([item["lm loss"][0] for item in losses]).mean()
         torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())

@@ -1,0 +1,147 @@
+"""FP8 linears without Transformer Engine: ``torch._scaled_mm`` with per-tensor current scaling.
+
+Transformer Engine is the FP8 path of choice on Hopper (fused casts, delayed scaling). Where it is
+not installed, the same recipe runs on torch's own FP8 GEMM: every linear of the transformer
+layers (vision, resampler, decoder) casts its input and weight to e4m3 with a scale from the
+tensor's current absolute maximum, multiplies in FP8 with a higher-precision output, and in
+backward casts the output gradient to e5m2 ("hybrid") or e4m3. Embeddings, the output layer and
+norms stay in the weights' precision, as in Megatron's FP8 recipes. Its inputs are kept in FP8
+for backward, which also halves the memory those activations need. ``torch._scaled_mm`` runs on
+CPU too, so this path is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+RECIPES = {"hybrid": E5M2, "e4m3": E4M3}  # the dtype of gradients; forward tensors are e4m3
+_ALIGN = 16  # FP8 GEMMs need every dimension to be a multiple of 16
+
+
+def quantize(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tensor`` in FP8 scaled to use the format's range, and the scale that undoes it."""
+    amax = tensor.detach().abs().amax().float().clamp(min=1e-12)
+    scale = torch.finfo(dtype).max / amax
+    limit = torch.finfo(dtype).max
+    quantized = (tensor.float() * scale).clamp(-limit, limit).to(dtype)
+    return quantized, scale.reciprocal()
+
+
+def _column_major(matrix: torch.Tensor) -> torch.Tensor:
+    return matrix.t().contiguous().t()
+
+
+def _pad_rows(matrix: torch.Tensor) -> torch.Tensor:
+    extra = -matrix.shape[0] % _ALIGN
+    return F.pad(matrix, (0, 0, 0, extra)) if extra else matrix
+
+
+class _Fp8Matmul(torch.autograd.Function):
+    """input [..., K] @ weight[N, K].t() in FP8; gradients for both."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        grad_dtype: torch.dtype,
+        allreduce_dgrad: bool,
+        tp_group: torch.distributed.ProcessGroup | None,
+    ) -> torch.Tensor:
+        leading = input.shape[:-1]
+        rows = input.reshape(-1, input.shape[-1])
+        count = rows.shape[0]
+        input8, input_scale = quantize(_pad_rows(rows), E4M3)
+        weight8, weight_scale = quantize(weight, E4M3)
+        output = torch._scaled_mm(input8, weight8.t(), scale_a=input_scale, scale_b=weight_scale, out_dtype=input.dtype)
+        ctx.save_for_backward(input8, input_scale, weight8, weight_scale)
+        ctx.grad_dtype, ctx.count, ctx.leading = grad_dtype, count, leading
+        ctx.allreduce_dgrad, ctx.tp_group = allreduce_dgrad, tp_group
+        ctx.input_dtype, ctx.weight_dtype = input.dtype, weight.dtype
+        return output[:count].reshape(*leading, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        input8, input_scale, weight8, weight_scale = ctx.saved_tensors
+        grad8, grad_scale = quantize(_pad_rows(grad_output.reshape(-1, grad_output.shape[-1])), ctx.grad_dtype)
+        grad_input = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_input = torch._scaled_mm(
+                grad8, _column_major(weight8), scale_a=grad_scale, scale_b=weight_scale, out_dtype=ctx.input_dtype
+            )
+            grad_input = grad_input[: ctx.count].reshape(*ctx.leading, weight8.shape[1])
+            if ctx.allreduce_dgrad:
+                torch.distributed.all_reduce(grad_input, group=ctx.tp_group)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch._scaled_mm(
+                grad8.t().contiguous(),
+                _column_major(input8),
+                scale_a=grad_scale,
+                scale_b=input_scale,
+                out_dtype=ctx.weight_dtype,
+            )
+        return grad_input, grad_weight, None, None, None
+
+
+def fp8_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    recipe: str = "hybrid",
+    allreduce_dgrad: bool = False,
+    tp_group: torch.distributed.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """``F.linear`` with FP8 GEMMs (``recipe``: "hybrid" e5m2 gradients, or "e4m3" throughout)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"fp8 recipe {recipe!r}: use one of {sorted(RECIPES)}")
+    output = _Fp8Matmul.apply(input, weight, RECIPES[recipe], allreduce_dgrad, tp_group)
+    return output if bias is None else output + bias
+
+
+def _megatron_forward_impl(
+    recipe: str,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gradient_accumulation_fusion: bool,
+    allreduce_dgrad: bool,
+    sequence_parallel: bool,
+    grad_output_buffer: list | None = None,
+    wgrad_deferral_limit: int | None = 0,
+    async_grad_allreduce: bool | None = None,
+    tp_group: torch.distributed.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Drop-in for Megatron-Core's ``linear_with_grad_accumulation_and_async_allreduce``."""
+    if sequence_parallel:
+        raise NotImplementedError("torch FP8 linears do not support sequence parallelism: use Transformer Engine")
+    if gradient_accumulation_fusion:
+        raise NotImplementedError("torch FP8 linears return weight gradients: turn off gradient_accumulation_fusion")
+    return fp8_linear(input, weight, bias, recipe, allreduce_dgrad and weight.requires_grad, tp_group)
+
+
+def use_torch_fp8(chunks: Iterable[torch.nn.Module], recipe: str = "hybrid") -> list[str]:
+    """Switch the transformer linears of ``chunks`` to FP8; returns the names switched.
+
+    The output layer (a vocabulary-sized GEMM whose logits feed the loss) stays in higher
+    precision, and so does any linear with a dimension FP8 GEMMs cannot take."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    if recipe not in RECIPES:
+        raise ValueError(f"fp8 recipe {recipe!r}: use one of {sorted(RECIPES)}")
+    switched = []
+    for index, chunk in enumerate(chunks):
+        for name, module in chunk.named_modules():
+            if not isinstance(module, ColumnParallelLinear | RowParallelLinear) or name.endswith("output_layer"):
+                continue
+            if any(size % _ALIGN for size in module.weight.shape):
+                continue
+            module._forward_impl = functools.partial(_megatron_forward_impl, recipe)
+            switched.append(f"{index}.{name}")
+    return switched
