@@ -187,6 +187,9 @@ def build_model_chunks(
                 initialize_weights=initialize_weights,
             )
         )
+    if backend.has_cuda():  # Megatron's layers are born on the GPU, our own few (vision embeddings, norms, latents) are not
+        for chunk in chunks:
+            chunk.cuda(torch.cuda.current_device())
     if precision.fp8 and backend.fp8_backend(precision.fp8_backend) == "torch":
         use_torch_fp8(chunks, precision.fp8)
     return chunks
