@@ -60,6 +60,16 @@ def detect_environment() -> ProcessEnvironment:
 
 def check_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> None:
     """Refuse impossible parallel layouts before allocation, naming the fix."""
+    problems = layout_problems(model, parallel, world_size)
+    if problems:
+        raise ValueError("impossible parallel layout:\n  " + "\n  ".join(problems))
+
+
+def layout_problems(
+    model: ModelConfig, parallel: ParallelConfig, world_size: int, sequence_parallel_kernels: bool | None = None
+) -> list[str]:
+    """Why a layout cannot run (empty if it can). ``sequence_parallel_kernels``: whether the
+    target machines have TE/apex norms (default: this machine's answer)."""
     tp, pp, vpp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.virtual_pipeline
     problems = []
     if tp < 1 or pp < 1:
@@ -108,10 +118,11 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int) 
         )
     if vpp is not None and pp < 2:
         problems.append("virtual_pipeline needs pipeline_parallel >= 2")
-    if parallel.sequence_parallel and not (backend.has_transformer_engine() or backend.has_apex()):
+    if sequence_parallel_kernels is None:
+        sequence_parallel_kernels = backend.has_transformer_engine() or backend.has_apex()
+    if parallel.sequence_parallel and not sequence_parallel_kernels:
         problems.append("sequence_parallel needs Transformer Engine or apex norms (GPU); turn it off on CPU")
-    if problems:
-        raise ValueError("impossible parallel layout:\n  " + "\n  ".join(problems))
+    return problems
 
 
 def initialize(

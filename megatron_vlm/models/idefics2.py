@@ -187,9 +187,13 @@ def build_model_chunks(
                 initialize_weights=initialize_weights,
             )
         )
-    if backend.has_cuda():  # Megatron's layers are born on the GPU, our own few (vision embeddings, norms, latents) are not
-        for chunk in chunks:
-            chunk.cuda(torch.cuda.current_device())
+    # As Megatron-LM's Float16Module: every parameter in the training dtype (torch norms are
+    # born fp32, and GPU kernels refuse a 16-bit input with fp32 weights), and on the GPU
+    # (Megatron's layers are born there, our vision embeddings, norms and latents are not).
+    dtype = specs.torch_dtype(precision.params_dtype)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend.has_cuda() else None
+    for chunk in chunks:
+        chunk.to(device=device, dtype=dtype)
     if precision.fp8 and backend.fp8_backend(precision.fp8_backend) == "torch":
         use_torch_fp8(chunks, precision.fp8)
     return chunks

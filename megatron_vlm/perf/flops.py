@@ -29,14 +29,24 @@ def vision_forward_flops(config: ModelConfig, patches: int) -> float:
     return embed + v.num_layers * per_layer + projection + c.depth * resampler_layer
 
 
-def decoder_forward_flops(config: ModelConfig, tokens: int, attended: int) -> float:
-    """``tokens`` positions through the decoder and the output layer; ``attended`` is the sum over
-    positions of how many keys each attends to (causal, document-aware)."""
+def decoder_layer_forward_flops(config: ModelConfig, tokens: int, attended: int) -> float:
+    """One decoder layer over ``tokens`` positions; ``attended`` is the sum over positions of how
+    many keys each attends to (causal, document-aware)."""
     t = config.text
     h, kv = t.hidden_size, t.num_kv_heads * t.head_dim
-    per_token_layer = 2 * h * (h + 2 * kv) + 2 * h * h + 2 * 3 * h * t.intermediate_size
-    attention = 2 * 2 * attended * h
-    return t.num_layers * (tokens * per_token_layer + attention) + 2 * tokens * h * t.vocab_size
+    per_token = 2 * h * (h + 2 * kv) + 2 * h * h + 2 * 3 * h * t.intermediate_size
+    return tokens * per_token + 2 * 2 * attended * h
+
+
+def output_layer_forward_flops(config: ModelConfig, tokens: int) -> float:
+    return 2 * tokens * config.text.hidden_size * config.text.vocab_size
+
+
+def decoder_forward_flops(config: ModelConfig, tokens: int, attended: int) -> float:
+    """``tokens`` positions through every decoder layer and the output layer."""
+    return config.text.num_layers * decoder_layer_forward_flops(config, tokens, attended) + output_layer_forward_flops(
+        config, tokens
+    )
 
 
 def batch_training_flops(config: ModelConfig, batch: dict[str, torch.Tensor]) -> float:

@@ -1,4 +1,4 @@
-"""Pretraining, top to bottom: environment -> model -> data -> steps -> checkpoints."""
+"""Pretraining, top to bottom: environment -> data -> model -> steps -> checkpoints."""
 
 from __future__ import annotations
 
@@ -24,9 +24,11 @@ from megatron_vlm.models.idefics2 import build_model_chunks
 from megatron_vlm.models.lora import apply_trainable, merge_lora
 from megatron_vlm.models.specs import torch_dtype
 from megatron_vlm.perf.flops import batch_training_flops, measured_matmul_tflops
+from megatron_vlm.perf.memory import TrainingMemoryMeter
 from megatron_vlm.training import checkpoint
-from megatron_vlm.training.metrics import Metrics, log_line, logger, memory_gib
+from megatron_vlm.training.metrics import Metrics, log_line, logger
 from megatron_vlm.training.preemption import PreemptionHandler
+from megatron_vlm.training.results import RunResults
 from megatron_vlm.training.step import build_optimizer, train_step, wrap_ddp
 
 MODEL_INPUTS = (
@@ -74,6 +76,35 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     checkpoints = output / "checkpoints"
     resume_from = checkpoint.latest_checkpoint(checkpoints)
 
+    # --- data: this data-parallel rank's share of the mixture
+    tokenizer = load_tokenizer()
+    if image_token_ids(tokenizer)["<image>"] != run.model.image_token_id:
+        raise ValueError("the tokenizer's <image> id differs from the model's image_token_id")
+    data_config = load_data_config(
+        run.data.mixture,
+        run.data.root,
+        micro_batch_size=run.data.micro_batch_size,
+        image_backend=run.data.image_backend,
+        seed=training.seed,
+    )
+    loader = MultimodalLoader(
+        data_config,
+        tokenizer,
+        run.model.connector.num_latents,
+        run.model.image_token_id,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+    )
+
+    reports = (
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+    metrics = Metrics(output / "tensorboard" if reports else None)
+    memory = TrainingMemoryMeter()
+    memory.start()  # the training state counts from here, as the memory model's does (results.json)
+
     # --- model: build, start weights, what trains, DDP, optimizer, schedule
     chunks = build_model_chunks(run.model, run.parallel, run.precision)
     if training.load_weights and resume_from is None:
@@ -110,26 +141,6 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         wd_incr_style="constant",
     )
 
-    # --- data: this data-parallel rank's share of the mixture
-    tokenizer = load_tokenizer()
-    if image_token_ids(tokenizer)["<image>"] != run.model.image_token_id:
-        raise ValueError("the tokenizer's <image> id differs from the model's image_token_id")
-    data_config = load_data_config(
-        run.data.mixture,
-        run.data.root,
-        micro_batch_size=run.data.micro_batch_size,
-        image_backend=run.data.image_backend,
-        seed=training.seed,
-    )
-    loader = MultimodalLoader(
-        data_config,
-        tokenizer,
-        run.model.connector.num_latents,
-        run.model.image_token_id,
-        parallel_state.get_data_parallel_rank(),
-        parallel_state.get_data_parallel_world_size(),
-    )
-
     # --- resume
     iteration = 0
     if resume_from is not None:
@@ -140,12 +151,6 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         if env.rank == 0:
             logger.info("resumed from %s at step %d", resume_from, iteration)
 
-    reports = (
-        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        and parallel_state.get_tensor_model_parallel_rank() == 0
-        and parallel_state.get_data_parallel_rank() == 0
-    )
-    metrics = Metrics(output / "tensorboard" if reports else None)
     preemption = PreemptionHandler()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # The device's matmul peak, measured now; the best rank's figure (others may be disturbed).
@@ -155,6 +160,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     )
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     peak_tflops = float(peak[0])
+    results = RunResults(run, memory, peak_tflops)
     if env.rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "run_config.json").write_text(json.dumps(to_dict(run), indent=2, default=str))
@@ -174,6 +180,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     while iteration < training.train_steps:
         batches = [next(loader) for _ in range(micro_batches_per_step)]
         inputs = [{k: b[k].to(device, non_blocking=True) for k in MODEL_INPUTS} for b in batches]
+        results.observe(batches)
         step = train_step(model, optimizer, inputs)
         if step["updated"] and math.isfinite(step["loss"]):
             scheduler.step(increment=1)
@@ -210,11 +217,12 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
                 "images_per_second": totals[1].item() / elapsed,
                 "tflops_per_second": achieved,
                 "mfu": achieved / (peak_tflops * env.world_size),
-                "memory_gib": memory_gib(),
+                "memory_gib": memory.process_peak_bytes() / 2**30,
                 "skipped_samples": float(sum(loader.skipped.values())),
                 "skipped_steps": float(skipped_steps),
             }
             metrics.write(iteration, last)
+            results.add_window(*totals.tolist(), seconds=elapsed, steps=window["steps"])
             if reports:
                 logger.info(log_line(iteration, training.train_steps, last, elapsed / window["steps"]))
             window_start, window = time.perf_counter(), dict(tokens=0.0, images=0.0, flops=0.0, steps=0)
@@ -238,6 +246,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
             logger.info("preempted at step %d: checkpoint written, exiting for requeue", iteration)
             break
     metrics.close()
+    results.write(output / "results.json", iteration, last, env.world_size)
     distributed.shutdown()
     return {"iteration": iteration, **last}
 

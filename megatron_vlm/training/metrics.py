@@ -6,10 +6,6 @@ import datetime
 import logging
 from pathlib import Path
 
-import torch
-
-from megatron_vlm.perf.memory import peak_rss_bytes
-
 logger = logging.getLogger("megatron_vlm.train")
 
 TENSORBOARD_METRICS = (
@@ -24,13 +20,6 @@ TENSORBOARD_METRICS = (
     "skipped_samples",
     "skipped_steps",
 )
-
-
-def memory_gib() -> float:
-    """Peak memory of this process: the GPU allocator's peak on GPUs, resident memory on CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return peak_rss_bytes() / 2**30
 
 
 class Metrics:
