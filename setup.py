@@ -21,6 +21,7 @@ setup(
         "sentencepiece>=0.2",
         "protobuf>=4",
         "mistral-common>=1.5",  # ships the real Mistral-7B tokenizer: nothing is downloaded at run time
+        "matplotlib>=3.7",  # tools/analyze_scaling.py plots
     ],
     extras_require={
         "test": [

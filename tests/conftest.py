@@ -6,7 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import subprocess  # noqa: E402
+
 import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +26,25 @@ def megatron_single_process():
     distributed.initialize(ParallelConfig(), tiny_config())
     yield
     distributed.shutdown()
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """The cluster .ci/run started (SLURM_CONF), or one started here for this module."""
+    if os.environ.get("SLURM_CONF"):
+        yield os.environ["SLURM_CONF"]
+        return
+    state = tmp_path_factory.mktemp("slurm")
+    subprocess.run(["bash", str(ROOT / "slurm/local_cluster.sh"), "start", str(state)], check=True, timeout=600)
+    yield str(state / "slurm.conf")
+    subprocess.run(["bash", str(ROOT / "slurm/local_cluster.sh"), "stop", str(state)], check=False, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    from megatron_vlm.data.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("data")
+    for name in ("interleaved", "pairs", "pages"):
+        preprocess([ROOT / "examples" / "data" / f"{name}.jsonl"], root / name, samples_per_shard=4, progress=False)
+    return root

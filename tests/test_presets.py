@@ -40,7 +40,7 @@ def test_unknown_preset_and_unknown_keys_are_named(tmp_path):
         load_model_preset(bad)
 
 
-@pytest.mark.parametrize("preset", ["idefics2-8b", "tiny"])
+@pytest.mark.parametrize("preset", ["idefics2-8b", "small", "tiny"])
 def test_hf_config_round_trip(preset):
     config = load_model_preset(preset)
     assert from_hf_config(to_hf_config(config)) == dataclasses.replace(

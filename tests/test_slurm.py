@@ -14,28 +14,6 @@ pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """The cluster .ci/run started (SLURM_CONF), or one started here for this module."""
-    if os.environ.get("SLURM_CONF"):
-        yield os.environ["SLURM_CONF"]
-        return
-    state = tmp_path_factory.mktemp("slurm")
-    subprocess.run(["bash", str(ROOT / "slurm/local_cluster.sh"), "start", str(state)], check=True, timeout=600)
-    yield str(state / "slurm.conf")
-    subprocess.run(["bash", str(ROOT / "slurm/local_cluster.sh"), "stop", str(state)], check=False, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from megatron_vlm.data.preprocess import preprocess
-
-    root = tmp_path_factory.mktemp("data")
-    for name in ("interleaved", "pairs", "pages"):
-        preprocess([ROOT / "examples" / "data" / f"{name}.jsonl"], root / name, samples_per_shard=4, progress=False)
-    return root
-
-
 def submit(slurm, run_dir, data_root, overrides):
     run_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the --output directory
     env = {
