@@ -158,6 +158,17 @@ def markdown(results: list[dict], strong: list[dict], weak: list[dict], problems
     return "\n".join(lines) + "\n"
 
 
+def _gpu_axis(axis: object, results: list[dict]) -> None:
+    """GPU counts on a log-2 axis, labelled with the counts themselves."""
+    from matplotlib.ticker import NullLocator
+
+    counts = sorted({r["world_size"] for r in results})
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(counts, [str(count) for count in counts])
+    axis.xaxis.set_minor_locator(NullLocator())
+    axis.set_xlabel("GPUs (ranks)")
+
+
 def plot(results: list[dict], strong: list[dict], weak: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -177,8 +188,7 @@ def plot(results: list[dict], strong: list[dict], weak: list[dict], out: Path) -
         for key, members in sorted(lines.items()):
             members.sort(key=lambda r: r["world_size"])
             axis.plot([r["world_size"] for r in members], [r[metric] for r in members], marker="o", label=key)
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("GPUs (ranks)")
+        _gpu_axis(axis, results)
         axis.set_ylabel(label)
         axis.set_title(f"{label} against GPUs")
         axis.grid(True, alpha=0.3)
@@ -198,8 +208,7 @@ def plot(results: list[dict], strong: list[dict], weak: list[dict], out: Path) -
                 [row["gpus"] for row in members], [100 * row["efficiency"] for row in members], marker="o", label=key
             )
         axis.axhline(100, color="grey", linestyle="--", linewidth=1)
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("GPUs (ranks)")
+        _gpu_axis(axis, results)
         axis.set_title(title + ("" if rows else " (no groups)"))
         axis.grid(True, alpha=0.3)
         if rows:
