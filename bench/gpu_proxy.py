@@ -40,17 +40,8 @@ from megatron_vlm.perf.flops import batch_training_flops, measured_matmul_tflops
 from megatron_vlm.perf.memory import TrainingMemoryMeter  # noqa: E402
 from megatron_vlm.perf.memory_model import TrainingSetup, Workload, model_parameters, predict_stage_memory  # noqa: E402
 from megatron_vlm.perf.workload import synthetic_micro_batch  # noqa: E402
+from megatron_vlm.training.loop import MODEL_INPUTS  # noqa: E402
 from megatron_vlm.training.step import build_optimizer, train_step, wrap_ddp  # noqa: E402
-
-MODEL_INPUTS = (
-    "input_ids",
-    "position_ids",
-    "attention_mask",
-    "pixel_values",
-    "pixel_attention_mask",
-    "labels",
-    "loss_mask",
-)
 
 
 def proxy_config(text_layers: int, vision_layers: int, smoke: bool) -> ModelConfig:
@@ -125,7 +116,8 @@ def main() -> None:
     if device == "cpu" and not args.smoke:
         raise SystemExit("this benchmark needs a GPU (use --smoke to check the script on CPU)")
     if args.smoke:
-        args.seq_length, args.images, args.image_side, args.steps, args.warmup = 256, 2, 56, 1, 1
+        args.seq_length, args.images, args.image_side, args.steps, args.warmup = 128, 2, 56, 1, 0
+        args.micro_batches = 2
 
     config = proxy_config(args.text_layers, args.vision_layers, args.smoke)
     parallel = ParallelConfig()
