@@ -103,12 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not feasible:
         print("| - | none fits: add GPUs, freeze parts, or shorten sequences | | | | | | |")
-    reasons = Counter(
-        problem.split(":")[0] if problem.startswith("impossible") else _reason_kind(problem)
-        for e in infeasible
-        for problem in e.problems
-    )
-    print(f"\n{len(infeasible)} infeasible layouts; reasons (count):")
+    reasons = Counter(_reason_kind(problem) for e in infeasible for problem in e.problems)
+    print(f"\n{len(infeasible)} infeasible layouts; reasons (a layout may have several), count:")
     for reason, count in reasons.most_common():
         print(f"  {count:5d}  {reason}")
     print("\nexamples:")
@@ -157,6 +153,8 @@ def _reason_kind(problem: str) -> str:
         return "too few micro-batches for the interleaved schedule"
     if "must divide the" in problem:
         return "TP does not divide heads / widths"
+    if "make_vocab_size_divisible_by" in problem:
+        return "TP does not divide the padded vocabulary"
     if "do not split over" in problem or "split evenly" in problem:
         return "decoder layers do not split over PP x VPP"
     return problem

@@ -160,7 +160,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     )
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     peak_tflops = float(peak[0])
-    results = RunResults(run, memory, peak_tflops)
+    results = RunResults(run, memory, peak_tflops, env.world_size, micro_batches_per_step)
     if env.rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "run_config.json").write_text(json.dumps(to_dict(run), indent=2, default=str))
@@ -246,7 +246,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
             logger.info("preempted at step %d: checkpoint written, exiting for requeue", iteration)
             break
     metrics.close()
-    results.write(output / "results.json", iteration, last, env.world_size)
+    results.write(output / "results.json", iteration, last)
     distributed.shutdown()
     return {"iteration": iteration, **last}
 

@@ -23,8 +23,13 @@ class RunResults:
     """Throughput over the logged windows after the first (start-up and warm-up excluded),
     and the shapes of the largest micro-batch seen."""
 
-    def __init__(self, run: RunConfig, meter: TrainingMemoryMeter, peak_tflops: float) -> None:
+    def __init__(
+        self, run: RunConfig, meter: TrainingMemoryMeter, peak_tflops: float, world_size: int, micro_batches: int
+    ) -> None:
+        """``micro_batches``: per step and data-parallel rank (``loop.check_batch_layout``)."""
         self.run, self.meter, self.peak_tflops = run, meter, peak_tflops
+        self.world_size, self.micro_batches = world_size, micro_batches
+        self.data_parallel = world_size // (run.parallel.tensor_parallel * run.parallel.pipeline_parallel)
         self.totals = {"tokens": 0.0, "images": 0.0, "flops": 0.0, "seconds": 0.0, "steps": 0}
         self.windows = 0
         self.training_peak = 0  # memory peak as of the last logged step: checkpoint writes after it excluded
@@ -49,13 +54,12 @@ class RunResults:
             self.totals[name] += value
         self.totals["steps"] += steps
 
-    def predicted_stage_peaks(self, world_size: int) -> list[float]:
+    def predicted_stage_peaks(self) -> list[float]:
         run = self.run
-        data_parallel = world_size // (run.parallel.tensor_parallel * run.parallel.pipeline_parallel)
         setup = TrainingSetup(
             parallel=run.parallel,
-            data_parallel=data_parallel,
-            num_microbatches=run.training.global_batch_size // (run.data.micro_batch_size * data_parallel),
+            data_parallel=self.data_parallel,
+            num_microbatches=self.micro_batches,
             params_dtype=run.precision.params_dtype,
             distributed_optimizer=run.training.distributed_optimizer,
             trainable=run.trainable,
@@ -64,7 +68,7 @@ class RunResults:
         work = Workload(self.micro_batch_size, self.seq_length, self.images, self.patches)
         return [stage.peak for stage in predict_memory(run.model, setup, work)]
 
-    def write(self, path: Path, iteration: int, last: dict[str, float], world_size: int) -> dict[str, Any] | None:
+    def write(self, path: Path, iteration: int, last: dict[str, float]) -> dict[str, Any] | None:
         """Collective (gathers every rank's memory); rank 0 writes the file."""
         device = distributed.collective_device()
         mine = torch.tensor(
@@ -76,29 +80,28 @@ class RunResults:
             dtype=torch.float64,
             device=device,
         )
-        gathered = [torch.zeros_like(mine) for _ in range(world_size)]
+        gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
         torch.distributed.all_gather(gathered, mine)
         if distributed.global_rank() != 0:
             return None
         run, totals = self.run, self.totals
         seconds = max(totals["seconds"], 1e-9)
         parallel = run.parallel
-        data_parallel = world_size // (parallel.tensor_parallel * parallel.pipeline_parallel)
         achieved = totals["flops"] / seconds / 1e12
         result = {
             "run": str(path.parent),
             "device": torch.cuda.get_device_name() if backend.has_cuda() else "cpu",
             "nodes": int(os.environ.get("SLURM_JOB_NUM_NODES", "1")),
-            "world_size": world_size,
+            "world_size": self.world_size,
             "slurm_job": os.environ.get("SLURM_JOB_ID"),
             "layout": {
                 "tensor_parallel": parallel.tensor_parallel,
                 "pipeline_parallel": parallel.pipeline_parallel,
                 "virtual_pipeline": parallel.virtual_pipeline,
-                "data_parallel": data_parallel,
+                "data_parallel": self.data_parallel,
                 "micro_batch_size": run.data.micro_batch_size,
                 "global_batch_size": run.training.global_batch_size,
-                "num_microbatches": run.training.global_batch_size // (run.data.micro_batch_size * data_parallel),
+                "num_microbatches": self.micro_batches,
                 "recompute": parallel.recompute,
                 "distributed_optimizer": run.training.distributed_optimizer,
                 "params_dtype": run.precision.params_dtype,
@@ -109,11 +112,11 @@ class RunResults:
             "measured_seconds": totals["seconds"],
             "seconds_per_step": seconds / max(totals["steps"], 1),
             "tokens_per_second": totals["tokens"] / seconds,
-            "tokens_per_second_per_rank": totals["tokens"] / seconds / world_size,
+            "tokens_per_second_per_rank": totals["tokens"] / seconds / self.world_size,
             "images_per_second": totals["images"] / seconds,
             "tflops_per_second": achieved,
             "peak_tflops_per_rank": self.peak_tflops,
-            "mfu": achieved / (self.peak_tflops * world_size),
+            "mfu": achieved / (self.peak_tflops * self.world_size),
             "loss": last.get("loss"),
             "memory": {
                 "measured": ("cuda allocator peak" if backend.has_cuda() else "resident memory above the start (VmHWM)")
@@ -121,7 +124,7 @@ class RunResults:
                 "measured_peak_bytes_per_rank": [int(t[0]) for t in gathered],
                 "process_peak_bytes_per_rank": [int(t[1]) for t in gathered],
                 "stage_of_rank": [int(t[2]) for t in gathered],
-                "predicted_peak_bytes_per_stage": self.predicted_stage_peaks(world_size),
+                "predicted_peak_bytes_per_stage": self.predicted_stage_peaks(),
                 "predicted_for": {
                     "micro_batch_size": self.micro_batch_size,
                     "seq_length": self.seq_length,
