@@ -40,10 +40,18 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def _file_backed_bytes() -> int:
+    """Resident pages that are not process memory: mapped files (library code faulted in on
+    first use) and shared memory."""
+    return sum((_status_kib(field) or 0) * 1024 for field in ("RssFile", "RssShmem"))
+
+
 class TrainingMemoryMeter:
     """Peak memory of the training state, comparable with ``perf.memory_model``: on GPUs the
-    allocator's peak; on CPU the resident peak above the level when ``start`` ran (interpreter,
-    libraries and communicators are there before the model is built)."""
+    allocator's peak; on CPU the anonymous (heap) memory at the resident peak, above its level
+    when ``start`` ran (interpreter, libraries and communicators are there before the model is
+    built). Library pages first touched during training (tens of MiB, depending on the page
+    cache) are resident too but are not training state, so they are left out."""
 
     def __init__(self) -> None:
         self.cuda = torch.cuda.is_available()
@@ -55,12 +63,14 @@ class TrainingMemoryMeter:
             self.baseline = torch.cuda.memory_allocated()
         else:
             reset_peak_rss()
-            self.baseline = current_rss_bytes()
+            self.baseline = current_rss_bytes() - _file_backed_bytes()
 
     def peak_bytes(self) -> int:
         if self.cuda:
             return torch.cuda.max_memory_allocated() - self.baseline
-        return peak_rss_bytes() - self.baseline
+        # File-backed pages only grow during training, so those mapped now bound those mapped
+        # at the peak: this is at least the anonymous memory of the peak moment.
+        return peak_rss_bytes() - _file_backed_bytes() - self.baseline
 
     def process_peak_bytes(self) -> int:
         return torch.cuda.max_memory_allocated() if self.cuda else peak_rss_bytes()
