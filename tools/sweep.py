@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from megatron_vlm.config import load_run_config  # noqa: E402
 from megatron_vlm.distributed import layout_problems  # noqa: E402
+from megatron_vlm.training.loop import check_batch_layout  # noqa: E402
 
 RESOURCE_KEYS = ("nodes", "tasks_per_node")
 SHORT_NAMES = {
@@ -88,8 +89,6 @@ def expand(sweep: dict) -> tuple[list[dict], list[dict]]:
         world = point["nodes"] * point["tasks_per_node"]
         entry = {"name": run_name(point), "point": point, "world_size": world, "overrides": overrides}
         try:
-            from megatron_vlm.training.loop import check_batch_layout
-
             run = load_run_config(sweep["config"], overrides)
             problems = layout_problems(run.model, run.parallel, world, sequence_parallel_kernels=gpus > 0)
             if not problems:
