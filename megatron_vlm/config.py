@@ -29,6 +29,7 @@ class VisionConfig:
     image_size: int = 980  # the position table covers (image_size // patch_size)^2 buckets
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0  # dropout on attention probabilities (training only), as transformers
 
     @property
     def head_dim(self) -> int:
@@ -53,6 +54,7 @@ class ConnectorConfig:
     num_kv_heads: int = 4
     head_dim: int = 96
     rms_norm_eps: float = 1e-5
+    attention_dropout: float = 0.0
 
 
 @dataclass
@@ -68,6 +70,10 @@ class TextConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 32768
+    # Mistral's sliding-window attention: a token sees itself and the window - 1 tokens before it
+    # (within its document). None: full causal attention.
+    sliding_window: int | None = None
+    attention_dropout: float = 0.0
 
     @property
     def head_dim(self) -> int:

@@ -110,6 +110,37 @@ def test_tp2pp2_checkpoint_loads_at_other_layouts_with_identical_logits(converte
     assert torch.equal(torch.load(tmp_path / "pp2vpp2"), reference)
 
 
+def verified(hf_dir, megatron_dir):
+    """verify_conversion.py with its defaults: its JSON line."""
+    output = run_tool("verify_conversion.py", "--hf", str(hf_dir), "--megatron", str(megatron_dir))
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def test_documented_flow_with_defaults_keeps_fp32_and_verifies(converted, tmp_path):
+    """convert_hf_to_megatron.py then verify_conversion.py, every option at its default, on an
+    fp32 source (as idefics2-8b is stored): the checkpoint stays fp32 and verifies at 1e-4."""
+    from megatron_vlm.conversion.megatron_io import read_metadata
+
+    output = run_tool("convert_hf_to_megatron.py", "--hf", str(converted / "hf"), "--out", str(tmp_path / "meg"))
+    result = verified(converted / "hf", tmp_path / "meg")
+    assert result["passed"] and result["max_abs_diff"] <= 1e-4 and result["top1_agreement"] == 1.0
+    assert (result["dtype"], result["compute_dtype"], result["tolerance"]) == ("float32", "float32", 1e-4)
+    assert "in float32 (the source's dtype)" in output
+    assert read_metadata(tmp_path / "meg")["dtype"] == "float32"
+
+
+def test_bf16_conversion_verifies_against_the_same_bf16_weights(converted, tmp_path):
+    """A bf16 checkpoint of an fp32 source is checked against transformers' model loaded in bf16
+    (the same rounded weights), so the default tolerance holds: no slack for the rounding."""
+    output = run_tool(
+        "convert_hf_to_megatron.py", "--hf", str(converted / "hf"), "--out", str(tmp_path / "meg"), "--dtype", "bf16"
+    )
+    result = verified(converted / "hf", tmp_path / "meg")
+    assert result["passed"] and result["max_abs_diff"] <= 1e-4 and result["top1_agreement"] == 1.0
+    assert (result["dtype"], result["tolerance"]) == ("bfloat16", 1e-4)
+    assert "in bfloat16 (as asked)" in output
+
+
 def test_verify_fails_on_a_different_model(converted, tmp_path):
     random_hf_model(load_model_preset("tiny"), seed=6).save_pretrained(tmp_path / "other")
     with pytest.raises(RuntimeError, match='"passed": false'):

@@ -107,3 +107,22 @@ def test_checkpoint_keys_use_transformer_engine_names(models):
     te_name = "language_model.decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
     assert canonical_name(te_name) == "language_model.decoder.layers.3.input_layernorm.weight"
     assert lookup(te_name)[0].hf == ("model.text_model.layers.*.input_layernorm.weight",)
+
+
+def test_sliding_window_matches_hf(megatron_single_process):
+    """Mistral's sliding window, narrower than the sequence (8 of 48 tokens): the decoder's mask
+    must drop keys exactly where transformers does."""
+    config = tiny_config(sliding_window=8)
+    hf = hf_model(config)
+    assert hf.config.text_config.sliding_window == 8
+    model = megatron_model(config, hf)
+    batch = make_batch(config)
+    assert batch.input_ids.shape[1] == 48
+    reference = hf_logits(hf, batch)
+    valid = batch.padding.bool()
+    # The window changes transformers' logits: the test would see a model that ignores it.
+    full = dataclasses.replace(batch, sliding_window=None)
+    hf.config.text_config.sliding_window = None
+    assert (hf_logits(hf, batch) - reference)[valid].abs().max() > 1e-2
+    assert (megatron_logits(model, full) - reference)[valid].abs().max() > 1e-2
+    assert (megatron_logits(model, batch) - reference)[valid].abs().max() <= TOLERANCE

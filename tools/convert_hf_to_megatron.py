@@ -6,6 +6,7 @@
 With TP*PP > 1 the tool runs itself under torchrun on this node (each rank reads only its tensors);
 the checkpoint then loads at any layout. From SigLIP + Mistral the connector is freshly
 initialised (its shape from --connector-preset) and the vocabulary gains the 3 image tokens.
+The weights keep the source's dtype unless --dtype says otherwise.
 """
 
 import argparse
@@ -22,7 +23,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="Megatron checkpoint directory to create")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to convert at")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to convert at")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        help="default: the source's dtype (config.json, else its tensors); float16 or mixed sources: fp32",
+    )
     parser.add_argument(
         "--connector-preset", default="idefics2-8b", help="preset whose connector shape to use (SigLIP + Mistral)"
     )

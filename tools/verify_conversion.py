@@ -3,8 +3,10 @@
     python tools/verify_conversion.py --hf DIR --megatron DIR [--tp 2 --pp 2] [--images a.jpg b.png]
 
 Runs both models on the same inputs (transformers' Idefics2 processor; default photos ship with
-scikit-image) and reports the largest logit difference and top-1 agreement. Exits 1 above
---tolerance.
+scikit-image) and reports the largest logit difference and top-1 agreement as one JSON line.
+transformers' model is loaded in the checkpoint's dtype and both compute in float32, so the
+default tolerance (1e-4) holds for float32 and bfloat16 checkpoints alike; the JSON states the
+dtype and the tolerance. Exits 1 above --tolerance.
 """
 
 import argparse
@@ -20,7 +22,7 @@ def main() -> int:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--images", type=Path, nargs="+", help="photos to use (default: scikit-image's)")
-    parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest |logit difference| (default 1e-4)")
     args = parser.parse_args()
 
     from PIL import Image

@@ -27,8 +27,12 @@ from megatron_vlm.config import ConnectorConfig, ModelConfig, ParallelConfig, Pr
 from megatron_vlm.conversion import mapping
 from megatron_vlm.conversion.hf_config import (
     from_hf_config,
+    refuse_unmodelled,
+    siglip_vision_hf_config,
     text_config_from_hf,
+    text_hf_config,
     to_hf_config_dict,
+    unmodelled_fields,
     vision_config_from_hf,
 )
 from megatron_vlm.conversion.hf_io import HFCheckpoint, ShardedSafetensorsWriter, write_json
@@ -54,13 +58,16 @@ class ConversionReport:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     ignored: list[str] = field(default_factory=list)
+    dtype: str = ""  # what the weights were written in
+    dtype_reason: str = ""  # why that dtype (given, or the source's)
 
     def summary(self) -> str:
         ignored = (
             f"; ignored {len(self.ignored)} source tensors ({', '.join(self.ignored[:4])}...)" if self.ignored else ""
         )
+        dtype = f" in {self.dtype} ({self.dtype_reason})" if self.dtype else ""
         return (
-            f"{self.tensors} tensors, {self.bytes / 2**20:.1f} MiB in {self.seconds:.1f} s; "
+            f"{self.tensors} tensors, {self.bytes / 2**20:.1f} MiB{dtype} in {self.seconds:.1f} s; "
             f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB{ignored}"
         )
 
@@ -103,14 +110,37 @@ def _precision(dtype: str) -> PrecisionConfig:
     return PrecisionConfig(params_dtype=DTYPES[dtype], use_transformer_engine=False)
 
 
+def source_dtype(*checkpoints: HFCheckpoint) -> tuple[str, str]:
+    """(dtype, reason): the dtype the source checkpoints store their weights in, so that a
+    conversion loses nothing by default. float16 sources and sources that disagree (or do not
+    say) convert to float32, which holds them exactly."""
+    found = {checkpoint.dtype() for checkpoint in checkpoints}
+    if found == {torch.bfloat16}:
+        return "bfloat16", "the source's dtype"
+    if found == {torch.float32}:
+        return "float32", "the source's dtype"
+    names = ", ".join(sorted("mixed dtypes" if dtype is None else str(dtype).removeprefix("torch.") for dtype in found))
+    return "float32", f"the source stores {names}; float32 holds it exactly"
+
+
+def _resolve_dtype(dtype: str | None, *checkpoints: HFCheckpoint) -> tuple[str, str]:
+    if dtype is None:
+        return source_dtype(*checkpoints)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype], "as asked"
+
+
 def hf_to_megatron(
-    hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig, dtype: str = "fp32"
+    hf_dir: str | Path, out_dir: str | Path, parallel: ParallelConfig, dtype: str | None = None
 ) -> ConversionReport:
-    """Collective over the TP x PP layout already initialised (``distributed.initialize``)."""
+    """Collective over the TP x PP layout already initialised (``distributed.initialize``).
+    ``dtype`` None: the source checkpoint's (``source_dtype``)."""
     start = time.perf_counter()
     checkpoint = HFCheckpoint(hf_dir)
     config = from_hf_config(checkpoint.config)
     _refuse_unexpected(checkpoint.names, expected_hf_names(config), str(hf_dir))
+    dtype, reason = _resolve_dtype(dtype, checkpoint)
     chunks = build_model_chunks(config, parallel, _precision(dtype), initialize_weights=False)
     mapping.load_hf_weights(
         chunks,
@@ -127,6 +157,8 @@ def hf_to_megatron(
         bytes=checkpoint.nbytes(),
         seconds=time.perf_counter() - start,
         peak_rss_bytes=_max_over_ranks(peak_rss_bytes()),
+        dtype=dtype,
+        dtype_reason=reason,
     )
 
 
@@ -137,25 +169,26 @@ def hf_to_megatron(
 _SIGLIP_IGNORED = ("head.", "vision_model.head.", "text_model.", "logit_scale", "logit_bias")
 
 
-def _siglip_vision_config(config: dict[str, Any]) -> dict[str, Any]:
-    if config.get("model_type") == "siglip" and "vision_config" in config:
-        return config["vision_config"]
-    if config.get("model_type") not in ("siglip_vision_model", "siglip", None):
-        raise ValueError(f"expected a SigLIP config, found model_type={config.get('model_type')!r}")
-    return config
-
-
 def combined_model_config(
     vision_hf: dict[str, Any], text_hf: dict[str, Any], connector: ConnectorConfig, image_size: int
 ) -> ModelConfig:
-    """Idefics2 config from a SigLIP and a Mistral config: vocabulary + 3 image tokens."""
-    if text_hf.get("model_type") not in ("mistral", "llama"):
-        raise ValueError(f"expected a Mistral text config, found model_type={text_hf.get('model_type')!r}")
-    vision = vision_config_from_hf(_siglip_vision_config(vision_hf), image_size=image_size)
+    """Idefics2 config from a SigLIP and a Mistral config.json: vocabulary + 3 image tokens.
+    Both are read through transformers' config classes (their defaults fill missing keys) and
+    a field that would change either model but is not modelled here is refused by name."""
+    vision_source, text_source = siglip_vision_hf_config(vision_hf), text_hf_config(text_hf)
+    vision = vision_config_from_hf(vision_source, image_size=image_size)
     if image_size % vision.patch_size:
         raise ValueError(f"image size {image_size} is not a multiple of the SigLIP patch size {vision.patch_size}")
-    text = text_config_from_hf(text_hf)
+    text = text_config_from_hf(text_source)
     vocab = text.vocab_size
+    written = to_hf_config_dict(ModelConfig(vision=vision, text=text))
+    # The position table is resized to image_size on purpose; SigLIP's pooling head is dropped.
+    problems = unmodelled_fields(
+        vision_source, written["vision_config"], "vision_config.", skip=("image_size", "vision_use_head")
+    )
+    # Mistral has no padding token; the one Idefics2 adds changes no logit.
+    problems += unmodelled_fields(text_source, written["text_config"], "text_config.", skip=("pad_token_id",))
+    refuse_unmodelled(problems)
     return ModelConfig(
         vision=vision,
         connector=connector,
@@ -215,15 +248,17 @@ def separate_to_megatron(
     parallel: ParallelConfig,
     connector: ConnectorConfig,
     image_size: int,
-    dtype: str = "fp32",
+    dtype: str | None = None,
 ) -> ConversionReport:
-    """Collective: SigLIP + Mistral -> Megatron Idefics2 with a freshly initialised connector."""
+    """Collective: SigLIP + Mistral -> Megatron Idefics2 with a freshly initialised connector.
+    ``dtype`` None: the sources' dtype (``source_dtype``)."""
     start = time.perf_counter()
     vision, text = HFCheckpoint(vision_dir), HFCheckpoint(text_dir)
     config = combined_model_config(vision.config, text.config, connector, image_size)
     sources = SeparateCheckpoints(vision, text, config)
     expected = {n for n in expected_hf_names(config) if not n.startswith("model.connector.")}
     _refuse_unexpected(set(sources.names), expected, f"{vision_dir} + {text_dir}")
+    dtype, reason = _resolve_dtype(dtype, vision, text)
     chunks = build_model_chunks(config, parallel, _precision(dtype))
     mapping.load_hf_weights(
         chunks,
@@ -242,6 +277,8 @@ def separate_to_megatron(
         seconds=time.perf_counter() - start,
         peak_rss_bytes=_max_over_ranks(peak_rss_bytes()),
         ignored=sources.ignored,
+        dtype=dtype,
+        dtype_reason=reason,
     )
 
 

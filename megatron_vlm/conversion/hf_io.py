@@ -54,8 +54,16 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + length
 
 
+def host_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy (or the tensor itself when it already is one) without autograd
+    history: what the byte view below needs, whatever device or layout the tensor comes from
+    (on a GPU host the exported model lives on CUDA)."""
+    return tensor.detach().to("cpu").contiguous()
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """One safetensors file, each tensor's bytes written straight from its storage."""
+    """One safetensors file, each tensor's bytes written from a host copy of it."""
+    tensors = {name: host_tensor(tensor) for name, tensor in tensors.items()}
     header, offset = {}, 0
     for name, tensor in tensors.items():
         size = tensor.numel() * tensor.element_size()
@@ -72,7 +80,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         for tensor in tensors.values():
-            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
 class HFCheckpoint:
@@ -144,6 +152,19 @@ class HFCheckpoint:
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in set(self.file_of.values()))
 
+    def dtype(self) -> torch.dtype | None:
+        """The dtype the weights are stored in: config.json's ``dtype`` (``torch_dtype`` before
+        transformers 5), else the floating dtype of the tensors when they all agree; None when
+        neither says."""
+        name = self.config.get("dtype") or self.config.get("torch_dtype")
+        if isinstance(name, str):
+            dtype = getattr(torch, name.removeprefix("torch."), None)
+            if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+                return dtype
+        stored = {self._header(file)[0][name]["dtype"] for name, file in self.file_of.items()}
+        floating = {_DTYPES[entry] for entry in stored if _DTYPES[entry].is_floating_point}
+        return floating.pop() if len(floating) == 1 else None
+
 
 class ShardedSafetensorsWriter:
     """Writes tensors as they come into ``model-0000i-of-0000N.safetensors`` files of at most
@@ -167,7 +188,8 @@ class ShardedSafetensorsWriter:
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor
+        # Pending tensors wait in host memory (bounded by the shard size), not on the GPU.
+        self._pending[name] = host_tensor(tensor)
         self._pending_bytes += size
         self.total_bytes += size
 

@@ -113,12 +113,15 @@ def save_model(
 def check_compatible(
     metadata: dict[str, Any], model_config: ModelConfig, trainable: TrainableConfig | None = None
 ) -> None:
-    """Refuse a checkpoint whose model differs from ours, naming every differing field."""
-    saved = metadata["model"]
+    """Refuse a checkpoint whose model differs from ours, naming every differing field. A field
+    the checkpoint predates (e.g. sliding_window) reads as its default, as ``model_config_of`` does."""
+    saved = to_dict(model_config_of(metadata))
     ours = to_dict(model_config)
     differences = []
     for section in ("vision", "connector", "text"):
         for key, value in ours[section].items():
+            if key == "attention_dropout":  # a training setting, free to differ from the checkpoint's
+                continue
             if saved.get(section, {}).get(key) != value:
                 differences.append(f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, model {value!r}")
     for key in ("make_vocab_size_divisible_by", "image_token_id"):

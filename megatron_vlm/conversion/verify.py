@@ -4,14 +4,20 @@
 loads it into the Megatron model through the mapping table, runs both on a batch mixing images of
 several aspect ratios, a text-only row and padding, and reports the largest logit difference
 (non-zero exit above the tolerance). The pieces are shared with the tests.
+
+On a GPU host the Megatron model lives on CUDA (``build_model_chunks``): its inputs are moved to
+its device (``on_model_device``), its logits come back to the CPU, and transformers' reference
+runs on the CPU, with TF32 off so that both sides compute in true float32.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,10 @@ from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig, lo
 from megatron_vlm.conversion.hf_config import to_hf_config
 from megatron_vlm.conversion.mapping import load_hf_weights
 from megatron_vlm.models.idefics2 import build_model_chunks, causal_attention_mask, gather_logits
+
+# Both models compute in float32 on the same weights (the checkpoint's, in its dtype), so what is
+# left is float32 rounding in a different order: measured ~3e-7 on the tiny model (fp32 and bf16).
+DEFAULT_TOLERANCE = 1e-4
 
 IMAGE_SIZES = [(56, 98), (98, 42), (60, 90), (84, 84)]  # (h, w): wide, tall, non-multiple of 14, square
 
@@ -45,6 +55,7 @@ class Batch:
     images_per_row: list[list[tuple[int, int]]]
     pixel_values: torch.Tensor  # [images, 3, H, W] batch-major
     pixel_mask: torch.Tensor  # [images, H, W]
+    sliding_window: int | None = None  # the decoder's (TextConfig.sliding_window), for the mask
 
 
 def make_batch(
@@ -77,7 +88,7 @@ def make_batch(
     for i, (h, w) in enumerate(sizes):
         pixel_values[i, :, :h, :w] = torch.randn(3, h, w, generator=generator)
         pixel_mask[i, :h, :w] = True
-    return Batch(input_ids, padding, images_per_row, pixel_values, pixel_mask)
+    return Batch(input_ids, padding, images_per_row, pixel_values, pixel_mask, config.text.sliding_window)
 
 
 def hf_inputs(batch: Batch) -> dict[str, torch.Tensor]:
@@ -108,12 +119,36 @@ def hf_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return model(**hf_inputs(batch)).logits
 
 
+def model_device(chunks: Sequence[torch.nn.Module]) -> torch.device:
+    """Where the model's inputs must live: the device of its first parameter (CUDA on a GPU host,
+    where ``build_model_chunks`` moves the model)."""
+    return next(chunks[0].parameters()).device
+
+
+def on_model_device(chunks: Sequence[torch.nn.Module], inputs: dict[str, Any]) -> dict[str, Any]:
+    """The model's inputs moved to the model's device (non-tensors as they are)."""
+    device = model_device(chunks)
+    return {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
+
+
+@contextlib.contextmanager
+def true_float32() -> Iterator[None]:
+    """TF32 off for matmuls and convolutions (cuDNN convolutions use TF32 by default), so a
+    float32 comparison on a GPU is one (restored on exit)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 def megatron_inputs(batch: Batch) -> dict[str, torch.Tensor]:
     seq = batch.input_ids.shape[1]
     return dict(
         input_ids=batch.input_ids,
         position_ids=torch.arange(seq).expand_as(batch.input_ids),
-        attention_mask=causal_attention_mask(batch.padding),
+        attention_mask=causal_attention_mask(batch.padding, batch.sliding_window),
         pixel_values=batch.pixel_values,
         pixel_attention_mask=batch.pixel_mask,
     )
@@ -179,7 +214,7 @@ def processor_inputs(
     megatron = dict(
         input_ids=hf["input_ids"],
         position_ids=torch.arange(seq).expand_as(hf["input_ids"]),
-        attention_mask=causal_attention_mask(hf["attention_mask"]),
+        attention_mask=causal_attention_mask(hf["attention_mask"], config.text.sliding_window),
         pixel_values=flat_pixels[real],
         pixel_attention_mask=flat_mask[real],
     )
@@ -191,40 +226,57 @@ def verify_checkpoints(
     megatron_dir: str | Path,
     parallel: ParallelConfig,
     photos: list[Any] | None = None,
-    tolerance: float = 1e-4,
-) -> dict[str, float | bool]:
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> dict[str, Any]:
     """Collective over the initialised layout: logits of both models on the same real photos and
-    text. Every rank returns the same result."""
+    text. Every rank returns the same result.
+
+    Like is compared with like: transformers' model is loaded in the checkpoint's dtype (so a
+    bfloat16 conversion of a float32 source is checked against the same bfloat16-rounded
+    weights, not against the float32 ones it was rounded from), then both models compute in
+    float32, on whatever device each lives on; the tolerance therefore holds for every dtype."""
     from megatron.core import parallel_state
     from transformers import Idefics2ForConditionalGeneration
 
     from megatron_vlm.conversion.megatron_io import load_model, model_config_of, read_metadata
+    from megatron_vlm.distributed import collective_device
     from megatron_vlm.training.step import forward_logits
 
-    config = model_config_of(read_metadata(megatron_dir))
+    metadata = read_metadata(megatron_dir)
+    config, dtype = model_config_of(metadata), metadata["dtype"]
     tokenizer_dir = hf_dir if (Path(hf_dir) / "tokenizer_config.json").is_file() else None
     hf_inputs_, megatron_inputs_ = processor_inputs(config, photos or default_photos(), tokenizer_dir)
     chunks = build_model_chunks(
-        config, parallel, PrecisionConfig(use_transformer_engine=False), initialize_weights=False
+        config,
+        parallel,
+        PrecisionConfig(params_dtype="float32", use_transformer_engine=False),
+        initialize_weights=False,
     )
     load_model(chunks, megatron_dir, config)
-    ours = forward_logits(chunks, megatron_inputs_, config.text.vocab_size)
+    with true_float32():
+        ours = forward_logits(chunks, on_model_device(chunks, megatron_inputs_), config.text.vocab_size)
     result = torch.zeros(3, dtype=torch.float64)
     if (
         ours is not None
         and parallel_state.get_tensor_model_parallel_rank() == parallel_state.get_data_parallel_rank() == 0
     ):
-        hf = Idefics2ForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        ours = ours.float().cpu()
+        hf = Idefics2ForConditionalGeneration.from_pretrained(str(hf_dir), dtype=getattr(torch, dtype))
+        hf = hf.float().eval()  # the checkpoint's weights, computed in float32 on the CPU
         with torch.no_grad():
             reference = hf(**hf_inputs_).logits
         valid = hf_inputs_["attention_mask"].bool()
         result[0] = (ours - reference)[valid].abs().max()
         result[1] = (ours.argmax(-1) == reference.argmax(-1))[valid].double().mean()
         result[2] = 1.0
+    result = result.to(collective_device())  # NCCL reduces CUDA tensors only
     torch.distributed.all_reduce(result)  # exactly one rank filled it in
+    result = result.cpu()
     return {
         "max_abs_diff": float(result[0]),
         "top1_agreement": float(result[1]),
+        "dtype": dtype,
+        "compute_dtype": "float32",
         "tolerance": tolerance,
         "passed": bool(result[0] <= tolerance),
         "images": int(megatron_inputs_["pixel_values"].shape[0]),
@@ -236,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny", help="model preset name or YAML path (default: tiny)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -251,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         load_hf_weights([model], state.__getitem__, set(state), config, 0, 1)
         batch = make_batch(config, seed=args.seed, seq_len=max(48, 4 + 2 * (config.connector.num_latents + 4)))
         reference = hf_logits(hf, batch)
-        with torch.no_grad():
-            ours = gather_logits(model.eval()(**megatron_inputs(batch)), config.text.vocab_size)
+        with torch.no_grad(), true_float32():
+            logits = model.eval()(**on_model_device([model], megatron_inputs(batch)))
+            ours = gather_logits(logits, config.text.vocab_size).cpu()
         valid = batch.padding.bool()
         difference = float((ours - reference)[valid].abs().max())
         images = sum(len(row) for row in batch.images_per_row)

@@ -9,6 +9,9 @@
 * ``state_dict()`` holds, per source, the epoch, the cursor and the documents read but not yet
   handed out; ``load_state_dict()`` re-reads those and continues with the same samples in the
   same order.
+* Images are torch tensors where they were decoded: with the 'dali-gpu' backend on this rank's
+  own GPU (``dali.decoding_device_id``), so ``pixel_values`` reach the model without a host round
+  trip; otherwise on the CPU. The state holds stream positions only, never image data.
 """
 
 from __future__ import annotations
@@ -129,6 +132,7 @@ class MultimodalLoader:
         image_token_id: int,
         dp_rank: int = 0,
         dp_size: int = 1,
+        sliding_window: int | None = None,  # the decoder's (TextConfig.sliding_window), for the masks
     ) -> None:
         if not config.sources:
             raise ValueError("the data config names no source")
@@ -145,6 +149,7 @@ class MultimodalLoader:
                 max_images_per_sequence=config.max_images_per_sequence,
                 pad_token_id=tokenizer.pad_token_id or 0,
                 pack=config.pack,
+                sliding_window=sliding_window,
             )
             for s in config.sources
         }
@@ -159,7 +164,8 @@ class MultimodalLoader:
     # -- documents ---------------------------------------------------------------------------
 
     def encode(self, sample: Sample, source: str, position: int) -> Document:
-        """Sample -> tokens ([BOS] text with image placeholders [EOS]) and processed images."""
+        """Sample -> tokens ([BOS] text with image placeholders [EOS]) and processed images
+        (float32 [3, h, w] tensors on the decoding device)."""
         pieces = []
         try:
             images = [crop for crops in self.images(sample.images) for crop in crops]

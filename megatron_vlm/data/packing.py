@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from megatron_vlm.data.images import pad_images
@@ -20,7 +19,7 @@ from megatron_vlm.data.images import pad_images
 @dataclass
 class Document:
     tokens: list[int]
-    images: list[np.ndarray]  # processed images, one per <image> run, in order
+    images: list[torch.Tensor]  # processed images [3, h, w], one per <image> run, in order (any device)
     source: str = ""
     position: int = -1  # where it came from in its source's stream (for exact resume)
 
@@ -33,6 +32,8 @@ class PackingConfig:
     max_images_per_sequence: int = 32
     pad_token_id: int = 0
     pack: bool = True  # False: one document per sequence, padded
+    # The decoder's sliding attention window (TextConfig.sliding_window); None: full causal.
+    sliding_window: int | None = None
 
 
 def image_runs(tokens: list[int], image_token_id: int) -> list[tuple[int, int]]:
@@ -76,7 +77,7 @@ def fit(document: Document, config: PackingConfig, room: int, image_room: int) -
 class PackedSequence:
     tokens: list[int]
     document_ids: list[int]  # -1 for padding
-    images: list[np.ndarray]
+    images: list[torch.Tensor]
     positions: list[int]  # stream positions of the documents it holds
 
 
@@ -148,9 +149,14 @@ def collate(
     index = torch.arange(seq_len).expand(batch, -1)
     last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
     position_ids = torch.where(real, index - last_start, torch.zeros_like(index))
-    # Attention: causal, within the same document; padding attends to nothing real but itself.
+    # Attention: causal, within the same document (and the sliding window, counted as
+    # transformers does: keys less than the window behind the query); padding attends to
+    # nothing real but itself.
     same = documents[:, :, None] == documents[:, None, :]
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    behind = torch.arange(seq_len)[:, None] - torch.arange(seq_len)[None, :]
+    causal = behind >= 0
+    if config.sliding_window is not None:
+        causal &= behind < config.sliding_window
     allowed = same & causal & real[:, None, :]
     allowed |= torch.eye(seq_len, dtype=torch.bool)  # no fully masked row
     # Labels: the next token of the same document, never an <image> placeholder.
