@@ -116,7 +116,7 @@ def fake_document(position, text_tokens, images, image_seq_len=4):
     tokens = [1] + [10 + position] * text_tokens
     for _ in range(images):
         tokens += [32000] + [IMAGE_TOKEN] * image_seq_len + [32000, 20]
-    return Document(tokens + [2], [torch.zeros(3, 14, 14).numpy() for _ in range(images)], "s", position)
+    return Document(tokens + [2], [torch.zeros(3, 14, 14) for _ in range(images)], "s", position)
 
 
 def test_packing_masks_positions_and_labels_respect_documents():

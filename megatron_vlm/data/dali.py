@@ -5,6 +5,10 @@ from the image header (Idefics2's rules); DALI then decodes only each window (``
 nvJPEG / the hardware JPEG decoder with 'mixed'), resizes with an antialiased linear filter and
 normalizes to CHW float32. Pillow's bilinear filter and DALI's differ slightly; the bound is
 asserted in ``tests/test_dali.py``. EXIF orientation is ignored, as transformers ignores it.
+
+Every processor returns, per encoded image, a list of float32 torch tensors [3, h, w]: on the CPU
+for Pillow and DALI-CPU; on this rank's own GPU for DALI 'mixed' (``decoding_device_id``), copied
+there from DALI's buffers on torch's current stream, so they reach the model without a host trip.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from megatron_vlm import backend
 from megatron_vlm.data.images import ImageConfig, process_image, resized_size
 from megatron_vlm.data.preprocess import ImageLimits, size_problem
 from megatron_vlm.data.shards import CorruptSample
+from megatron_vlm.distributed import detect_environment
 
 
 def open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -49,26 +55,49 @@ def crop_windows(height: int, width: int, config: ImageConfig) -> list[tuple[int
     ]
 
 
+def decoding_device_id() -> int:
+    """The CUDA device this process decodes on: the one its model lives on.
+
+    Once CUDA is initialized the current device decides (the trainer's ``distributed.initialize``
+    sets it to the local rank before the loader is built); before that, the launcher's local rank
+    (torchrun, Slurm, MPI: ``distributed.detect_environment``), which is where that call will put it.
+    Never a fixed 0: every rank of a node would decode on GPU 0.
+    """
+    if not backend.has_cuda():
+        raise RuntimeError("DALI 'mixed' decoding needs a GPU; use the dali-cpu or pillow backend")
+    if torch.cuda.is_initialized():
+        return torch.cuda.current_device()
+    env = detect_environment()
+    visible = torch.cuda.device_count()  # NVML: does not initialize CUDA
+    if 0 < visible <= env.local_rank:
+        raise RuntimeError(
+            f"local rank {env.local_rank} ({env.launcher}) has no GPU of its own: {visible} visible; "
+            "start at most one process per GPU or pass device_id"
+        )
+    return env.local_rank
+
+
 class PillowImageProcessor:
     name = "pillow"
 
     def __init__(self, config: ImageConfig, limits: ImageLimits | None = None) -> None:
         self.config, self.limits = config, limits or ImageLimits()
 
-    def __call__(self, encoded: Sequence[bytes]) -> list[list[np.ndarray]]:
+    def __call__(self, encoded: Sequence[bytes]) -> list[list[torch.Tensor]]:
         outputs = []
         for data in encoded:
             with open_checked(data, self.limits) as image:
                 try:
-                    outputs.append(process_image(image, self.config))
+                    outputs.append([torch.from_numpy(crop) for crop in process_image(image, self.config)])
                 except Exception as error:  # noqa: BLE001 - a truncated file fails only at decode
                     raise CorruptSample("corrupt_image", str(error)) from error
         return outputs
 
 
 class DaliImageProcessor:
-    """Batched DALI decoding. ``device='gpu'`` decodes with 'mixed' on ``device_id``;
-    ``device='cpu'`` runs the same graph on CPU threads (``device_id=None``)."""
+    """Batched DALI decoding. ``device='gpu'`` decodes with 'mixed' on ``device_id`` (default:
+    ``decoding_device_id()``, this rank's GPU) and returns tensors on that GPU; ``device='cpu'``
+    runs the same graph on CPU threads and returns CPU tensors."""
 
     def __init__(
         self,
@@ -83,12 +112,17 @@ class DaliImageProcessor:
             raise RuntimeError(
                 "NVIDIA DALI is not installed (pip install nvidia-dali-cuda130, or use the pillow backend)"
             )
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"DALI device {device!r}: use 'cpu' or 'gpu'")
         if device == "gpu" and not backend.has_cuda():
             raise RuntimeError("DALI 'mixed' decoding needs a GPU; use device='cpu' or the pillow backend")
         self.config, self.device, self.batch_size = config, device, batch_size
         self.limits = limits or ImageLimits()
         self.name = f"dali-{device}"
-        self._pipeline = self._build(num_threads, (device_id or 0) if device == "gpu" else None)
+        self.device_id: int | None = None
+        if device == "gpu":
+            self.device_id = decoding_device_id() if device_id is None else device_id
+        self._pipeline = self._build(num_threads, self.device_id)
 
     def _build(self, num_threads: int, device_id: int | None) -> Any:
         from nvidia.dali import fn, pipeline_def, types
@@ -111,9 +145,8 @@ class DaliImageProcessor:
                 output_type=types.RGB,
                 adjust_orientation=False,
             )
-            images = fn.resize(
-                images, size=size.gpu() if gpu else size, interp_type=types.INTERP_LINEAR, antialias=True
-            )
+            # ``size`` stays a CPU argument input: DALI refuses GPU data for named arguments.
+            images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
             return fn.crop_mirror_normalize(
                 images,
                 dtype=types.FLOAT,
@@ -123,17 +156,29 @@ class DaliImageProcessor:
             )
 
         built = pipeline()
-        built.build()
+        try:
+            built.build()
+        except RuntimeError as error:
+            where = "on the CPU" if device_id is None else f"on CUDA device {device_id}"
+            raise RuntimeError(f"DALI could not build its {self.name} pipeline {where}: {error}") from error
         return built
 
-    def __call__(self, encoded: Sequence[bytes]) -> list[list[np.ndarray]]:
+    def __call__(self, encoded: Sequence[bytes]) -> list[list[torch.Tensor]]:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        gpu = self.device_id is not None
+        # Outputs are bound to torch's stream on the decoding device, and copied on it into
+        # torch-owned memory: the model's kernels are ordered after the copy, no host sync, and
+        # DALI may reuse its own buffers as soon as the next batch runs.
+        stream = torch.cuda.current_stream(self.device_id) if gpu else None
+        device = torch.device("cuda", self.device_id) if gpu else torch.device("cpu")
         entries = []  # (image index, bytes, window, target size)
         for index, data in enumerate(encoded):
             with open_checked(data, self.limits) as image:  # reads the header only
                 width, height = image.size
             for top, left, h, w in crop_windows(height, width, self.config):
                 entries.append((index, data, (top, left, h, w), resized_size(h, w, self.config)))
-        outputs: list[list[np.ndarray]] = [[] for _ in encoded]
+        outputs: list[list[torch.Tensor]] = [[] for _ in encoded]
         for first in range(0, len(entries), self.batch_size):
             chunk = entries[first : first + self.batch_size]
             self._pipeline.feed_input("encoded", [np.frombuffer(e[1], np.uint8) for e in chunk])
@@ -141,13 +186,13 @@ class DaliImageProcessor:
             self._pipeline.feed_input("shape", [np.array(e[2][2:], np.int32) for e in chunk])
             self._pipeline.feed_input("size", [np.array(e[3], np.float32) for e in chunk])
             try:
-                (batch,) = self._pipeline.run()
+                (batch,) = self._pipeline.run(stream)
             except RuntimeError as error:
                 raise CorruptSample("corrupt_image", f"DALI could not decode: {str(error)[:200]}") from error
-            if self.device == "gpu":
-                batch = batch.as_cpu()
             for position, entry in enumerate(chunk):
-                outputs[entry[0]].append(np.array(batch.at(position)))
+                sample = batch[position]
+                image = torch.empty(sample.shape(), dtype=torch.float32, device=device)
+                outputs[entry[0]].append(feed_ndarray(sample, image, cuda_stream=stream))
         return outputs
 
 

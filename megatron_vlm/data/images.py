@@ -9,6 +9,7 @@ Stage limits: 384 px longest edge in the paper's stage 1, 980 px in stage 2.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,17 +69,29 @@ def process_image(image: Image.Image, config: ImageConfig) -> list[np.ndarray]:
     return processed
 
 
-def pad_images(images: list[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_images(images: Sequence[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Images [3, h_i, w_i] -> pixel_values [N, 3, H, W] (zero padded bottom/right) and
-    pixel_attention_mask [N, H, W] (True on real pixels). N may be 0."""
+    pixel_attention_mask [N, H, W] (True on real pixels). N may be 0.
+
+    Both are allocated where the images live, pixel_values in their dtype: images DALI decoded on
+    a GPU stay on it, with no host round trip. All images must share one device and dtype."""
     if not images:
         return torch.zeros(0, 3, 1, 1), torch.zeros(0, 1, 1, dtype=torch.bool)
-    height = max(image.shape[-2] for image in images)
-    width = max(image.shape[-1] for image in images)
-    pixel_values = torch.zeros(len(images), images[0].shape[0], height, width)
-    mask = torch.zeros(len(images), height, width, dtype=torch.bool)
-    for index, image in enumerate(images):
+    tensors = [torch.as_tensor(image) for image in images]
+    first = tensors[0]
+    for index, image in enumerate(tensors):
+        if image.dim() != 3 or image.shape[0] != first.shape[0]:
+            raise ValueError(f"image {index} has shape {tuple(image.shape)}; expected [{first.shape[0]}, h, w]")
+        if image.device != first.device or image.dtype != first.dtype:
+            raise ValueError(
+                f"image {index} is {image.dtype} on {image.device} but image 0 is {first.dtype} on {first.device}"
+            )
+    height = max(image.shape[-2] for image in tensors)
+    width = max(image.shape[-1] for image in tensors)
+    pixel_values = first.new_zeros(len(tensors), first.shape[0], height, width)
+    mask = torch.zeros(len(tensors), height, width, dtype=torch.bool, device=first.device)
+    for index, image in enumerate(tensors):
         h, w = image.shape[-2:]
-        pixel_values[index, :, :h, :w] = torch.as_tensor(image)
+        pixel_values[index, :, :h, :w] = image
         mask[index, :h, :w] = True
     return pixel_values, mask
