@@ -32,7 +32,8 @@ def has_cuda() -> bool:
 
 
 @functools.cache
-def _imports(module: str) -> bool:
+def imports(module: str) -> bool:
+    """Whether ``module`` imports here (not a capability check: TE's wheel may import nowhere else)."""
     try:
         importlib.import_module(module)
     except Exception:  # noqa: BLE001 - any import failure (missing CUDA libs too) means "absent"
@@ -42,16 +43,16 @@ def _imports(module: str) -> bool:
 
 def has_transformer_engine() -> bool:
     """TE needs a GPU: its import fails on CPU hosts even when the wheel is installed."""
-    return has_cuda() and _imports("transformer_engine.pytorch")
+    return has_cuda() and imports("transformer_engine.pytorch")
 
 
 def has_apex() -> bool:
-    return has_cuda() and _imports("apex")
+    return has_cuda() and imports("apex")
 
 
 def has_dali() -> bool:
     """DALI imports without a GPU (CPU pipelines run with ``device_id=None``)."""
-    return _imports("nvidia.dali")
+    return imports("nvidia.dali")
 
 
 def has_fp8() -> bool:
@@ -61,7 +62,7 @@ def has_fp8() -> bool:
 
 def has_fused_softmax() -> bool:
     """Megatron's fused masked-softmax kernels (a separately built CUDA extension)."""
-    return has_cuda() and _imports("scaled_masked_softmax_cuda")
+    return has_cuda() and imports("scaled_masked_softmax_cuda")
 
 
 def fp8_backend(requested: str) -> str:

@@ -65,11 +65,8 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int) 
         raise ValueError("impossible parallel layout:\n  " + "\n  ".join(problems))
 
 
-def layout_problems(
-    model: ModelConfig, parallel: ParallelConfig, world_size: int, sequence_parallel_kernels: bool | None = None
-) -> list[str]:
-    """Why a layout cannot run (empty if it can). ``sequence_parallel_kernels``: whether the
-    target machines have TE/apex norms (default: this machine's answer)."""
+def layout_problems(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> list[str]:
+    """Why a layout cannot run (empty if it can)."""
     tp, pp, vpp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.virtual_pipeline
     problems = []
     if tp < 1 or pp < 1:
@@ -118,10 +115,10 @@ def layout_problems(
         )
     if vpp is not None and pp < 2:
         problems.append("virtual_pipeline needs pipeline_parallel >= 2")
-    if sequence_parallel_kernels is None:
-        sequence_parallel_kernels = backend.has_transformer_engine() or backend.has_apex()
-    if parallel.sequence_parallel and not sequence_parallel_kernels:
-        problems.append("sequence_parallel needs Transformer Engine or apex norms (GPU); turn it off on CPU")
+    if parallel.sequence_parallel and tp < 2:
+        problems.append(
+            "sequence_parallel splits the sequence over tensor-parallel ranks: it needs tensor_parallel >= 2"
+        )
     return problems
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from megatron_vlm.config import load_run_config  # noqa: E402
 from megatron_vlm.distributed import layout_problems  # noqa: E402
-from megatron_vlm.training.loop import check_batch_layout  # noqa: E402
+from megatron_vlm.training.preflight import check_batch_layout  # noqa: E402
 
 RESOURCE_KEYS = ("nodes", "tasks_per_node")
 SHORT_NAMES = {
@@ -79,7 +79,6 @@ def expand(sweep: dict) -> tuple[list[dict], list[dict]]:
         f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
         for key, value in (sweep.get("set") or {}).items()
     ]
-    gpus = (sweep.get("slurm") or {}).get("gpus_per_node", 0)
     points, skipped = [], []
     for values in itertools.product(*(grid[key] for key in keys)):
         point = dict(zip(keys, values, strict=True))
@@ -90,7 +89,7 @@ def expand(sweep: dict) -> tuple[list[dict], list[dict]]:
         entry = {"name": run_name(point), "point": point, "world_size": world, "overrides": overrides}
         try:
             run = load_run_config(sweep["config"], overrides)
-            problems = layout_problems(run.model, run.parallel, world, sequence_parallel_kernels=gpus > 0)
+            problems = layout_problems(run.model, run.parallel, world)
             if not problems:
                 check_batch_layout(run, world)
         except ValueError as error:

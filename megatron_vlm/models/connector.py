@@ -4,7 +4,12 @@ Semantics follow transformers' Idefics2Connector: latents attend (non-causally) 
 concatenation ``[image features; latents]`` with grouped-query attention, keys of padded patches
 masked. Tensor parallelism splits the projection's hidden width and the resampler's heads (query
 and key/value heads alike), so ``num_kv_heads`` must be divisible by TP.
-Tensors are sequence-first: ``[tokens, images, hidden]``.
+
+Image features arrive packed (``[tokens, hidden]``, the real patches of each image one after the
+other, as the vision encoder produces them): the projection and the key/value projections run on
+real patches only. Only the attention itself lays keys out per image, ``[images, longest + latents]``
+with a key mask, where the few latent queries make padding cheap.
+Latent tensors are sequence-first: ``[latents, images, hidden]``.
 """
 
 from __future__ import annotations
@@ -48,6 +53,29 @@ def swiglu_mlp(config: TransformerConfig, input_size: int, ffn_hidden_size: int)
     return MLP(config, submodules, input_size=input_size, ffn_hidden_size=ffn_hidden_size)
 
 
+class PackedKeys:
+    """Where each packed patch goes among its image's keys: ``[longest + latents, images]``, the
+    image's patches first (padding after them, masked), then the image's latents, as transformers'
+    ``[image features; latents]``."""
+
+    def __init__(self, lengths: torch.Tensor, latents: int) -> None:
+        images = lengths.numel()
+        self.longest = int(lengths.max()) if images else 0
+        image_of_token = torch.repeat_interleave(torch.arange(images, device=lengths.device), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        slot = torch.arange(image_of_token.numel(), device=lengths.device) - starts[image_of_token]
+        self.image_of_token, self.slot = image_of_token, slot
+        real = torch.arange(self.longest, device=lengths.device)[None, :] < lengths[:, None]
+        self.keep = torch.cat([real, real.new_ones(images, latents)], dim=1)  # [N, longest + L]
+
+    def keys(self, packed: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """packed [T, W] (per patch), latents [L, N, W] -> [longest + L, N, W]."""
+        images = latents.shape[1]
+        grid = packed.new_zeros(self.longest, images, packed.shape[-1])
+        grid = grid.index_put((self.slot, self.image_of_token), packed)
+        return torch.cat([grid, latents], dim=0)
+
+
 class PerceiverAttention(MegatronModule):
     def __init__(self, config: TransformerConfig, connector: ConnectorConfig) -> None:
         super().__init__(config=config)
@@ -89,16 +117,20 @@ class PerceiverAttention(MegatronModule):
         tokens, images, _ = projected.shape  # -> [images, heads, tokens, head_dim]
         return projected.view(tokens, images, heads, self.head_dim).permute(1, 2, 0, 3)
 
-    def forward(self, latents: torch.Tensor, context: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """latents [L, N, H], context [S, N, H], keep [N, S+L] bool -> [L, N, H]."""
-        keys_input = torch.cat([context, latents], dim=0)
+    def forward(self, latents: torch.Tensor, context: torch.Tensor, layout: PackedKeys) -> torch.Tensor:
+        """latents [L, N, H], context [T, H] packed -> [L, N, H]."""
         query = self._heads(self.linear_q(latents)[0], self.heads)
-        key = self._heads(self.linear_k(keys_input)[0], self.kv_heads)
-        value = self._heads(self.linear_v(keys_input)[0], self.kv_heads)
+        key = layout.keys(self.linear_k(context[:, None])[0][:, 0], self.linear_k(latents)[0])
+        value = layout.keys(self.linear_v(context[:, None])[0][:, 0], self.linear_v(latents)[0])
+        key, value = self._heads(key, self.kv_heads), self._heads(value, self.kv_heads)
         groups = self.heads // self.kv_heads
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=keep[:, None, None, :])
+        dropout = self.config.attention_dropout if self.training else 0.0
+        with tensor_parallel.get_cuda_rng_tracker().fork():  # dropout differs per TP rank's heads
+            attended = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=layout.keep[:, None, None, :], dropout_p=dropout
+            )
         latents_out = attended.permute(2, 0, 1, 3).reshape(latents.shape[0], latents.shape[1], -1)
         return self.linear_proj(latents_out)[0]
 
@@ -113,8 +145,8 @@ class PerceiverLayer(MegatronModule):
         self.pre_mlp_norm = RMSNorm(hidden, eps, dtype)
         self.mlp = swiglu_mlp(config, hidden, 4 * hidden)
 
-    def forward(self, latents: torch.Tensor, context: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        latents = latents + self.attention(self.input_latents_norm(latents), self.input_context_norm(context), keep)
+    def forward(self, latents: torch.Tensor, context: torch.Tensor, layout: PackedKeys) -> torch.Tensor:
+        latents = latents + self.attention(self.input_latents_norm(latents), self.input_context_norm(context), layout)
         return latents + self.mlp(self.pre_mlp_norm(latents))[0]
 
 
@@ -133,7 +165,7 @@ class ShardedModuleList(nn.ModuleList):
 
 
 class Idefics2Connector(MegatronModule):
-    """vision features [S, N, Hv] + patch mask [N, S] -> resampled image tokens [L, N, H]."""
+    """packed vision features [T, Hv] + patches per image [N] -> resampled image tokens [L, N, H]."""
 
     def __init__(self, config: TransformerConfig, connector: ConnectorConfig, vision_hidden_size: int) -> None:
         super().__init__(config=config)
@@ -143,11 +175,11 @@ class Idefics2Connector(MegatronModule):
         self.layers = ShardedModuleList(PerceiverLayer(config, connector) for _ in range(connector.depth))
         self.final_norm = RMSNorm(hidden, connector.rms_norm_eps, config.params_dtype)
 
-    def forward(self, vision_features: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
-        context = self.projection(vision_features)[0]
-        images = context.shape[1]
+    def forward(self, vision_features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        context = self.projection(vision_features[:, None])[0][:, 0]  # [T, H]: real patches only
+        images = lengths.numel()
         latents = self.latents[:, None, :].expand(-1, images, -1)
-        keep = torch.cat([patch_mask, patch_mask.new_ones(images, self.latents.shape[0])], dim=1)
+        layout = PackedKeys(lengths, self.latents.shape[0])
         for layer in self.layers:
-            latents = layer(latents, context, keep)
+            latents = layer(latents, context, layout)
         return self.final_norm(latents)

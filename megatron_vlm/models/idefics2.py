@@ -19,7 +19,7 @@ from megatron_vlm import backend
 from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_vlm.models import specs
 from megatron_vlm.models.connector import Idefics2Connector
-from megatron_vlm.models.fp8 import use_torch_fp8
+from megatron_vlm.models.fp8 import FP8_TOKEN_MULTIPLE, use_torch_fp8
 from megatron_vlm.models.vision import SiglipVisionEncoder, patch_attention_mask
 
 
@@ -51,7 +51,11 @@ class Idefics2Model(MegatronModule):
         if pre_process:
             vision_config = specs.vision_transformer_config(model_config, parallel, precision, initialize_weights)
             self.vision = SiglipVisionEncoder(
-                vision_config, model_config.vision, specs.vision_layer_spec(vision_config, use_te)
+                vision_config,
+                model_config.vision,
+                specs.vision_layer_spec(vision_config, use_te),
+                # TE's FP8 GEMMs need the packed token count aligned (fp8.te_fp8_gemm_problem).
+                token_multiple=FP8_TOKEN_MULTIPLE if vision_config.fp8 else 1,
             )
             self.connector = Idefics2Connector(
                 specs.connector_transformer_config(model_config, parallel, precision, initialize_weights),
@@ -60,7 +64,7 @@ class Idefics2Model(MegatronModule):
             )
         self.language_model = GPTModel(
             config=language_config,
-            transformer_layer_spec=specs.language_layer_spec(language_config, use_te),
+            transformer_layer_spec=specs.language_layer_spec(language_config, use_te, vp_stage),
             vocab_size=self.padded_vocab_size,
             max_sequence_length=model_config.text.max_position_embeddings,
             pre_process=pre_process,
@@ -69,6 +73,8 @@ class Idefics2Model(MegatronModule):
             share_embeddings_and_output_weights=False,
             position_embedding_type="rope",
             rotary_base=int(model_config.text.rope_theta),
+            # Images are spliced into the whole sequence, then it is split (forward below).
+            scatter_embedding_sequence_parallel=False,
             vp_stage=vp_stage,
         )
 
@@ -80,8 +86,8 @@ class Idefics2Model(MegatronModule):
     def encode_images(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> torch.Tensor:
         """[images, C, H, W] + [images, H, W] -> resampled tokens [images, latents, text hidden]."""
         patch_mask = patch_attention_mask(pixel_attention_mask.bool(), self.model_config.vision.patch_size)
-        features = self.vision(pixel_values, patch_mask)
-        tokens = self.connector(features, patch_mask.flatten(1))
+        features, lengths = self.vision(pixel_values, patch_mask)  # packed real patches
+        tokens = self.connector(features, lengths)
         return tokens.transpose(0, 1)
 
     def _images_contribute_nothing(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -139,6 +145,10 @@ class Idefics2Model(MegatronModule):
                 embeddings = self.splice_images(embeddings, input_ids, image_tokens)
             elif torch.is_grad_enabled():
                 embeddings = self._images_contribute_nothing(embeddings)
+            if self.config.sequence_parallel:
+                # Each TP rank keeps its slice of the sequence; backward all-gathers the
+                # gradient, so the (replicated) vision tower gets the same gradient on every rank.
+                embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
             decoder_input = embeddings
         output = self.language_model(
             input_ids=input_ids,
@@ -199,9 +209,18 @@ def build_model_chunks(
     return chunks
 
 
-def causal_attention_mask(padding: torch.Tensor) -> torch.Tensor:
+def causal_attention_mask(padding: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
     """[b, s] padding (1 real) -> [b, 1, s, s] bool, True where attention is not allowed:
-    future positions and padded keys (Megatron's mask convention)."""
+    future positions, padded keys and, with ``sliding_window``, keys ``sliding_window`` or more
+    positions back (Megatron's mask convention)."""
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be a positive number of tokens, got {sliding_window}")
     seq = padding.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=padding.device).triu(1)
-    return causal[None, None] | ~padding.bool()[:, None, None, :]
+    index = torch.arange(seq, device=padding.device)
+    behind = index[:, None] - index[None, :]  # query position - key position
+    blocked = behind < 0
+    if sliding_window is not None:
+        # transformers' rule (masking_utils.sliding_window_overlay): key kv_idx is visible from
+        # query q_idx when kv_idx > q_idx - sliding_window, i.e. the query and window - 1 before it.
+        blocked |= behind >= sliding_window
+    return blocked[None, None] | ~padding.bool()[:, None, None, :]

@@ -1,13 +1,24 @@
 """What trains: freezing the backbones and LoRA adapters on their linear layers.
 
 The paper's recipe (Idefics2, section 3) adapts the pretrained backbones with LoRA while the new
-parts (connector, new token embeddings) train fully. Adapters hang off Megatron's tensor-parallel
-linears as forward hooks, so base parameter names (and checkpoints, and the HF mapping) are
-unchanged; ``merge_lora`` folds them into the base weights for export.
+parts (connector, new token embeddings) train fully. Adapters hang off the tensor-parallel linears
+as forward hooks, so base parameter names (and checkpoints, and the HF mapping) are unchanged;
+``merge_lora`` folds them into the base weights for export.
+
+Which linears take adapters, by class (``ADAPTABLE``): Megatron's local ``ColumnParallelLinear`` /
+``RowParallelLinear`` and Transformer Engine's ``TEColumnParallelLinear``, ``TERowParallelLinear``
+and ``TELayerNormColumnParallelLinear``. The last fuses the pre-norm into the linear, so its input
+is *not* normalised: the adapter must see the normalised activations. As Megatron-Bridge does, the
+layer is asked to also return its layer-norm output (TE's ``return_layernorm_output``; gathered
+over the sequence under sequence parallelism) and the adapter reads that. The base output is
+``ln(x) W^T`` either way, so ``W + scale * B A`` merges exactly.
 
 Tensor parallelism: on a column-parallel linear, A [r, in] is replicated and B [out/tp, r] split
 like the base; on a row-parallel linear, A [r, in/tp] is split and B [out, r] replicated, with the
-low-rank activations all-reduced. A is initialised from the *global* parameter name, so every
+low-rank activations all-reduced. Under sequence parallelism the low-rank activations are gathered
+(column) or reduce-scattered (row) along the sequence instead, and the replicated factor, which
+then sees only this rank's slice of the sequence, is marked ``sequence_parallel`` so its gradient is
+summed over the tensor-parallel group. A is initialised from the *global* parameter name, so every
 TP/PP layout starts from the same adapters.
 """
 
@@ -16,14 +27,15 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
     set_tensor_model_parallel_attributes,
 )
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
@@ -38,31 +50,89 @@ LORA_LAYERS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.l
 BACKBONES = {"vision": "vision.encoder.layers.", "language": "language_model.decoder.layers."}
 
 
+@dataclass(frozen=True)
+class LinearKind:
+    """How an adapter attaches to a linear of this class."""
+
+    row_parallel: bool  # else column-parallel
+    layernorm_input: bool  # the pre-norm is fused in: the adapter reads the layer's layer-norm output
+    transformer_engine: bool  # sizes as TE names them (in_features / out_features per TP rank)
+
+
+# By class name, so that start-up checks can judge a Transformer Engine layout without TE.
+ADAPTABLE = {
+    "ColumnParallelLinear": LinearKind(row_parallel=False, layernorm_input=False, transformer_engine=False),
+    "RowParallelLinear": LinearKind(row_parallel=True, layernorm_input=False, transformer_engine=False),
+    "TEColumnParallelLinear": LinearKind(row_parallel=False, layernorm_input=False, transformer_engine=True),
+    "TERowParallelLinear": LinearKind(row_parallel=True, layernorm_input=False, transformer_engine=True),
+    "TELayerNormColumnParallelLinear": LinearKind(row_parallel=False, layernorm_input=True, transformer_engine=True),
+}
+
+
+def linear_kind(cls: type | str) -> LinearKind | None:
+    """The adapter arrangement for a linear class (or class name); None if LoRA cannot adapt it."""
+    names = [cls] if isinstance(cls, str) else [c.__name__ for c in cls.__mro__]
+    return next((ADAPTABLE[name] for name in names if name in ADAPTABLE), None)
+
+
+def unadaptable(layer_linears: dict[str, str]) -> list[str]:
+    """Targeted linears (name -> class name) that LoRA cannot adapt, with the reason."""
+    return [
+        f"{name} is a {cls}, which LoRA cannot adapt (supported: {', '.join(sorted(ADAPTABLE))})"
+        for name, cls in layer_linears.items()
+        if name.endswith(LORA_LAYERS) and linear_kind(cls) is None
+    ]
+
+
+def _sizes(base: nn.Module, kind: LinearKind) -> tuple[int, int]:
+    """(input width the adapter's A sees on this rank, output width its B produces on this rank)."""
+    if kind.transformer_engine:  # TE keeps the per-rank sizes
+        return int(base.in_features), int(base.out_features)
+    if kind.row_parallel:
+        return base.input_size_per_partition, base.output_size
+    return base.input_size, base.output_size_per_partition
+
+
 class LoRAAdapter(nn.Module):
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, seed: int) -> None:
+    def __init__(self, base: nn.Module, kind: LinearKind, rank: int, alpha: float, dropout: float, seed: int) -> None:
         super().__init__()
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        self.row_parallel = isinstance(base, RowParallelLinear)
+        self.row_parallel = kind.row_parallel
         self.scale = alpha / rank
+        local_in, local_out = _sizes(base, kind)
         dtype = base.weight.dtype
-        full_a = torch.empty(rank, base.input_size)
+        full_in = local_in * tp_size if kind.row_parallel else local_in
+        full_a = torch.empty(rank, full_in)
         nn.init.kaiming_uniform_(full_a, a=math.sqrt(5), generator=torch.Generator().manual_seed(seed))
         if self.row_parallel:
             self.a = nn.Parameter(full_a.chunk(tp_size, dim=1)[tp_rank].to(dtype).contiguous())
-            self.b = nn.Parameter(torch.zeros(base.output_size, rank, dtype=dtype))
         else:
             self.a = nn.Parameter(full_a.to(dtype))
-            self.b = nn.Parameter(torch.zeros(base.output_size_per_partition, rank, dtype=dtype))
+        self.b = nn.Parameter(torch.zeros(local_out, rank, dtype=dtype))
+        device = base.weight.device
+        self.to(device)
         # The split half is distinct on each TP rank: grad-norm and checkpoint code must know it.
         split = self.a if self.row_parallel else self.b
         set_tensor_model_parallel_attributes(split, is_parallel=True, dim=1 if self.row_parallel else 0, stride=1)
+        # Under sequence parallelism the activations around the replicated factor are a slice of
+        # the sequence (unless TE hands the gathered layer-norm output): its gradient is partial.
+        config = base.config
+        self.sequence_parallel = bool(config.sequence_parallel) and tp_size > 1
+        self.input_is_sequence_sharded = self.sequence_parallel and not kind.layernorm_input
+        replicated = self.b if self.row_parallel else self.a
+        replicated.sequence_parallel = self.sequence_parallel and (self.row_parallel or self.input_is_sequence_sharded)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low_rank = self.dropout(x) @ self.a.t()
         if self.row_parallel:
-            low_rank = reduce_from_tensor_model_parallel_region(low_rank)
+            if self.sequence_parallel:
+                low_rank = reduce_scatter_to_sequence_parallel_region(low_rank)
+            else:
+                low_rank = reduce_from_tensor_model_parallel_region(low_rank)
+        elif self.input_is_sequence_sharded:
+            low_rank = gather_from_sequence_parallel_region(low_rank)
         else:
             low_rank = copy_to_tensor_model_parallel_region(low_rank)
         return self.scale * (low_rank @ self.b.t())
@@ -72,11 +142,34 @@ class LoRAAdapter(nn.Module):
         return self.scale * (self.b @ self.a)
 
 
-def _add_adapter(base: nn.Module, adapter: LoRAAdapter, gated: bool) -> None:
+def _split_output(output: object) -> tuple[torch.Tensor, object, torch.Tensor | None]:
+    """A linear's return value -> (output, bias, layer-norm output or None).
+
+    Megatron's linears return ``(out, bias)``; TE's fused norm+linear asked for its layer-norm
+    output returns ``((out, ln_out), bias)`` through Megatron's wrapper, or ``(out, bias, ln_out)``."""
+    if isinstance(output, tuple) and len(output) == 3:
+        return output[0], output[1], output[2]
+    if isinstance(output, tuple) and len(output) == 2:
+        first, bias = output
+        if isinstance(first, tuple) and len(first) == 2:
+            return first[0], bias, first[1]
+        return first, bias, None
+    return output, None, None  # type: ignore[return-value]
+
+
+def _add_adapter(base: nn.Module, adapter: LoRAAdapter, kind: LinearKind, gated: bool) -> None:
     base.lora = adapter
+    if kind.layernorm_input:
+        base.return_layernorm_output = True
+        # Under sequence parallelism TE gathers ln(x) over the sequence for the GEMM anyway.
+        base.return_layernorm_output_gathered = adapter.sequence_parallel
 
     def add_low_rank(module: nn.Module, args: tuple, output: tuple) -> tuple:
-        return (output[0] + module.lora(args[0]), *output[1:])
+        result, bias, layernorm_output = _split_output(output)
+        adapter_input = layernorm_output if kind.layernorm_input else args[0]
+        if adapter_input is None:
+            raise RuntimeError(f"{type(module).__name__} did not return its layer-norm output for LoRA")
+        return result + module.lora(adapter_input).reshape(result.shape), bias
 
     base.lora_hook = base.register_forward_hook(add_low_rank)
     base_sharded_state_dict = base.sharded_state_dict
@@ -136,19 +229,15 @@ def apply_trainable(chunks: Sequence[nn.Module], trainable: TrainableConfig, see
             targeted = any(module_name.startswith(BACKBONES[b]) for b in lora_on)
             if not targeted or not module_name.endswith(LORA_LAYERS):
                 continue
-            if not isinstance(module, ColumnParallelLinear | RowParallelLinear):
-                raise ValueError(
-                    f"LoRA needs Megatron's local tensor-parallel linears; {module_name} is "
-                    f"{type(module).__name__} (Transformer Engine's fused norm+linear): set "
-                    f"precision.use_transformer_engine=false for LoRA runs"
-                )
+            kind = linear_kind(type(module))
+            if kind is None:
+                raise ValueError(unadaptable({module_name: type(module).__name__})[0])
             seed_of_layer = zlib.crc32(f"{seed}:{global_names[module_name + '.weight']}".encode())
             gated = module_name.endswith("mlp.linear_fc1") and module.config.gated_linear_unit
-            _add_adapter(
-                module,
-                LoRAAdapter(module, trainable.lora_rank, trainable.lora_alpha, trainable.lora_dropout, seed_of_layer),
-                gated,
+            adapter = LoRAAdapter(
+                module, kind, trainable.lora_rank, trainable.lora_alpha, trainable.lora_dropout, seed_of_layer
             )
+            _add_adapter(module, adapter, kind, gated)
 
 
 @torch.no_grad()
@@ -162,5 +251,7 @@ def merge_lora(chunks: Sequence[nn.Module]) -> int:
                 module.weight.add_(adapter.delta_weight().to(module.weight.dtype))
                 module.lora_hook.remove()
                 del module.lora, module.lora_hook, module.sharded_state_dict  # back to the class method
+                if getattr(module, "return_layernorm_output", False):
+                    module.return_layernorm_output = module.return_layernorm_output_gathered = False
                 merged += 1
     return merged

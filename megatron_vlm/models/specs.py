@@ -20,10 +20,13 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vlm import backend
 from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_vlm.models.attention import PackedSequenceAttention
+from megatron_vlm.models.fp8 import te_fp8_parts
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,6 +82,25 @@ def _common_kwargs(parallel: ParallelConfig, precision: PrecisionConfig, initial
     )
 
 
+def _part_kwargs(
+    part: str, model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, initialize: bool
+) -> dict:
+    """``_common_kwargs`` for one part of the model.
+
+    Only the decoder's input is split along the sequence: vision and connector see whole images,
+    so sequence parallelism (which would all-gather their inputs) stays off for them. TE runs FP8
+    per part, and only for a part whose every GEMM meets TE's FP8 shape rules at this TP size
+    (``fp8.te_fp8_parts``); the others run in the training dtype."""
+    kwargs = _common_kwargs(parallel, precision, initialize)
+    # Each part's own dropout on attention probabilities (transformers' attention_dropout).
+    kwargs["attention_dropout"] = getattr(model, part).attention_dropout
+    if part != "text":
+        kwargs["sequence_parallel"] = False
+    if kwargs["fp8"] is not None and (part == "connector" or te_fp8_parts(model, parallel)[part] is not None):
+        kwargs["fp8"] = None  # the connector's linears are Megatron's own, not TE's
+    return kwargs
+
+
 def vision_transformer_config(
     model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, initialize: bool = True
 ) -> TransformerConfig:
@@ -97,7 +119,7 @@ def vision_transformer_config(
         gated_linear_unit=False,
         activation_func=functools.partial(F.gelu, approximate="tanh"),
         pipeline_model_parallel_size=1,
-        **_common_kwargs(parallel, precision, initialize),
+        **_part_kwargs("vision", model, parallel, precision, initialize),
     )
 
 
@@ -119,7 +141,7 @@ def connector_transformer_config(
         gated_linear_unit=True,
         activation_func=F.silu,
         pipeline_model_parallel_size=1,
-        **_common_kwargs(parallel, precision, initialize),
+        **_part_kwargs("connector", model, parallel, precision, initialize),
     )
 
 
@@ -143,27 +165,111 @@ def language_transformer_config(
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
         num_layers_in_first_pipeline_stage=parallel.decoder_layers_in_first_stage,
-        **_common_kwargs(parallel, precision, initialize),
+        **_part_kwargs("text", model, parallel, precision, initialize),
     )
 
 
-def layer_spec(config: TransformerConfig, attn_mask_type: AttnMaskType, use_te: bool) -> ModuleSpec:
-    """A TransformerLayer spec with the given attention mask type."""
-    if use_te:
-        spec = get_gpt_layer_with_transformer_engine_spec()
-    else:
-        spec = get_gpt_layer_local_spec(normalization=config.normalization)
-    spec = copy.deepcopy(spec)
-    spec.submodules.self_attention.params = {"attn_mask_type": attn_mask_type}
+class TorchNorm:
+    """torch's LayerNorm / RMSNorm for the local spec, usable with sequence parallelism.
+
+    Megatron-Core's ``WrappedTorchNorm`` refuses ``sequence_parallel``. Under sequence parallelism
+    each tensor-parallel rank normalises its slice of the sequence, so its weight gradients are
+    partial sums: marking the parameters ``sequence_parallel`` makes ``finalize_model_grads``
+    all-reduce them over the tensor-parallel group, as it does for TE's and apex's norms.
+    Parameter names (``weight``, ``bias``) are those of ``WrappedTorchNorm``.
+    """
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object) -> torch.nn.Module:
+        if config.normalization == "LayerNorm":
+            norm: torch.nn.Module = torch.nn.LayerNorm(hidden_size, eps=eps)
+        elif config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        else:
+            raise ValueError(f"normalization={config.normalization!r}: use LayerNorm or RMSNorm")
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _te_spec() -> ModuleSpec:
+    return copy.deepcopy(get_gpt_layer_with_transformer_engine_spec())
+
+
+def _local_spec(config: TransformerConfig) -> ModuleSpec:
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=config.normalization))
+    spec.submodules.input_layernorm = TorchNorm
+    spec.submodules.pre_mlp_layernorm = TorchNorm
     return spec
 
 
+# The linears of Megatron-Core's Transformer Engine layer spec (get_gpt_layer_with_transformer_engine_spec),
+# by class name: start-up checks judge a TE run on machines where TE does not import (tests compare
+# this with the real spec where it does).
+TE_LAYER_LINEARS = {
+    "self_attention.linear_qkv": "TELayerNormColumnParallelLinear",
+    "self_attention.linear_proj": "TERowParallelLinear",
+    "mlp.linear_fc1": "TELayerNormColumnParallelLinear",
+    "mlp.linear_fc2": "TERowParallelLinear",
+}
+
+
+def spec_linears(spec: ModuleSpec) -> dict[str, str]:
+    """The class name of each linear a layer spec builds."""
+    attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+    return {
+        "self_attention.linear_qkv": attention.linear_qkv.__name__,
+        "self_attention.linear_proj": attention.linear_proj.__name__,
+        "mlp.linear_fc1": mlp.linear_fc1.__name__,
+        "mlp.linear_fc2": mlp.linear_fc2.__name__,
+    }
+
+
+def layer_linears(config: TransformerConfig, use_te: bool) -> dict[str, str]:
+    """The linears a transformer layer will have: from the spec itself, or from
+    ``TE_LAYER_LINEARS`` when TE is the target but does not import here."""
+    if use_te and not backend.imports("transformer_engine.pytorch"):
+        return dict(TE_LAYER_LINEARS)
+    return spec_linears(_te_spec() if use_te else _local_spec(config))
+
+
 def vision_layer_spec(config: TransformerConfig, use_te: bool) -> ModuleSpec:
-    # Non-causal; padded patches are masked out as keys.
-    return layer_spec(config, AttnMaskType.padding, use_te)
+    """Non-causal attention within each image; images arrive as packed sequences (THD, one per
+    image: ``models/attention.py``), so there is no mask to interpret. TE attends within
+    ``cu_seqlens`` (Megatron turns ``no_mask`` into TE's ``padding`` type for THD); the local spec
+    uses ``PackedSequenceAttention``, since Megatron's local core attention refuses packed input."""
+    spec = _te_spec() if use_te else _local_spec(config)
+    if not use_te:
+        spec.submodules.self_attention.submodules.core_attention = PackedSequenceAttention
+    spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.no_mask}
+    return spec
 
 
-def language_layer_spec(config: TransformerConfig, use_te: bool) -> ModuleSpec:
-    # Causal, with an explicit mask for padding and packed documents. TE honours an explicit
-    # mask only with the 'arbitrary' type; the local path applies any mask it is given.
-    return layer_spec(config, AttnMaskType.arbitrary if use_te else AttnMaskType.causal, use_te)
+def language_mask_type(use_te: bool) -> AttnMaskType:
+    """The decoder's attention always gets an explicit mask (causal, per packed document, padded
+    keys, sliding window), and its kernels must apply it:
+
+    * TE honours an explicit mask only with the ``arbitrary`` type (``causal`` / ``padding`` are
+      turned into sequence lengths by its fused and flash backends).
+    * Megatron's local core attention hands the mask to ``FusedScaleMaskSoftmax``. When its fused
+      kernels are available, ``causal`` runs the upper-triangular kernel, which ignores the mask
+      (documents would attend across their boundaries); ``padding`` runs ``ScaledMaskedSoftmax``,
+      which applies the mask as given. Without the kernels both types apply the mask.
+    """
+    return AttnMaskType.arbitrary if use_te else AttnMaskType.padding
+
+
+def language_layer_spec(
+    config: TransformerConfig, use_te: bool, vp_stage: int | None = None
+) -> TransformerBlockSubmodules:
+    """The decoder block of this pipeline chunk: its layers and the final norm (TE's, or
+    ``TorchNorm``, so that sequence parallelism works without apex)."""
+    spec = _te_spec() if use_te else _local_spec(config)
+    spec.submodules.self_attention.params = {"attn_mask_type": language_mask_type(use_te)}
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm: type = TENorm
+    else:
+        final_norm = TorchNorm
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=final_norm)

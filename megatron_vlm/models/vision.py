@@ -1,15 +1,23 @@
 """SigLIP vision encoder at native aspect ratio (NaViT-style), on Megatron-Core's TransformerBlock.
 
-Images arrive padded to a common size with a pixel mask. A patch is real when all its pixels are;
-padded patches get position 0 and are masked out as attention keys, so they influence nothing.
+Images arrive padded to a common size with a pixel mask. A patch is real when all its pixels are.
 Position ids bucketize each image's fractional patch coordinates onto the fixed
 ``patches_per_side``^2 learned table, exactly as transformers' Idefics2VisionEmbeddings does.
-Tensors inside the encoder are sequence-first ``[patches, images, hidden]`` as in Megatron.
+
+Only real patches enter the transformer: each image is one sequence of its own, packed end to end
+(THD layout, ``cu_seqlens``; see ``models/attention.py``). Padded patches are never computed, and
+no attention backend has to interpret a padding mask: Transformer Engine's fused and flash
+backends read a ``[N, 1, 1, S]`` padding mask as "the first n tokens are real", which is false for
+an image narrower than the widest one, whose real patches are not a prefix of the padded grid.
+Attention within an image is invariant to the order of its patches, so this equals transformers'
+masked computation. Tensors inside the encoder are ``[tokens, 1, hidden]`` (batch of one packed
+sequence), as Megatron expects for THD.
 """
 
 from __future__ import annotations
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -17,6 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from megatron_vlm.config import VisionConfig
+from megatron_vlm.models.attention import packed_seq_params
 
 
 def patch_attention_mask(pixel_attention_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -41,11 +50,18 @@ def bucketized_position_ids(patch_mask: torch.Tensor, patches_per_side: int) -> 
 
 
 class SiglipVisionEncoder(MegatronModule):
-    """Patch embedding + bucketized positions + TransformerBlock + post-layernorm."""
+    """Patch embedding + bucketized positions + TransformerBlock + post-layernorm, on packed images.
 
-    def __init__(self, config: TransformerConfig, vision: VisionConfig, layer_spec: ModuleSpec) -> None:
+    ``token_multiple``: the packed token count is padded up to a multiple of it with a separate
+    sequence of zeros (dropped at the end), for GEMMs that need aligned row counts (FP8).
+    """
+
+    def __init__(
+        self, config: TransformerConfig, vision: VisionConfig, layer_spec: ModuleSpec, token_multiple: int = 1
+    ) -> None:
         super().__init__(config=config)
         self.vision = vision
+        self.token_multiple = token_multiple
         # Replicated across tensor-parallel ranks: small, and its input is the raw image.
         self.patch_embedding = nn.Conv2d(
             vision.num_channels,
@@ -64,16 +80,36 @@ class SiglipVisionEncoder(MegatronModule):
         # post_process=True gives the block its final LayerNorm: SigLIP's post_layernorm.
         self.encoder = TransformerBlock(config, layer_spec, pre_process=True, post_process=True)
 
-    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
-        """pixel_values [images, C, H, W], patch_mask [images, H/p, W/p] -> [patches, images, hidden]."""
+    def embed(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real patches of every image, embedded and packed: ([tokens, hidden], patches per image)."""
+        lengths = patch_mask.flatten(1).sum(1)
+        empty = (lengths == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"images {empty} have no complete {self.vision.patch_size}x{self.vision.patch_size} patch "
+                f"(pixel mask smaller than one patch)"
+            )
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
-        embeddings = patches.flatten(2).transpose(1, 2)  # [images, patches, hidden]
+        embeddings = patches.flatten(2).transpose(1, 2)  # [images, max patches, hidden]
         position_ids = bucketized_position_ids(patch_mask, self.vision.patches_per_side)
-        embeddings = embeddings + self.position_embedding(position_ids)
-        # Megatron masks are True where attention is *not* allowed: here, padded keys.
-        key_padding = ~patch_mask.reshape(patch_mask.shape[0], 1, 1, -1)
-        hidden = embeddings.transpose(0, 1).contiguous()
-        return self.encoder(hidden_states=hidden, attention_mask=key_padding)
+        real = patch_mask.flatten(1)
+        # Row-major within each image, images in order: the packed THD sequence.
+        packed = embeddings[real] + self.position_embedding(position_ids[real])
+        return packed, lengths
+
+    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixel_values [images, C, H, W], patch_mask [images, H/p, W/p] ->
+        (features [tokens, hidden] of the real patches, image after image; patches per image [images])."""
+        packed, lengths = self.embed(pixel_values, patch_mask)
+        tokens = packed.shape[0]
+        sequence_lengths = lengths
+        extra = -tokens % self.token_multiple
+        if extra:  # an extra sequence of zeros: attends only to itself, dropped below
+            packed = torch.cat([packed, packed.new_zeros(extra, packed.shape[1])])
+            sequence_lengths = torch.cat([lengths, lengths.new_tensor([extra])])
+        params: PackedSeqParams = packed_seq_params(sequence_lengths)
+        hidden = self.encoder(hidden_states=packed[:, None, :], attention_mask=None, packed_seq_params=params)
+        return hidden[:tokens, 0], lengths
 
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
         """The encoder always starts from pixels on its own stage."""

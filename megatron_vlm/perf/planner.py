@@ -111,7 +111,7 @@ def stage_forward_flops(job: Job, parallel: ParallelConfig, stage: int, micro_ba
 def estimate(job: Job, cluster: Cluster, candidate: LayoutEstimate) -> LayoutEstimate:
     """Fill in memory and speed of a candidate layout, or the reasons it cannot run."""
     parallel, tp, pp = candidate.parallel, candidate.parallel.tensor_parallel, candidate.parallel.pipeline_parallel
-    problems = layout_problems(job.model, parallel, cluster.gpus, sequence_parallel_kernels=True)
+    problems = layout_problems(job.model, parallel, cluster.gpus)
     if tp > cluster.gpus_per_node:
         problems.append(f"TP={tp} spans nodes ({cluster.gpus_per_node} GPUs per node): its all-reduces need NVLink")
     per_step = candidate.micro_batch_size * candidate.data_parallel

@@ -26,7 +26,7 @@ class RunResults:
     def __init__(
         self, run: RunConfig, meter: TrainingMemoryMeter, peak_tflops: float, world_size: int, micro_batches: int
     ) -> None:
-        """``micro_batches``: per step and data-parallel rank (``loop.check_batch_layout``)."""
+        """``micro_batches``: per step and data-parallel rank (``preflight.check_batch_layout``)."""
         self.run, self.meter, self.peak_tflops = run, meter, peak_tflops
         self.world_size, self.micro_batches = world_size, micro_batches
         self.data_parallel = world_size // (run.parallel.tensor_parallel * run.parallel.pipeline_parallel)

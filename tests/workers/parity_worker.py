@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--overlap-grad-reduce", action="store_true")
     parser.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
+    parser.add_argument("--sequence-parallel", action="store_true")
+    parser.add_argument("--large-images", action="store_true", help="also check logits on stage-2 (980 px) images")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -47,6 +49,7 @@ def main() -> None:
         virtual_pipeline=args.vpp,
         decoder_layers_in_first_stage=args.first_stage_layers,
         recompute=args.recompute,
+        sequence_parallel=args.sequence_parallel,
     )
     distributed.initialize(parallel, config, seed=1234)
     rank = torch.distributed.get_rank()
@@ -77,6 +80,22 @@ def main() -> None:
         valid = batch.padding.bool()
         result["logits_max_abs_diff"] = float((ours - reference)[valid].abs().max())
         result["logits_max_abs"] = float(reference[valid].abs().max())
+
+    # --- stage-2 images: landscape, portrait and square at the 980 px limit (the full position table)
+    if args.large_images:
+        import dataclasses
+
+        large = dataclasses.replace(config, vision=dataclasses.replace(config.vision, image_size=980))
+        large_hf = hf_model(large)
+        large_state = large_hf.state_dict()
+        large_chunks = build_model_chunks(large, parallel, PrecisionConfig())
+        load_hf_weights(large_chunks, large_state.__getitem__, set(large_state), large, tp_rank, args.tp)
+        large_batch = make_batch(large, images_per_row=[[(560, 980)], [(980, 560), (980, 980)], []], seq_len=48)
+        ours = forward_logits(large_chunks, megatron_inputs(large_batch), large.text.vocab_size)
+        if ours is not None:
+            valid = large_batch.padding.bool()
+            result["large_images_max_abs_diff"] = float((ours - hf_logits(large_hf, large_batch))[valid].abs().max())
+        del large_chunks, large_hf
 
     # --- training steps: one micro-batch with images, one without any image
     def micro_batch(b):

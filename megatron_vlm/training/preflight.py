@@ -1,0 +1,149 @@
+"""Start-up checks: can this run configuration start on this machine, and what will it build?
+
+Every decision the model build takes from the machine (Transformer Engine or the local spec, FP8
+through TE or torch, which parts run FP8, how LoRA attaches to the linears) is judged here, before
+any process group or weight exists, and every problem is reported at once with its fix. The
+machine's answers come from ``backend``'s capability checks, so a test can force them (say, "TE
+imports on an FP8 GPU") and run exactly the checks the trainer runs on such a machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_vlm import backend
+from megatron_vlm.config import RunConfig
+from megatron_vlm.distributed import layout_problems
+from megatron_vlm.models import specs
+from megatron_vlm.models.fp8 import te_fp8_gemm_problem, te_fp8_parts
+from megatron_vlm.models.lora import BACKBONES, linear_kind, unadaptable
+
+_PART_OF_BACKBONE = {"vision": "vision", "language": "text"}
+
+
+@dataclass
+class StartupPlan:
+    """What the build will do, for the start-up log."""
+
+    transformer_engine: bool
+    fp8_backend: str | None  # "te", "torch" or None (no FP8)
+    fp8_parts: dict[str, str | None] = field(default_factory=dict)  # part -> why it runs without FP8
+    lora: dict[str, dict[str, str]] = field(default_factory=dict)  # backbone -> linear -> how adapted
+    sequence_lengths: tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        lines = [f"layer spec: {'Transformer Engine' if self.transformer_engine else 'Megatron-Core local'}"]
+        if self.fp8_backend:
+            parts = ", ".join(
+                f"{part}: {'FP8' if reason is None else 'no FP8 (' + reason + ')'}"
+                for part, reason in self.fp8_parts.items()
+            )
+            lines.append(f"FP8 through {self.fp8_backend}" + (f"; {parts}" if parts else ""))
+        for backbone, linears in self.lora.items():
+            lines.append(f"LoRA on {backbone}: " + ", ".join(f"{n} ({how})" for n, how in linears.items()))
+        return "; ".join(lines)
+
+
+def _sequence_lengths(run: RunConfig) -> tuple[int, ...]:
+    from megatron_vlm.data.loader import load_data_config
+
+    data = load_data_config(run.data.mixture, run.data.root)
+    return tuple(sorted({source.seq_len for source in data.sources}))
+
+
+def check_batch_layout(run: RunConfig, world_size: int) -> int:
+    """Micro-batches per step on each data-parallel rank; refuses impossible batch sizes."""
+    parallel = run.parallel
+    data_parallel = world_size // (parallel.tensor_parallel * parallel.pipeline_parallel)
+    per_step = run.data.micro_batch_size * data_parallel
+    if not 0 <= run.training.warmup_steps < run.training.train_steps:
+        raise ValueError(
+            f"warmup_steps={run.training.warmup_steps} must be smaller than train_steps={run.training.train_steps}"
+        )
+    if run.training.global_batch_size % per_step:
+        raise ValueError(
+            f"global batch {run.training.global_batch_size} is not divisible by micro batch "
+            f"{run.data.micro_batch_size} x data parallel {data_parallel} = {per_step}; use a multiple of {per_step}"
+        )
+    return run.training.global_batch_size // per_step
+
+
+def startup_problems(run: RunConfig, world_size: int) -> tuple[StartupPlan, list[str]]:
+    """The plan, and every reason the run cannot start (empty when it can)."""
+    model, parallel, precision = run.model, run.parallel, run.precision
+    problems = list(layout_problems(model, parallel, world_size))
+    if not problems:
+        try:
+            check_batch_layout(run, world_size)
+        except ValueError as error:
+            problems.append(str(error))
+    try:
+        use_te = specs.use_transformer_engine(precision)
+    except RuntimeError as error:
+        problems.append(str(error))
+        use_te = False
+    fp8 = None
+    if precision.fp8:
+        try:
+            fp8 = backend.fp8_backend(precision.fp8_backend)
+        except (RuntimeError, ValueError) as error:
+            problems.append(str(error))
+    plan = StartupPlan(transformer_engine=use_te, fp8_backend=fp8)
+    lengths = _sequence_lengths(run)
+    plan.sequence_lengths = lengths
+    tp, mbs = parallel.tensor_parallel, run.data.micro_batch_size
+
+    # Sequence parallelism splits every micro-batch's sequence over the TP ranks.
+    if parallel.sequence_parallel:
+        for length in lengths:
+            if length % tp:
+                problems.append(
+                    f"sequence_parallel: sequence length {length} of the data mixture is not divisible by "
+                    f"tensor_parallel={tp}"
+                )
+
+    if fp8 == "torch" and parallel.sequence_parallel:
+        problems.append(
+            "FP8 through torch (_scaled_mm) does not support sequence parallelism: turn sequence_parallel off "
+            "or run FP8 through Transformer Engine"
+        )
+    if fp8 == "te":
+        plan.fp8_parts = te_fp8_parts(model, parallel)
+        if plan.fp8_parts["text"] is None:
+            text = model.text
+            for length in lengths:  # every micro-batch of a source is padded to its length
+                rows = length * mbs // (tp if parallel.sequence_parallel else 1)
+                if problem := te_fp8_gemm_problem(rows, text.hidden_size, text.hidden_size):
+                    problems.append(
+                        f"FP8 (Transformer Engine): decoder GEMMs of a {length}-token micro-batch of "
+                        f"{mbs} ({rows} rows per rank): {problem}; use sequence lengths that make it a multiple"
+                    )
+
+    if run.trainable.lora_rank > 0:
+        unknown = sorted(set(run.trainable.lora_targets) - set(BACKBONES))
+        if unknown:
+            problems.append(f"unknown LoRA targets {unknown}; choose from {sorted(BACKBONES)}")
+        for backbone in sorted(set(run.trainable.lora_targets) & set(BACKBONES)):
+            builder = {"vision": specs.vision_transformer_config, "language": specs.language_transformer_config}
+            try:
+                config = builder[backbone](model, parallel, precision, initialize=False)
+            except (ValueError, AssertionError) as error:
+                problems.append(f"{backbone} config: {error}")
+                continue
+            linears = specs.layer_linears(config, use_te)
+            refused = unadaptable(linears)
+            problems.extend(f"LoRA on {backbone}: {reason}" for reason in refused)
+            if not refused:
+                plan.lora[backbone] = {
+                    name: cls + (" via its layer-norm output" if linear_kind(cls).layernorm_input else "")
+                    for name, cls in linears.items()
+                }
+    return plan, problems
+
+
+def check_run(run: RunConfig, world_size: int) -> StartupPlan:
+    """``startup_problems`` that raises with every problem listed."""
+    plan, problems = startup_problems(run, world_size)
+    if problems:
+        raise ValueError("this run cannot start:\n  " + "\n  ".join(problems))
+    return plan

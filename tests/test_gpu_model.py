@@ -1,0 +1,133 @@
+"""The model's GPU-only branches on a real GPU: Transformer Engine layers and attention, Megatron's
+fused softmax kernels, LoRA on TE linears, FP8 through TE (``pytest -m gpu``).
+
+Each test skips, with the reason, when what it exercises is not installed (the GPU machines we
+measure on have no TE or apex); ``tests/test_gpu_paths.py`` checks the same decisions on CPU
+against the libraries' rules.
+"""
+
+import pytest
+import torch
+from parity import hf_logits, hf_model, make_batch, megatron_inputs, tiny_config
+
+from megatron_vlm import backend
+from megatron_vlm.config import ParallelConfig, PrecisionConfig, TrainableConfig
+from megatron_vlm.conversion.mapping import load_hf_weights
+from megatron_vlm.models import specs
+from megatron_vlm.models.idefics2 import build_model_chunks, gather_logits
+from megatron_vlm.models.lora import apply_trainable, merge_lora
+
+pytestmark = pytest.mark.gpu
+
+needs_te = pytest.mark.skipif(
+    not backend.imports("transformer_engine.pytorch"), reason="Transformer Engine is not installed here"
+)
+
+
+def _on_gpu(inputs):
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _model(config, hf, precision):
+    state = hf.state_dict()
+    (model,) = build_model_chunks(config, ParallelConfig(), precision)
+    load_hf_weights([model], state.__getitem__, set(state), config, 0, 1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(megatron_single_process):
+    config = tiny_config()
+    return config, hf_model(config)
+
+
+@needs_te
+def test_te_vision_attention_matches_hf_on_mixed_aspect_ratios(tiny):
+    """TE's preferred (cuDNN fused / flash) attention on packed per-image sequences, bf16,
+    against transformers in fp32."""
+    config, hf = tiny
+    model = _model(config, hf, PrecisionConfig(params_dtype="bfloat16", use_transformer_engine=True))
+    assert type(model.vision.encoder.layers[0].self_attention.core_attention).__name__ == "TEDotProductAttention"
+    batch = make_batch(config)
+    with torch.no_grad():
+        ours = model.encode_images(batch.pixel_values.cuda(), batch.pixel_mask.cuda()).float().cpu()
+        reference = hf.model.get_image_features(batch.pixel_values[None], batch.pixel_mask[None].long())
+        logits = gather_logits(model(**_on_gpu(megatron_inputs(batch))), config.text.vocab_size).float().cpu()
+    expected = reference.pooler_output[0].reshape(ours.shape)
+    assert (ours - expected).abs().max() <= 3e-2 * expected.abs().max()  # bf16
+    valid = batch.padding.bool()
+    reference_logits = hf_logits(hf, batch)
+    assert (logits - reference_logits)[valid].abs().max() <= 3e-2 * reference_logits[valid].abs().max()
+
+
+@needs_te
+def test_te_layer_spec_linears_are_the_table_start_up_checks_use():
+    assert specs.spec_linears(specs._te_spec()) == specs.TE_LAYER_LINEARS
+
+
+@needs_te
+def test_lora_on_te_linears_merges_exactly_and_matches_the_local_spec(tiny):
+    """Adapters on TE's fused norm+linears read the layer-norm output: the same outputs as LoRA on
+    the local spec's separate norm + linear, and merging them into the weights changes nothing."""
+    config, hf = tiny
+    outputs = {}
+    for use_te in (True, False):
+        model = _model(config, hf, PrecisionConfig(use_transformer_engine=use_te))
+        apply_trainable([model], TrainableConfig(lora_rank=4, lora_alpha=8.0), seed=3)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("lora.b"):  # B starts at zero: make the adapters do something
+                    param.copy_(0.05 * torch.randn_like(param))
+        batch = _on_gpu(megatron_inputs(make_batch(config)))
+        with torch.no_grad():
+            adapted = gather_logits(model(**batch), config.text.vocab_size)
+            assert merge_lora([model]) > 0
+            merged = gather_logits(model(**batch), config.text.vocab_size)
+        assert (adapted - merged).abs().max() <= 1e-4 * adapted.abs().max()
+        outputs[use_te] = adapted.cpu()
+    # fp32 on both specs; TE's attention kernels differ from the local spec's in summation order only.
+    assert (outputs[True] - outputs[False]).abs().max() <= 2e-3 * outputs[False].abs().max()
+
+
+@pytest.mark.skipif(not backend.has_fused_softmax(), reason="Megatron's fused softmax extensions are not installed")
+def test_decoder_mask_with_the_real_fused_softmax_kernels(tiny, monkeypatch):
+    """With the extensions present the decoder's bf16 attention runs ScaledMaskedSoftmax and
+    packed documents stay apart: the same logits as with the fusion off."""
+    from test_gpu_paths import _packed_documents
+
+    config, hf = tiny
+    precision = PrecisionConfig(params_dtype="bfloat16", use_transformer_engine=False)
+    fused = _model(config, hf, precision)
+    assert fused.language_model.decoder.layers[0].self_attention.core_attention.config.masked_softmax_fusion
+    monkeypatch.setattr(backend, "has_fused_softmax", lambda: False)
+    unfused = _model(config, hf, precision)
+    inputs = _on_gpu(_packed_documents(config))
+    with torch.no_grad():
+        got = gather_logits(fused(**inputs), config.text.vocab_size).float()
+        expected = gather_logits(unfused(**inputs), config.text.vocab_size).float()
+    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+@pytest.mark.skipif(not backend.has_fp8(), reason="FP8 through Transformer Engine needs TE on a GPU of compute >= 8.9")
+def test_te_fp8_step_with_odd_patch_counts(tiny):
+    """Images whose packed patch counts are not multiples of 8 (and the one-patch blank image of a
+    text-only batch) through TE's FP8 GEMMs: padded, so no shape assertion; loss close to bf16's."""
+    from megatron_vlm.training.step import labels_and_loss_mask
+
+    config, hf = tiny
+    losses = {}
+    for fp8 in (None, "hybrid"):
+        model = _model(config, hf, PrecisionConfig(params_dtype="bfloat16", fp8=fp8, fp8_backend="te"))
+        model.train()
+        for images in ([[(56, 98)], [], [(98, 42), (60, 90)], [(84, 84)]], [[], [], [], []]):
+            batch = make_batch(config, seed=2, images_per_row=images)
+            labels, loss_mask = labels_and_loss_mask(batch.input_ids, batch.padding, config.image_token_id)
+            inputs = _on_gpu({**megatron_inputs(batch), "labels": labels, "loss_mask": loss_mask})
+            loss_mask = inputs.pop("loss_mask")
+            per_token = model(**inputs)
+            loss = (per_token.float() * loss_mask).sum() / loss_mask.sum()
+            loss.backward()
+            assert torch.isfinite(loss)
+            losses.setdefault(fp8, []).append(float(loss))
+    for ours, reference in zip(losses["hybrid"], losses[None], strict=True):
+        assert ours == pytest.approx(reference, rel=0.05)
