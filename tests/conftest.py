@@ -1,4 +1,6 @@
+import faulthandler
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -11,6 +13,23 @@ import subprocess  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# SIGUSR2 prints every thread's Python stack instead of ending pytest: bench/gpu_check.sh sends it
+# when a step runs out of time, so a hanging test shows where it hangs before it is killed.
+if hasattr(signal, "SIGUSR2"):
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests need CUDA: skipped (not failed) on CPU-only hosts."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is false): `pytest -m gpu` on a GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,10 @@ between the sessions that have a GPU."""
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,3 +30,73 @@ def test_gpu_proxy_bench_smoke(tmp_path):
         assert run["model_tflops_per_second"] > 0 and run["peak_memory_gib"] > 0
         assert run["mfu_vs_bf16_peak"] == run["model_tflops_per_second"] / result["matmul_peak_tflops"]["bf16"]
     assert "| bf16 |" in (tmp_path / "gpu_proxy_smoke.md").read_text()
+
+
+GPU_CHECK_STEPS = {  # step -> what its command must run
+    "install": "pip install --no-index --no-deps",
+    "machine": "nvidia-smi",
+    "data": "tools/preprocess_data.py",
+    "train_tiny_bf16": "-m megatron_vlm.train --config examples/tiny_cpu.yaml",
+    "train_tiny_fp8": "precision.fp8=hybrid precision.fp8_backend=torch",
+    "train_small": "model=small",
+    "pytest_gpu": "-m pytest -m gpu",
+    "gpu_proxy": "bench/gpu_proxy.py --out-dir",
+}
+
+
+def test_gpu_check_dry_run_lists_every_step(tmp_path):
+    """The one command a GPU session runs: every step with its command and time limit, nothing run."""
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench/gpu_check.sh"), str(tmp_path / "out"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    headers = re.findall(r"^\[(\d)/8\] (\S+) \(limit (\d+) s\)$", done.stdout, flags=re.M)
+    assert [name for _, name, _ in headers] == list(GPU_CHECK_STEPS)
+    # Under 8 minutes on one H100: each step within its limit, all of them within the budget (450 s),
+    # plus the 10 s between a step's SIGUSR2 and its SIGKILL.
+    assert max(int(limit) for *_, limit in headers) <= 150
+    assert "whole-run budget 450 s" in done.stdout
+    sections = re.split(r"^\[\d/8\] ", done.stdout, flags=re.M)[1:]
+    for (name, command), section in zip(GPU_CHECK_STEPS.items(), sections, strict=True):
+        assert section.startswith(name) and command in section, section
+    assert "timeout -s USR2 -k 10 LIMIT" in done.stdout and "dry run: nothing was run" in done.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_step_out_of_time_dumps_the_trainers_stacks(tmp_path):
+    """What went wrong on the last GPU (two runs killed at their limit, no log) cannot recur: a trainer
+    that hangs (here: waiting for a second rank that never comes) logs its first line at once and
+    every thread's Python stack at the step's limit, is killed, and the check goes on and reports it."""
+    from parity import free_port
+
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_PORT": str(free_port())}
+    env.update({"MASTER_ADDR": "127.0.0.1", "WHEELS": str(tmp_path / "no-wheels"), "OMP_NUM_THREADS": "1"})
+    out, pack = tmp_path / "out", tmp_path / "pack"
+    command = [
+        "bash",
+        str(ROOT / "bench/gpu_check.sh"),
+        str(out),
+        "--cpu",
+        "--only",
+        "train_tiny_bf16",
+        "--limit",
+        "12",
+    ]
+    done = subprocess.run([*command, "--pack", str(pack)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    summary = (out / "summary.txt").read_text()
+    assert re.search(r"^train_tiny_bf16 +rc=(124|137) .*TIMEOUT", summary, flags=re.M), summary
+    log = (out / "train_tiny_bf16.log").read_text()
+    assert "megatron_vlm.train: pid" in log and "most recent call first" in log, log
+    with tarfile.open(pack / "gpu_check.tar.gz") as archive:
+        assert "./train_tiny_bf16.log" in archive.getnames()
+    assert (pack / "summary.txt").read_text() == summary
+    import psutil
+
+    work = re.search(r"work dir (\S+),", summary).group(1)  # the trainer's run directory is in there
+    left = [p for p in psutil.process_iter(["cmdline"]) if any(work in part for part in p.info["cmdline"] or [])]
+    assert not left, left
+    assert not Path(work).exists()

@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_vlm import distributed
+from megatron_vlm import backend, distributed
 from megatron_vlm.config import RunConfig, to_dict
 from megatron_vlm.conversion.megatron_io import load_model, read_metadata, trainable_config_of
 from megatron_vlm.data.loader import MultimodalLoader, load_data_config
@@ -25,7 +25,7 @@ from megatron_vlm.models.lora import apply_trainable, merge_lora
 from megatron_vlm.models.specs import torch_dtype
 from megatron_vlm.perf.flops import batch_training_flops, measured_matmul_tflops
 from megatron_vlm.perf.memory import TrainingMemoryMeter
-from megatron_vlm.training import checkpoint
+from megatron_vlm.training import checkpoint, preflight
 from megatron_vlm.training.metrics import Metrics, log_line, logger
 from megatron_vlm.training.preemption import PreemptionHandler
 from megatron_vlm.training.results import RunResults
@@ -42,23 +42,6 @@ MODEL_INPUTS = (
 )
 
 
-def check_batch_layout(run: RunConfig, world_size: int) -> int:
-    """Micro-batches per step on each data-parallel rank; refuses impossible batch sizes."""
-    parallel = run.parallel
-    data_parallel = world_size // (parallel.tensor_parallel * parallel.pipeline_parallel)
-    per_step = run.data.micro_batch_size * data_parallel
-    if not 0 <= run.training.warmup_steps < run.training.train_steps:
-        raise ValueError(
-            f"warmup_steps={run.training.warmup_steps} must be smaller than train_steps={run.training.train_steps}"
-        )
-    if run.training.global_batch_size % per_step:
-        raise ValueError(
-            f"global batch {run.training.global_batch_size} is not divisible by micro batch "
-            f"{run.data.micro_batch_size} x data parallel {data_parallel} = {per_step}; use a multiple of {per_step}"
-        )
-    return run.training.global_batch_size // per_step
-
-
 def load_starting_weights(chunks: list[torch.nn.Module], path: str, run: RunConfig) -> None:
     """Weights of a converted or earlier checkpoint; its LoRA adapters are merged on load."""
     saved = trainable_config_of(read_metadata(path))
@@ -68,15 +51,34 @@ def load_starting_weights(chunks: list[torch.nn.Module], path: str, run: RunConf
     merge_lora(chunks)
 
 
+def _placement(tensors: Any) -> str:
+    """Where tensors live, e.g. ``cuda:0 (torch.bfloat16)``: the start-up log shows it."""
+    places: dict[str, set[str]] = {}
+    for tensor in tensors:
+        places.setdefault(str(tensor.device), set()).add(str(tensor.dtype))
+    return ", ".join(f"{device} ({', '.join(sorted(dtypes))})" for device, dtypes in sorted(places.items()))
+
+
 def pretrain(run: RunConfig) -> dict[str, Any]:
     training = run.training
+    # Start-up stages are logged as they begin, so a run that stalls shows where (with the stacks
+    # that SIGUSR2 prints, see megatron_vlm/train.py).
+    logger.info(
+        "initializing torch.distributed (%s) and Megatron's parallel state", backend.default_distributed_backend()
+    )
+    # Every machine-dependent build decision judged (and every problem named) before anything starts.
+    plan = preflight.check_run(run, distributed.detect_environment().world_size)
     env = distributed.initialize(run.parallel, run.model, seed=training.seed)
-    micro_batches_per_step = check_batch_layout(run, env.world_size)
+    micro_batches_per_step = preflight.check_batch_layout(run, env.world_size)
+    if env.rank == 0:
+        logger.info("start-up checks passed: %s", plan.describe())
     output = Path(training.output_dir)
     checkpoints = output / "checkpoints"
     resume_from = checkpoint.latest_checkpoint(checkpoints)
 
     # --- data: this data-parallel rank's share of the mixture
+    if env.rank == 0:
+        logger.info("%d rank(s) up (%s launch); loading the tokenizer and the data", env.world_size, env.launcher)
     tokenizer = load_tokenizer()
     if image_token_ids(tokenizer)["<image>"] != run.model.image_token_id:
         raise ValueError("the tokenizer's <image> id differs from the model's image_token_id")
@@ -94,6 +96,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         run.model.image_token_id,
         parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(),
+        sliding_window=run.model.text.sliding_window,
     )
 
     reports = (
@@ -106,6 +109,8 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     memory.start()  # the training state counts from here, as the memory model's does (results.json)
 
     # --- model: build, start weights, what trains, DDP, optimizer, schedule
+    if env.rank == 0:
+        logger.info("building the model")
     chunks = build_model_chunks(run.model, run.parallel, run.precision)
     if training.load_weights and resume_from is None:
         load_starting_weights(chunks, training.load_weights, run)
@@ -153,6 +158,8 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
 
     preemption = PreemptionHandler()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if env.rank == 0:
+        logger.info("measuring the %s matmul peak", device)
     # The device's matmul peak, measured now; the best rank's figure (others may be disturbed).
     peak = torch.tensor(
         [measured_matmul_tflops(torch_dtype(run.precision.params_dtype), device)],
@@ -177,11 +184,24 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     # --- steps
     skipped_steps, window_start, window = 0, time.perf_counter(), dict(tokens=0.0, images=0.0, flops=0.0, steps=0)
     last: dict[str, float] = {}
+    first_step = iteration + 1
     while iteration < training.train_steps:
         batches = [next(loader) for _ in range(micro_batches_per_step)]
         inputs = [{k: b[k].to(device, non_blocking=True) for k in MODEL_INPUTS} for b in batches]
         results.observe(batches)
+        if iteration + 1 == first_step and env.rank == 0:
+            step_started = time.perf_counter()
+            fp8 = run.precision.fp8
+            logger.info(
+                "step %d: parameters on %s, batch on %s%s",
+                first_step,
+                _placement(p for chunk in chunks for p in chunk.parameters()),
+                _placement(inputs[0].values()),
+                f", fp8 {fp8} via {backend.fp8_backend(run.precision.fp8_backend)}" if fp8 else "",
+            )
         step = train_step(model, optimizer, inputs)
+        if iteration + 1 == first_step and env.rank == 0:
+            logger.info("step %d done in %.1f s", first_step, time.perf_counter() - step_started)
         if step["updated"] and math.isfinite(step["loss"]):
             scheduler.step(increment=1)
         else:
@@ -197,7 +217,8 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         iteration += 1
         window["tokens"] += sum(b["num_tokens"] for b in batches)
         window["images"] += sum(b["num_images"] for b in batches)
-        window["flops"] += sum(batch_training_flops(run.model, batch) for batch in batches)  # CPU copies: no sync
+        # Reads the pixel masks: a small sync when they are on the GPU (dali-gpu), after the step.
+        window["flops"] += sum(batch_training_flops(run.model, batch) for batch in batches)
         window["steps"] += 1
 
         if iteration % training.log_interval == 0 or iteration == training.train_steps:
