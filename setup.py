@@ -7,9 +7,10 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_vlm", "megatron_vlm.*"]),
     install_requires=[
-        # Verified on CPU torch 2.13 (gloo): TP/PP/VPP, DP with the distributed optimizer.
-        "megatron-core==0.16.1",
-        "torch>=2.4,<=2.14.1",
+        # Tested: 0.16.1 (Python 3.11) and 0.19.2 (Python 3.12); 0.17+ need Python >= 3.12.
+        "megatron-core>=0.16.1,<0.20",
+        "torch>=2.4",
+        "packaging>=23",  # version ranges of the Megatron-Core CPU patches
         "pyyaml>=6",
         "safetensors>=0.4",
         "tqdm>=4.60",
@@ -32,6 +33,7 @@ setup(
             "megatron-energon>=7",  # our pair/page shards are read by it as they are
             "pyarrow>=14",  # parquet input of the preprocessing tool
             "mpich>=4",  # an MPI launcher (mpiexec) for the MPI launch test
+            "mpi4py>=3.1",  # its ranks agree on a rendezvous through mpi4py
         ],
         "gpu": [
             "transformer-engine[pytorch]>=2.0",

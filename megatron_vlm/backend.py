@@ -2,14 +2,18 @@
 
 Megatron-Core assumes a CUDA device in a handful of places. On a host without CUDA (laptops, CI)
 the CPU *is* the device, and each patch below redirects one such assumption to the CPU. Every patch
-is named, says why it exists, and is applied only when ``torch.cuda.is_available()`` is false.
+is named, says why it exists and which Megatron-Core versions need it (a PEP 440 range, checked
+against the installed version), and is applied only when ``torch.cuda.is_available()`` is false.
 ``apply_cpu_patches()`` is idempotent and returns the names of the patches in force.
+
+Supported Megatron-Core: ``SUPPORTED_MEGATRON_CORE`` (tested on 0.16.1 and 0.19.2).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import logging
 import sys
 import types
@@ -17,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +93,34 @@ def default_distributed_backend() -> str:
 # --------------------------------------------------------------------------------------------
 
 
+SUPPORTED_MEGATRON_CORE = ">=0.16.1,<0.20"
+
+
+@functools.cache
+def megatron_core_version() -> Version:
+    return Version(importlib.metadata.version("megatron-core"))
+
+
+def check_megatron_core_version() -> None:
+    """Refuse a Megatron-Core outside the tested range by name (its CPU patches and the code paths
+    chosen per version are known only inside it)."""
+    version = megatron_core_version()
+    if version not in SpecifierSet(SUPPORTED_MEGATRON_CORE):
+        raise RuntimeError(
+            f"megatron-core {version} is not supported: this version of megatron-vlm needs megatron-core "
+            f"{SUPPORTED_MEGATRON_CORE} (tested on 0.16.1 and 0.19.2)"
+        )
+
+
 @dataclass(frozen=True)
 class CpuPatch:
     name: str
     why: str
     apply: Callable[[], None]
+    versions: str = SUPPORTED_MEGATRON_CORE  # the Megatron-Core versions that need it
+
+    def needed(self, version: Version | None = None) -> bool:
+        return (version or megatron_core_version()) in SpecifierSet(self.versions)
 
 
 _TENSOR_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like")
@@ -163,6 +192,25 @@ def _patch_rng() -> None:
     logging.getLogger(megatron_random.__name__).setLevel(logging.ERROR)
 
 
+class _CpuStream:
+    """What Megatron asks of ``torch.cuda.current_stream()`` on the paths CPU runs: waiting on
+    events and streams, which CPU execution (synchronous, one stream) has nothing to wait for."""
+
+    def wait_event(self, event: object) -> None:
+        pass
+
+    def wait_stream(self, stream: object) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _patch_current_stream() -> None:
+    stream = _CpuStream()
+    torch.cuda.current_stream = lambda device=None: stream
+
+
 def _patch_optimizer_type_checks() -> None:
     original_type = torch.Tensor.type
 
@@ -209,16 +257,27 @@ CPU_PATCHES: tuple[CpuPatch, ...] = (
         "for calls from megatron.core.optimizer, CPU tensors report the matching cuda type name.",
         _patch_optimizer_type_checks,
     ),
+    CpuPatch(
+        "current_stream_is_a_cpu_stream",
+        "from 0.19, every gradient reduction (start_grad_sync) first makes torch.cuda.current_stream() "
+        "wait on CUDA-graph events; on CPU the stream is a stand-in with nothing to wait for.",
+        _patch_current_stream,
+        versions=">=0.19",
+    ),
 )
 
 _applied: list[str] = []
 
 
 def apply_cpu_patches() -> list[str]:
-    """Apply every CPU patch once when CUDA is absent; returns the names in force."""
+    """Apply, once, every CPU patch this Megatron-Core version needs when CUDA is absent; returns
+    the names in force."""
+    check_megatron_core_version()
     if has_cuda() or _applied:
         return list(_applied)
     for patch in CPU_PATCHES:
+        if not patch.needed():
+            continue
         patch.apply()
         _applied.append(patch.name)
         logger.debug("megatron-core CPU patch applied: %s (%s)", patch.name, patch.why)

@@ -5,8 +5,10 @@ Layouts are checked against the model before anything is allocated, with the fix
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -15,15 +17,27 @@ import torch.distributed as dist
 from megatron_vlm import backend
 from megatron_vlm.config import ModelConfig, ParallelConfig
 
+# Launchers that say how many of their ranks share this node: all of them on one node means the
+# rendezvous can be this host even without MASTER_ADDR.
+_LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")
+MPI_LAUNCHERS = ("openmpi", "pmix", "pmi")
+
 
 @dataclass(frozen=True)
 class ProcessEnvironment:
     rank: int
     world_size: int
     local_rank: int
-    master_addr: str
-    master_port: int
+    master_addr: str | None  # None: the launcher did not say; agree_rendezvous decides
+    master_port: int | None
     launcher: str
+    rendezvous: str = "environment"  # where the address came from: environment, mpi4py, local, single
+
+    def describe(self) -> str:
+        return (
+            f"rank {self.rank}/{self.world_size} (local {self.local_rank}) launched by {self.launcher}; "
+            f"rendezvous at {self.master_addr}:{self.master_port} ({self.rendezvous})"
+        )
 
 
 def _first(*names: str) -> str | None:
@@ -46,16 +60,56 @@ def detect_environment() -> ProcessEnvironment:
         rank, size = _first(*rank_vars), _first(*size_vars)
         if rank is not None and size is not None:
             local = _first(*local_vars)
+            address, port = os.environ.get("MASTER_ADDR") or None, os.environ.get("MASTER_PORT") or None
+            if launcher not in MPI_LAUNCHERS:  # torchrun sets both; srun jobs get them from the batch script
+                address, port = address or "127.0.0.1", port or "29500"
             return ProcessEnvironment(
                 rank=int(rank),
                 world_size=int(size),
                 local_rank=int(local) if local is not None else 0,
-                master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                master_port=int(os.environ.get("MASTER_PORT", "29500")),
+                master_addr=address,
+                master_port=int(port) if port else None,
                 launcher=launcher,
             )
     # A lone process rendezvouses with itself: any free port will do.
-    return ProcessEnvironment(0, 1, 0, "127.0.0.1", int(os.environ.get("MASTER_PORT") or free_port()), "single")
+    return ProcessEnvironment(
+        0, 1, 0, "127.0.0.1", int(os.environ.get("MASTER_PORT") or free_port()), "single", rendezvous="single"
+    )
+
+
+def agree_rendezvous(env: ProcessEnvironment) -> ProcessEnvironment:
+    """The address and port every rank connects to. MPI launchers (mpirun / mpiexec of OpenMPI,
+    MPICH, PMIx) do not set MASTER_ADDR: rank 0 offers its host name and a free port through
+    mpi4py, and every rank takes them (also written to MASTER_ADDR / MASTER_PORT, so that asking
+    again gives the same answer). Collective over the MPI job when it has to agree."""
+    if env.master_addr is not None and env.master_port is not None:
+        return env
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        local_size = _first(*_LOCAL_SIZE_VARS)
+        if env.world_size == 1 or (local_size is not None and int(local_size) == env.world_size):  # one node
+            offer = (env.master_addr or "127.0.0.1", env.master_port or 29500)
+            rendezvous = "local"
+        else:
+            raise RuntimeError(
+                f"launched by {env.launcher} with MASTER_ADDR/MASTER_PORT unset and mpi4py not installed: "
+                f"ranks on several nodes cannot agree where to meet. Install mpi4py (pip install "
+                f"'megatron-vlm[mpi]') or export MASTER_ADDR (rank 0's host) and MASTER_PORT to every rank"
+            ) from None
+    else:
+        comm = MPI.COMM_WORLD
+        if comm.Get_size() != env.world_size:
+            raise RuntimeError(
+                f"mpi4py sees {comm.Get_size()} ranks but the {env.launcher} environment says {env.world_size}"
+            )
+        offer = None
+        if comm.Get_rank() == 0:
+            offer = (env.master_addr or socket.gethostname(), env.master_port or free_port(bind=""))
+        offer = comm.bcast(offer, root=0)
+        rendezvous = "mpi4py"
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = offer[0], str(offer[1])
+    return dataclasses.replace(env, master_addr=offer[0], master_port=int(offer[1]), rendezvous=rendezvous)
 
 
 def check_layout(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> None:
@@ -123,12 +177,16 @@ def layout_problems(model: ModelConfig, parallel: ParallelConfig, world_size: in
 
 
 def initialize(
-    parallel: ParallelConfig, model: ModelConfig, seed: int = 1234, timeout_minutes: int = 10
+    parallel: ParallelConfig,
+    model: ModelConfig,
+    seed: int = 1234,
+    timeout_minutes: int = 10,
+    env: ProcessEnvironment | None = None,
 ) -> ProcessEnvironment:
     """Start torch.distributed from the launcher's environment and Megatron's parallel state."""
     from megatron.core import parallel_state, tensor_parallel
 
-    env = detect_environment()
+    env = agree_rendezvous(env or detect_environment())
     check_layout(model, parallel, env.world_size)
     backend.apply_cpu_patches()
     if backend.has_cuda():
@@ -172,11 +230,10 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    import socket
-
+def free_port(bind: str = "127.0.0.1") -> int:
+    """A TCP port free on this host (``bind=""``: on every interface, for other hosts to reach)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((bind, 0))
         return sock.getsockname()[1]
 
 

@@ -18,8 +18,36 @@ def test_every_patch_is_named_explained_and_applied_once(patched):
     names = [p.name for p in backend.CPU_PATCHES]
     assert len(set(names)) == len(names)
     assert all(len(p.why) > 40 for p in backend.CPU_PATCHES)
-    assert patched == names
-    assert backend.apply_cpu_patches() == names  # idempotent
+    needed = [p.name for p in backend.CPU_PATCHES if p.needed()]
+    assert patched == needed
+    assert backend.apply_cpu_patches() == needed  # idempotent
+
+
+def test_patches_state_the_versions_they_apply_to():
+    from packaging.version import Version
+
+    stream = next(p for p in backend.CPU_PATCHES if p.name == "current_stream_is_a_cpu_stream")
+    assert not stream.needed(Version("0.16.1")) and stream.needed(Version("0.19.2"))
+    assert all(p.needed(Version("0.16.1")) for p in backend.CPU_PATCHES if p is not stream)
+
+
+def test_unsupported_megatron_core_is_refused_by_name(monkeypatch):
+    from packaging.version import Version
+
+    monkeypatch.setattr(backend, "megatron_core_version", lambda: Version("0.15.3"))
+    with pytest.raises(
+        RuntimeError, match=r"megatron-core 0.15.3 is not supported: .* needs megatron-core >=0.16.1,<0.20"
+    ):
+        backend.check_megatron_core_version()
+
+
+def test_current_stream_waits_on_nothing_where_megatron_core_needs_it(patched):
+    if "current_stream_is_a_cpu_stream" not in patched:
+        pytest.skip(
+            f"megatron-core {backend.megatron_core_version()} does not call torch.cuda.current_stream on CPU paths"
+        )
+    stream = torch.cuda.current_stream()
+    assert stream.wait_event(object()) is None and stream.wait_stream(stream) is None
 
 
 def test_current_device_is_cpu(patched):

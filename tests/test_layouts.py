@@ -66,3 +66,23 @@ def test_launcher_environment(monkeypatch, variables, expected):
         monkeypatch.setenv(name, value)
     env = detect_environment()
     assert (env.launcher, env.rank, env.world_size, env.local_rank) == expected
+
+
+def test_mpi_ranks_without_an_address_or_mpi4py_are_refused_by_name(monkeypatch):
+    """Several nodes under mpirun, no MASTER_ADDR and no mpi4py: nothing to agree with; one node is fine."""
+    import sys
+
+    from megatron_vlm.distributed import agree_rendezvous
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "SLURM_PROCID", "PMI_RANK", "PMIX_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py fails
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "16")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "8")
+    env = detect_environment()
+    assert env.launcher == "openmpi" and env.master_addr is None
+    with pytest.raises(RuntimeError, match="MASTER_ADDR/MASTER_PORT unset and mpi4py not installed"):
+        agree_rendezvous(env)
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "16")
+    assert agree_rendezvous(detect_environment()).rendezvous == "local"

@@ -160,7 +160,8 @@ def test_killed_two_process_run_resumes_bit_for_bit(data_root, tmp_path, optimiz
 
 
 def test_mpi_launch(data_root, tmp_path):
-    """Ranks from an MPI launcher's environment (mpich's mpiexec sets PMI_RANK / PMI_SIZE)."""
+    """Ranks from an MPI launcher's environment (mpich's mpiexec sets PMI_RANK / PMI_SIZE, not
+    MASTER_ADDR / MASTER_PORT): the ranks agree on rank 0's host and a free port through mpi4py."""
     command = [
         str(Path(sys.executable).parent / "mpiexec"),
         "-n",
@@ -175,7 +176,13 @@ def test_mpi_launch(data_root, tmp_path):
         "training.train_steps=6",
         "training.save_interval=6",
     ]
-    output = run(command, extra_env={"MASTER_PORT": str(free_port())})
+    env = environment()
+    env.pop("MASTER_ADDR", None)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    output = done.stdout
+    first = next(line for line in output.splitlines() if " INFO " in line)
+    assert "rank 0/2 (local 0) launched by pmi; rendezvous at " in first and "(mpi4py)" in first
     assert "on 2 ranks" in output and "step      6/6" in output
     assert (tmp_path / "mpi" / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
 

@@ -107,6 +107,11 @@ def fp8_linear(
     return output if bias is None else output + bias
 
 
+# Arguments newer Megatron-Core versions pass to ``_forward_impl``, with the value meaning "off":
+# anything else asks for something these linears do not do.
+_INERT_ARGUMENTS = {"async_grad_allreduce": None, "gtp_remat_size": 1}  # gtp_remat_size: 0.19+
+
+
 def _megatron_forward_impl(
     recipe: str,
     input: torch.Tensor,
@@ -117,14 +122,18 @@ def _megatron_forward_impl(
     sequence_parallel: bool,
     grad_output_buffer: list | None = None,
     wgrad_deferral_limit: int | None = 0,
-    async_grad_allreduce: bool | None = None,
     tp_group: torch.distributed.ProcessGroup | None = None,
+    **others: Any,
 ) -> torch.Tensor:
-    """Drop-in for Megatron-Core's ``linear_with_grad_accumulation_and_async_allreduce``."""
+    """Drop-in for Megatron-Core's ``linear_with_grad_accumulation_and_async_allreduce`` (its
+    arguments across 0.16-0.19)."""
     if sequence_parallel:
         raise NotImplementedError("torch FP8 linears do not support sequence parallelism: use Transformer Engine")
     if gradient_accumulation_fusion:
         raise NotImplementedError("torch FP8 linears return weight gradients: turn off gradient_accumulation_fusion")
+    for name, value in others.items():
+        if name not in _INERT_ARGUMENTS or (value is not None and value != _INERT_ARGUMENTS[name]):
+            raise NotImplementedError(f"torch FP8 linears do not support {name}={value!r}")
     return fp8_linear(input, weight, bias, recipe, allreduce_dgrad and weight.requires_grad, tp_group)
 
 

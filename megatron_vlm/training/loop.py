@@ -63,12 +63,16 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     training = run.training
     # Start-up stages are logged as they begin, so a run that stalls shows where (with the stacks
     # that SIGUSR2 prints, see megatron_vlm/train.py).
-    logger.info(
-        "initializing torch.distributed (%s) and Megatron's parallel state", backend.default_distributed_backend()
-    )
+    env = distributed.agree_rendezvous(distributed.detect_environment())
+    if env.rank == 0:
+        logger.info(
+            "%s; initializing torch.distributed (%s) and Megatron's parallel state",
+            env.describe(),
+            backend.default_distributed_backend(),
+        )
     # Every machine-dependent build decision judged (and every problem named) before anything starts.
-    plan = preflight.check_run(run, distributed.detect_environment().world_size)
-    env = distributed.initialize(run.parallel, run.model, seed=training.seed)
+    plan = preflight.check_run(run, env.world_size)
+    env = distributed.initialize(run.parallel, run.model, seed=training.seed, env=env)
     micro_batches_per_step = preflight.check_batch_layout(run, env.world_size)
     if env.rank == 0:
         logger.info("start-up checks passed: %s", plan.describe())
