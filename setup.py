@@ -35,10 +35,10 @@ setup(
             "mpich>=4",  # an MPI launcher (mpiexec) for the MPI launch test
             "mpi4py>=3.1",  # its ranks agree on a rendezvous through mpi4py
         ],
-        "gpu": [
-            "transformer-engine[pytorch]>=2.0",
-            "nvidia-dali-cuda130>=2.0",
-        ],
+        # GPU machines without a container that carries them (NGC PyTorch containers have TE and
+        # DALI already: see the README's "GPU clusters" section).
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        "dali": ["nvidia-dali-cuda130>=2.0"],  # any nvidia-dali-cuda* flavour works: it imports as nvidia.dali
         "mpi": ["mpi4py>=3.1", "mpich>=4"],
     },
 )

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from packaging.version import Version
 
+from megatron_vlm import backend
 from megatron_vlm.config import ModelConfig, TrainableConfig, from_dict, to_dict
 from megatron_vlm.distributed import barrier, global_rank
 
@@ -56,6 +58,25 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     if not (Path(directory) / MODEL_DIR).is_dir():
         raise FileNotFoundError(f"{directory} has no {MODEL_DIR}/ directory (incomplete checkpoint?)")
     return metadata
+
+
+# Megatron-Core 0.19 keeps a distributed checkpoint's common (non-sharded) state inside its sharded
+# files instead of a common.pt; older versions cannot find it. 0.19 still reads common.pt, so
+# checkpoints move up the supported range, and down only to versions that read the newer layout.
+_COMMON_STATE_INSIDE_SINCE = Version("0.19")
+
+
+def check_dist_checkpoint_readable(directory: str | Path, written_by: str | None = None) -> None:
+    """Refuse, by name, a distributed checkpoint the installed Megatron-Core cannot read."""
+    directory = Path(directory)
+    running = backend.megatron_core_version()
+    if running < _COMMON_STATE_INSIDE_SINCE and not (directory / "common.pt").is_file():
+        writer = f"megatron-core {written_by}" if written_by else f"megatron-core >= {_COMMON_STATE_INSIDE_SINCE}"
+        raise ValueError(
+            f"{directory} was written by {writer}, which keeps the checkpoint's common state inside its "
+            f"sharded files (no common.pt); megatron-core {running} cannot read that layout. Load it with "
+            f"megatron-core >= {_COMMON_STATE_INSIDE_SINCE}"
+        )
 
 
 def model_config_of(metadata: dict[str, Any]) -> ModelConfig:
@@ -96,6 +117,7 @@ def save_model(
                 "model": to_dict(model_config),
                 "trainable": to_dict(trainable or TrainableConfig()),
                 "dtype": str(parameter.dtype).removeprefix("torch."),
+                "megatron_core_version": str(backend.megatron_core_version()),
                 "saved_at_layout": {
                     "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
                     "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
@@ -144,6 +166,7 @@ def load_model(
     """Collective: load a checkpoint into this rank's chunks (any saved layout); returns metadata."""
     metadata = read_metadata(directory)
     check_compatible(metadata, model_config, trainable)
+    check_dist_checkpoint_readable(Path(directory) / MODEL_DIR, metadata.get("megatron_core_version"))
     state = dist_checkpointing.load(
         model_sharded_state_dict(chunks), str(Path(directory) / MODEL_DIR), strict=StrictHandling.RAISE_ALL
     )

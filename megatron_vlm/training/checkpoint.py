@@ -29,7 +29,12 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_vlm.config import ModelConfig, TrainableConfig
-from megatron_vlm.conversion.megatron_io import load_model, model_sharded_state_dict, save_model
+from megatron_vlm.conversion.megatron_io import (
+    check_dist_checkpoint_readable,
+    load_model,
+    model_sharded_state_dict,
+    save_model,
+)
 from megatron_vlm.distributed import barrier, global_rank
 
 LATEST = "latest"
@@ -48,11 +53,18 @@ def _main_params(part: Any) -> list[torch.Tensor]:
 def _per_rank(optimizer: Any) -> bool:
     """Whether this optimizer's state is checkpointed per rank rather than with dist_checkpointing.
 
-    Megatron-Core 0.16's own ways fail here without apex/TE: dist_checkpointing of the distributed
-    optimizer rejects flattened ranges and its DP-gathered parameter-state file cannot be read back
-    (torch Adam's per-parameter 'step' is dropped); the bf16 optimizer's sharded state maps main
-    parameters to the wrong model tensors. Saved per rank, the state resumes exactly at the same
-    layout; fp32 without the distributed optimizer keeps the reshardable dist_checkpointing path.
+    The one place that says why. Megatron-Core's own formats fail without apex/TE (torch's Adam),
+    on every supported version (tried on 2 gloo ranks, a save then a load into a fresh optimizer):
+    - 0.16.1: the distributed optimizer's default sharding rejects flattened ranges,
+      ``fully_reshardable`` drops torch Adam's per-parameter 'step', ``dp_reshardable`` loads only
+      into pre-filled state and then drifts; the bf16 optimizer's sharded state maps main parameters
+      to the wrong model tensors.
+    - 0.19.2: ``fully_reshardable`` gathers the state with ``.cuda()`` (no CPU path);
+      ``dp_reshardable`` asserts on a fresh optimizer's empty state, and with pre-filled state it
+      drifts (bf16) or fails an in-place check (fp32); the default ``fully_sharded_model_space``
+      does not find our parameters among the model's sharded tensors.
+    Saved per rank, the state resumes exactly at the same layout on both versions; fp32 without the
+    distributed optimizer keeps the reshardable dist_checkpointing path.
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -188,6 +200,7 @@ def load_training_checkpoint(
             )
         load_optimizer_shard_state(optimizer, per_rank["optimizer"])
     else:
+        check_dist_checkpoint_readable(path / "optimizer", metadata.get("megatron_core_version"))
         optimizer_state = dist_checkpointing.load(
             optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=True),
             str(path / "optimizer"),

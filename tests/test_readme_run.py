@@ -1,0 +1,32 @@
+"""The README's run command, as a user runs it: `bash slurm/pretrain_idefics2.sh` trains the tiny
+preset on the bundled data (built on first use), and running it again resumes (shortened here with
+OVERRIDES). .ci/run runs it in both environments (Megatron-Core 0.16.1 and 0.19.2)."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.multiprocess
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_run(run_dir: Path, overrides: str) -> str:
+    env = {**os.environ, "RUN_DIR": str(run_dir), "OVERRIDES": overrides, "OMP_NUM_THREADS": "1"}
+    for name in ("MASTER_PORT", "MASTER_ADDR", "CONFIG", "DATA_ROOT", "NPROC", "SLURM_JOB_ID"):
+        env.pop(name, None)
+    done = subprocess.run(
+        ["bash", "slurm/pretrain_idefics2.sh"], capture_output=True, text=True, timeout=900, env=env, cwd=ROOT
+    )
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done.stdout
+
+
+def test_readme_command_trains_then_resumes(tmp_path):
+    common = "training.save_interval=2 training.log_interval=2 training.warmup_steps=1"
+    first = readme_run(tmp_path / "run", f"training.train_steps=4 {common}")
+    assert "step      4/4" in first and "saved" in first
+    again = readme_run(tmp_path / "run", f"training.train_steps=6 {common}")
+    assert "iter_0000004 at step 4" in again and "step      6/6" in again
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
