@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from packaging.version import Version
-from test_training import environment, scalars
+from test_training import environment, scalars, trainer_args
 
 pytestmark = pytest.mark.multiprocess
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,20 +44,8 @@ def megatron_core_version(python: str) -> str:
 
 
 def train(python: str, output: Path, data_root: Path, *overrides: str) -> str:
-    command = [
-        python,
-        "-m",
-        "megatron_vlm.train",
-        "--config",
-        str(ROOT / "examples/tiny_cpu.yaml"),
-        f"training.output_dir={output}",
-        f"data.root={data_root}",
-        "training.train_steps=4",
-        "training.save_interval=2",
-        "training.log_interval=1",
-        "training.warmup_steps=1",
-        *overrides,
-    ]
+    steps = ["training.train_steps=4", "training.save_interval=2", "training.log_interval=1", "training.warmup_steps=1"]
+    command = [python, *trainer_args(output, data_root, *steps, *overrides)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=environment(), cwd=ROOT)
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")

@@ -9,12 +9,12 @@ against the libraries' rules.
 import pytest
 import torch
 from parity import hf_logits, hf_model, make_batch, megatron_inputs, tiny_config
+from test_gpu_paths import _model
 
 from megatron_vlm import backend
-from megatron_vlm.config import ParallelConfig, PrecisionConfig, TrainableConfig
-from megatron_vlm.conversion.mapping import load_hf_weights
+from megatron_vlm.config import PrecisionConfig, TrainableConfig
 from megatron_vlm.models import specs
-from megatron_vlm.models.idefics2 import build_model_chunks, gather_logits
+from megatron_vlm.models.idefics2 import gather_logits
 from megatron_vlm.models.lora import apply_trainable, merge_lora
 
 pytestmark = pytest.mark.gpu
@@ -26,13 +26,6 @@ needs_te = pytest.mark.skipif(
 
 def _on_gpu(inputs):
     return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-
-
-def _model(config, hf, precision):
-    state = hf.state_dict()
-    (model,) = build_model_chunks(config, ParallelConfig(), precision)
-    load_hf_weights([model], state.__getitem__, set(state), config, 0, 1)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_training import environment, scalars
+from test_training import environment, scalars, trainer_args
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,17 +28,15 @@ def run_trainer(output: Path, data_root: Path, *overrides: str, timeout: float =
     test fails showing where it hung."""
     command = [
         sys.executable,
-        "-m",
-        "megatron_vlm.train",
-        "--config",
-        str(ROOT / "examples/tiny_cpu.yaml"),
-        f"training.output_dir={output}",
-        f"data.root={data_root}",
-        f"training.train_steps={STEPS}",
-        "training.log_interval=2",
-        "training.save_interval=10",
-        "precision.params_dtype=bfloat16",
-        *overrides,
+        *trainer_args(
+            output,
+            data_root,
+            f"training.train_steps={STEPS}",
+            "training.log_interval=2",
+            "training.save_interval=10",
+            "precision.params_dtype=bfloat16",
+            *overrides,
+        ),
     ]
     process = subprocess.Popen(
         command,

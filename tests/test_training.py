@@ -28,13 +28,9 @@ def data_root(tmp_path_factory):
     return root
 
 
-def train_command(processes, output, data_root, *overrides):
+def trainer_args(output, data_root, *overrides):
+    """``-m megatron_vlm.train`` on the tiny preset and the given data, writing into ``output``."""
     return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={processes}",
-        f"--master_port={free_port()}",
         "-m",
         "megatron_vlm.train",
         "--config",
@@ -43,6 +39,17 @@ def train_command(processes, output, data_root, *overrides):
         f"data.root={data_root}",
         *overrides,
     ]
+
+
+def train_command(processes, output, data_root, *overrides):
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        f"--master_port={free_port()}",
+    ]
+    return [*launch, *trainer_args(output, data_root, *overrides)]
 
 
 def environment():
@@ -167,14 +174,7 @@ def test_mpi_launch(data_root, tmp_path):
         "-n",
         "2",
         sys.executable,
-        "-m",
-        "megatron_vlm.train",
-        "--config",
-        str(ROOT / "examples/tiny_cpu.yaml"),
-        f"training.output_dir={tmp_path / 'mpi'}",
-        f"data.root={data_root}",
-        "training.train_steps=6",
-        "training.save_interval=6",
+        *trainer_args(tmp_path / "mpi", data_root, "training.train_steps=6", "training.save_interval=6"),
     ]
     env = environment()
     env.pop("MASTER_ADDR", None)
