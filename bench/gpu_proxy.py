@@ -35,12 +35,12 @@ from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 
 from megatron_vlm import backend, distributed  # noqa: E402
 from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig, load_model_preset  # noqa: E402
+from megatron_vlm.data.batch import MODEL_INPUTS  # noqa: E402
 from megatron_vlm.models.idefics2 import build_model_chunks  # noqa: E402
 from megatron_vlm.perf.flops import batch_training_flops, measured_matmul_tflops  # noqa: E402
 from megatron_vlm.perf.memory import TrainingMemoryMeter  # noqa: E402
 from megatron_vlm.perf.memory_model import TrainingSetup, Workload, model_parameters, predict_stage_memory  # noqa: E402
 from megatron_vlm.perf.workload import synthetic_micro_batch  # noqa: E402
-from megatron_vlm.training.loop import MODEL_INPUTS  # noqa: E402
 from megatron_vlm.training.step import build_optimizer, train_step, wrap_ddp  # noqa: E402
 
 

@@ -21,6 +21,7 @@ MODEL_PRESETS_DIR = EXAMPLES_DIR / "models"
 class VisionConfig:
     """SigLIP encoder at native resolution (Idefics2VisionConfig)."""
 
+    kind: str = "siglip"  # its recipe (megatron_vlm/backbones)
     hidden_size: int = 1152
     intermediate_size: int = 4304
     num_layers: int = 27
@@ -48,6 +49,7 @@ class ConnectorConfig:
     the text hidden size with an MLP of 4x that width, as in transformers.
     """
 
+    kind: str = "perceiver"  # its recipe (megatron_vlm/backbones)
     num_latents: int = 64
     depth: int = 3
     num_heads: int = 16
@@ -61,6 +63,7 @@ class ConnectorConfig:
 class TextConfig:
     """Mistral decoder. ``vocab_size`` includes the three image tokens (32000 + 3)."""
 
+    kind: str = "mistral"  # its recipe (megatron_vlm/backbones)
     vocab_size: int = 32003
     hidden_size: int = 4096
     intermediate_size: int = 14336

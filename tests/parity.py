@@ -9,14 +9,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 from megatron_vlm.config import ModelConfig, load_model_preset  # noqa: E402
-from megatron_vlm.conversion.verify import (  # noqa: E402, F401  (re-exported for tests and workers)
+from megatron_vlm.conversion.verify import hf_inputs, hf_logits, random_hf_model  # noqa: E402, F401  (re-exported)
+from megatron_vlm.data.batch import (  # noqa: E402, F401  (re-exported for tests and workers)
     IMAGE_SIZES,
     Batch,
-    hf_inputs,
-    hf_logits,
     make_batch,
     megatron_inputs,
-    random_hf_model,
+    training_inputs,
 )
 from megatron_vlm.distributed import free_port  # noqa: E402, F401
 

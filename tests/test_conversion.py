@@ -119,7 +119,7 @@ def verified(hf_dir, megatron_dir):
 def test_documented_flow_with_defaults_keeps_fp32_and_verifies(converted, tmp_path):
     """convert_hf_to_megatron.py then verify_conversion.py, every option at its default, on an
     fp32 source (as idefics2-8b is stored): the checkpoint stays fp32 and verifies at 1e-4."""
-    from megatron_vlm.conversion.megatron_io import read_metadata
+    from megatron_vlm.models.checkpoint_io import read_metadata
 
     output = run_tool("convert_hf_to_megatron.py", "--hf", str(converted / "hf"), "--out", str(tmp_path / "meg"))
     result = verified(converted / "hf", tmp_path / "meg")
@@ -192,10 +192,10 @@ def test_siglip_and_mistral_land_exactly_and_train(megatron_single_process, tmp_
     from megatron.core.optimizer import OptimizerConfig
 
     from megatron_vlm.config import PrecisionConfig
-    from megatron_vlm.conversion.megatron_io import load_model, model_config_of, read_metadata
-    from megatron_vlm.conversion.verify import make_batch, megatron_inputs
+    from megatron_vlm.data.batch import make_batch, training_inputs
+    from megatron_vlm.models.checkpoint_io import load_model, model_config_of, read_metadata
     from megatron_vlm.models.idefics2 import build_model_chunks
-    from megatron_vlm.training.step import build_optimizer, labels_and_loss_mask, train_step, wrap_ddp
+    from megatron_vlm.training.step import build_optimizer, train_step, wrap_ddp
 
     siglip, mistral = save_siglip_and_mistral(tmp_path, with_prefix)
     connector = load_model_preset("tiny").connector
@@ -229,11 +229,10 @@ def test_siglip_and_mistral_land_exactly_and_train(megatron_single_process, tmp_
     chunks = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
     load_model(chunks, tmp_path / "meg", config)
     batch = make_batch(config)
-    labels, loss_mask = labels_and_loss_mask(batch.input_ids, batch.padding, config.image_token_id)
     model = wrap_ddp(chunks)
     optimizer = build_optimizer(model, OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0))
     connector_before = chunks[0].connector.latents.detach().clone()
-    step = train_step(model, optimizer, [{**megatron_inputs(batch), "labels": labels, "loss_mask": loss_mask}])
+    step = train_step(model, optimizer, [training_inputs(batch)])
     assert step["updated"] and torch.isfinite(torch.tensor(step["loss"])) and step["grad_norm"] > 0
     assert not torch.equal(chunks[0].connector.latents.detach(), connector_before)
 
@@ -301,7 +300,7 @@ def test_mismatched_megatron_checkpoint_and_existing_output_are_refused(megatron
     import dataclasses
 
     from megatron_vlm.config import PrecisionConfig
-    from megatron_vlm.conversion.megatron_io import load_model, model_config_of, read_metadata
+    from megatron_vlm.models.checkpoint_io import load_model, model_config_of, read_metadata
     from megatron_vlm.models.idefics2 import build_model_chunks
 
     config = model_config_of(read_metadata(converted / "tp2pp2"))

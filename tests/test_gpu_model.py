@@ -8,12 +8,12 @@ against the libraries' rules.
 
 import pytest
 import torch
-from parity import hf_logits, hf_model, make_batch, megatron_inputs, tiny_config
+from parity import hf_logits, hf_model, make_batch, megatron_inputs, tiny_config, training_inputs
 from test_gpu_paths import _model
 
 from megatron_vlm import backend
+from megatron_vlm.backbones import common
 from megatron_vlm.config import PrecisionConfig, TrainableConfig
-from megatron_vlm.models import specs
 from megatron_vlm.models.idefics2 import gather_logits
 from megatron_vlm.models.lora import apply_trainable, merge_lora
 
@@ -55,7 +55,7 @@ def test_te_vision_attention_matches_hf_on_mixed_aspect_ratios(tiny):
 
 @needs_te
 def test_te_layer_spec_linears_are_the_table_start_up_checks_use():
-    assert specs.spec_linears(specs._te_spec()) == specs.TE_LAYER_LINEARS
+    assert common.spec_linears(common.te_layer_spec()) == common.TE_LAYER_LINEARS
 
 
 @needs_te
@@ -105,8 +105,6 @@ def test_decoder_mask_with_the_real_fused_softmax_kernels(tiny, monkeypatch):
 def test_te_fp8_step_with_odd_patch_counts(tiny):
     """Images whose packed patch counts are not multiples of 8 (and the one-patch blank image of a
     text-only batch) through TE's FP8 GEMMs: padded, so no shape assertion; loss close to bf16's."""
-    from megatron_vlm.training.step import labels_and_loss_mask
-
     config, hf = tiny
     losses = {}
     for fp8 in (None, "hybrid"):
@@ -114,8 +112,7 @@ def test_te_fp8_step_with_odd_patch_counts(tiny):
         model.train()
         for images in ([[(56, 98)], [], [(98, 42), (60, 90)], [(84, 84)]], [[], [], [], []]):
             batch = make_batch(config, seed=2, images_per_row=images)
-            labels, loss_mask = labels_and_loss_mask(batch.input_ids, batch.padding, config.image_token_id)
-            inputs = _on_gpu({**megatron_inputs(batch), "labels": labels, "loss_mask": loss_mask})
+            inputs = _on_gpu(training_inputs(batch))
             loss_mask = inputs.pop("loss_mask")
             per_token = model(**inputs)
             loss = (per_token.float() * loss_mask).sum() / loss_mask.sum()

@@ -13,10 +13,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from parity import hf_logits, hf_model, make_batch, megatron_inputs, tiny_config
 
 from megatron_vlm import backend
+from megatron_vlm.backbones import recipe, recipes_of
+from megatron_vlm.backbones.common import FP8_TOKEN_MULTIPLE, te_fp8_gemm_problem
 from megatron_vlm.config import ParallelConfig, PrecisionConfig, load_model_preset
 from megatron_vlm.conversion.mapping import load_hf_weights
 from megatron_vlm.data.packing import PackedSequence, PackingConfig, collate
-from megatron_vlm.models import specs
 from megatron_vlm.models.idefics2 import build_model_chunks, gather_logits
 
 
@@ -110,7 +111,7 @@ def test_decoder_mask_type_selects_a_mask_honouring_kernel_at_training_shapes():
         softmax = FusedScaleMaskSoftmax(
             input_in_fp16=False,
             input_in_bf16=True,
-            attn_mask_type=specs.language_mask_type(use_te),
+            attn_mask_type=recipe("text", "mistral").mask_type(use_te),
             scaled_masked_softmax_fusion=True,
             mask_func=attention_mask_func,
             softmax_in_fp32=True,
@@ -123,7 +124,7 @@ def test_decoder_mask_type_selects_a_mask_honouring_kernel_at_training_shapes():
             probs = softmax(scores, mask)
         assert probs[0, 0, 0, 1:].float().abs().max() == 0  # the first token sees only itself
     assert kernels == ["masked", "masked"]
-    assert specs.language_mask_type(True) == AttnMaskType.arbitrary  # TE applies explicit masks only so
+    assert recipe("text", "mistral").mask_type(True) == AttnMaskType.arbitrary  # TE applies explicit masks only so
     assert batch_per_block(2048, 2048, 1, 32) == 4
 
 
@@ -133,7 +134,7 @@ def test_decoder_mask_type_selects_a_mask_honouring_kernel_at_training_shapes():
 def test_fp8_parts_follow_transformer_engines_gemm_rules():
     """TE's FP8 GEMMs need rows % 8 == 0, input width % 16 == 0, output width % 8 == 0. The 8B
     vision MLP (4304) splits into 2152 (TP2) and 1076 (TP4) per rank: not FP8-executable."""
-    from megatron_vlm.models.fp8 import te_fp8_gemm_problem, te_fp8_parts
+    from megatron_vlm.models.fp8 import te_fp8_parts
 
     model = load_model_preset("idefics2-8b")
     by_tp = {tp: te_fp8_parts(model, ParallelConfig(tensor_parallel=tp)) for tp in (1, 2, 4, 8)}
@@ -147,8 +148,7 @@ def test_fp8_parts_follow_transformer_engines_gemm_rules():
 
 
 def test_fp8_gemm_enumeration_matches_the_built_layers(tiny):
-    """``part_gemms`` (what the FP8 rule is applied to) lists every linear of a real layer."""
-    from megatron_vlm.models.fp8 import part_gemms
+    """The recipes' GEMM shapes (what the FP8 rule is applied to) list every linear of a real layer."""
 
     config, hf = tiny
     model = _model(config, hf)
@@ -158,14 +158,13 @@ def test_fp8_gemm_enumeration_matches_the_built_layers(tiny):
             for name, module in layer.named_modules()
             if hasattr(module, "weight") and module.weight is not None and module.weight.dim() == 2
         }
-        assert built == part_gemms(config, part, 1)
+        vision, _, text = recipes_of(config)
+        assert built == (vision.gemms(config.vision, 1) if part == "vision" else text.gemms(config.text, 1))
 
 
 def test_fp8_vision_tokens_are_padded_for_te(tiny, monkeypatch):
     """Under TE FP8 the packed vision sequence is padded to a multiple of 16 rows with a sequence
     of its own, so every vision GEMM sees aligned rows, whatever the images; results unchanged."""
-    from megatron_vlm.models.fp8 import FP8_TOKEN_MULTIPLE, te_fp8_gemm_problem
-
     config, hf = tiny
     model = _model(config, hf)
     batch = make_batch(config, images_per_row=[[(56, 98)], [(98, 42), (60, 90)], [], [(14, 14)]])
@@ -192,19 +191,20 @@ def test_fp8_is_set_per_part_in_the_transformer_configs(monkeypatch):
     precision = PrecisionConfig(params_dtype="bfloat16", fp8="hybrid")
     for tp, vision_fp8 in ((1, "hybrid"), (4, None)):
         parallel = ParallelConfig(tensor_parallel=tp)
-        kwargs = {part: specs._part_kwargs(part, model, parallel, precision, False) for part in ("vision", "text")}
-        assert kwargs["vision"]["fp8"] == vision_fp8
-        assert kwargs["text"]["fp8"] == "hybrid"
-        assert specs._part_kwargs("connector", model, parallel, precision, False)["fp8"] is None
+        vision, connector, text = recipes_of(model)
+        assert vision.transformer_config(model.vision, parallel, precision, False).fp8 == vision_fp8
+        assert text.transformer_config(model, parallel, precision, False).fp8 == "hybrid"
+        assert connector.transformer_config(model, parallel, precision, False).fp8 is None
 
 
 def test_sequence_parallel_only_in_the_decoder():
     model = load_model_preset("tiny")
     parallel = ParallelConfig(tensor_parallel=2, sequence_parallel=True)
     precision = PrecisionConfig()
-    assert specs._part_kwargs("text", model, parallel, precision, False)["sequence_parallel"]
-    for part in ("vision", "connector"):
-        assert not specs._part_kwargs(part, model, parallel, precision, False)["sequence_parallel"]
+    vision, connector, text = recipes_of(model)
+    assert text.transformer_config(model, parallel, precision, False).sequence_parallel
+    assert not vision.transformer_config(model.vision, parallel, precision, False).sequence_parallel
+    assert not connector.transformer_config(model, parallel, precision, False).sequence_parallel
 
 
 def test_images_without_a_whole_patch_are_refused(tiny):

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
+from megatron_vlm.backbones import recipes_of
 from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig, load_model_preset
 from megatron_vlm.conversion import convert
 from megatron_vlm.conversion.hf_config import from_hf_config, to_hf_config, to_hf_config_dict
-from megatron_vlm.models import specs
 
 # The Hub's HuggingFaceM4/idefics2-8b config.json: only the sub-config keys that differ from
 # transformers' defaults are stored.
@@ -78,9 +78,10 @@ def test_sliding_window_and_attention_dropout_are_read_and_written_back():
     ]
     # Each part's dropout reaches its Megatron TransformerConfig.
     parallel, precision = ParallelConfig(), PrecisionConfig(use_transformer_engine=False)
-    assert specs.vision_transformer_config(config, parallel, precision).attention_dropout == 0.1
-    assert specs.connector_transformer_config(config, parallel, precision).attention_dropout == 0.2
-    assert specs.language_transformer_config(config, parallel, precision).attention_dropout == 0.3
+    vision, connector, text = recipes_of(config)
+    assert vision.transformer_config(config.vision, parallel, precision).attention_dropout == 0.1
+    assert connector.transformer_config(config, parallel, precision).attention_dropout == 0.2
+    assert text.transformer_config(config, parallel, precision).attention_dropout == 0.3
 
 
 @pytest.mark.parametrize(

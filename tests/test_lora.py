@@ -93,7 +93,7 @@ def test_training_starts_from_converted_weights_with_adapters_merged(megatron_si
 
     from megatron_vlm.config import ParallelConfig, PrecisionConfig, RunConfig
     from megatron_vlm.conversion import convert
-    from megatron_vlm.conversion.megatron_io import save_model
+    from megatron_vlm.models.checkpoint_io import save_model
     from megatron_vlm.models.idefics2 import build_model_chunks
     from megatron_vlm.training.loop import load_starting_weights
 

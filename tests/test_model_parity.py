@@ -96,9 +96,10 @@ def test_mismatched_checkpoint_names_tensors(megatron_single_process):
 def test_checkpoint_keys_use_transformer_engine_names(models):
     """The local spec writes TE's parameter names into distributed checkpoints, so checkpoints
     move between the TE (GPU) and local (CPU) specs; the mapping table reads both name forms."""
-    from megatron_vlm.conversion.mapping import canonical_name, lookup
+    from megatron_vlm.conversion.mapping import lookup
+    from megatron_vlm.models.naming import canonical_name
 
-    _, _, model = models
+    config, _, model = models
     keys = {entry.key for entry in model.sharded_state_dict().values() if hasattr(entry, "key")}
     for part in ("vision.encoder", "language_model.decoder"):
         assert f"{part}.layers.self_attention.linear_qkv.layer_norm_weight" in keys
@@ -106,7 +107,7 @@ def test_checkpoint_keys_use_transformer_engine_names(models):
         assert not any(k.startswith(f"{part}.layers.input_layernorm") for k in keys)
     te_name = "language_model.decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"
     assert canonical_name(te_name) == "language_model.decoder.layers.3.input_layernorm.weight"
-    assert lookup(te_name)[0].hf == ("model.text_model.layers.*.input_layernorm.weight",)
+    assert lookup(te_name, config)[0].hf == ("model.text_model.layers.*.input_layernorm.weight",)
 
 
 def test_sliding_window_matches_hf(megatron_single_process):

@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
+from megatron_vlm.data.batch import attention_mask, one_document_per_row
 from megatron_vlm.data.images import ImageConfig
 from megatron_vlm.data.loader import DataConfig, MultimodalLoader, SourceConfig
 from megatron_vlm.data.packing import Document, Packer, PackingConfig, collate
-from megatron_vlm.models.idefics2 import causal_attention_mask
 
 IMAGE_TOKEN = 32001
 
@@ -21,19 +21,21 @@ def transformers_allowed(length: int, window: int | None) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("window", [None, 1, 3, 8, 100])
-def test_causal_attention_mask_follows_transformers(window):
+def test_padded_batch_mask_follows_transformers(window):
     padding = torch.ones(2, 12, dtype=torch.long)
     padding[1, 9:] = 0
-    blocked = causal_attention_mask(padding, window)
+    blocked = attention_mask(one_document_per_row(padding), window)
     assert blocked.shape == (2, 1, 12, 12)
     expected = transformers_allowed(12, window)
     assert torch.equal(~blocked[0, 0], expected)
-    assert torch.equal(~blocked[1, 0], expected & padding[1].bool()[None, :])
+    assert torch.equal(~blocked[1, 0, :9], (expected & padding[1].bool()[None, :])[:9])
+    # A padded query sees itself only (never a fully masked row); its output counts nowhere.
+    assert torch.equal(~blocked[1, 0, 9:], torch.eye(12, dtype=torch.bool)[9:])
 
 
-def test_causal_attention_mask_refuses_a_non_positive_window():
+def test_attention_mask_refuses_a_non_positive_window():
     with pytest.raises(ValueError, match="sliding_window must be a positive"):
-        causal_attention_mask(torch.ones(1, 4), 0)
+        attention_mask(one_document_per_row(torch.ones(1, 4)), 0)
 
 
 def document(position: int, length: int) -> Document:

@@ -32,7 +32,7 @@ def main() -> None:
     from megatron_vlm import distributed
     from megatron_vlm.config import ParallelConfig
     from megatron_vlm.conversion import convert
-    from megatron_vlm.conversion.megatron_io import model_config_of, read_metadata
+    from megatron_vlm.models.checkpoint_io import model_config_of, read_metadata
 
     config = model_config_of(read_metadata(args.megatron))
     distributed.run_with_world_size(1)

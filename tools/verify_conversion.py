@@ -29,8 +29,8 @@ def main() -> int:
 
     from megatron_vlm import distributed
     from megatron_vlm.config import ParallelConfig
-    from megatron_vlm.conversion.megatron_io import model_config_of, read_metadata
     from megatron_vlm.conversion.verify import verify_checkpoints
+    from megatron_vlm.models.checkpoint_io import model_config_of, read_metadata
 
     parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp)
     config = model_config_of(read_metadata(args.megatron))

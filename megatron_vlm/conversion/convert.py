@@ -20,32 +20,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 
+from megatron_vlm.backbones import mapping as rows
+from megatron_vlm.backbones import recipe_for_hf, recipes_of
 from megatron_vlm.config import ConnectorConfig, ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_vlm.conversion import mapping
 from megatron_vlm.conversion.hf_config import (
     from_hf_config,
     refuse_unmodelled,
-    siglip_vision_hf_config,
-    text_config_from_hf,
-    text_hf_config,
     to_hf_config_dict,
     unmodelled_fields,
-    vision_config_from_hf,
 )
 from megatron_vlm.conversion.hf_io import HFCheckpoint, ShardedSafetensorsWriter, write_json
-from megatron_vlm.conversion.megatron_io import (
+from megatron_vlm.distributed import collective_device
+from megatron_vlm.models.checkpoint_io import (
     load_model,
     model_config_of,
     read_metadata,
     save_model,
     trainable_config_of,
 )
-from megatron_vlm.distributed import collective_device
 from megatron_vlm.models.idefics2 import build_model_chunks
 from megatron_vlm.models.lora import apply_trainable, merge_lora
+from megatron_vlm.models.naming import global_parameter_names
 from megatron_vlm.perf.memory import peak_rss_bytes
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "float32": "float32", "bfloat16": "bfloat16"}
@@ -166,8 +164,6 @@ def hf_to_megatron(
 # SigLIP + Mistral -> Idefics2
 # --------------------------------------------------------------------------------------------
 
-_SIGLIP_IGNORED = ("head.", "vision_model.head.", "text_model.", "logit_scale", "logit_bias")
-
 
 def combined_model_config(
     vision_hf: dict[str, Any], text_hf: dict[str, Any], connector: ConnectorConfig, image_size: int
@@ -175,11 +171,13 @@ def combined_model_config(
     """Idefics2 config from a SigLIP and a Mistral config.json: vocabulary + 3 image tokens.
     Both are read through transformers' config classes (their defaults fill missing keys) and
     a field that would change either model but is not modelled here is refused by name."""
-    vision_source, text_source = siglip_vision_hf_config(vision_hf), text_hf_config(text_hf)
-    vision = vision_config_from_hf(vision_source, image_size=image_size)
+    vision_recipe = recipe_for_hf("vision", vision_hf.get("model_type") or "siglip_vision_model")
+    text_recipe = recipe_for_hf("text", text_hf.get("model_type", ""))
+    vision_source, text_source = vision_recipe.hf_config(vision_hf), text_recipe.hf_config(text_hf)
+    vision = vision_recipe.from_hf(vision_source, image_size=image_size)
     if image_size % vision.patch_size:
         raise ValueError(f"image size {image_size} is not a multiple of the SigLIP patch size {vision.patch_size}")
-    text = text_config_from_hf(text_source)
+    text = text_recipe.from_hf(text_source)
     vocab = text.vocab_size
     written = to_hf_config_dict(ModelConfig(vision=vision, text=text))
     # The position table is resized to image_size on purpose; SigLIP's pooling head is dropped.
@@ -199,45 +197,36 @@ def combined_model_config(
     )
 
 
-def resize_position_table(table: torch.Tensor, grid: int) -> torch.Tensor:
-    """[old_grid^2, D] learned positions -> [grid^2, D], bicubic over the 2-D grid."""
-    old = int(round(table.shape[0] ** 0.5))
-    if old * old != table.shape[0]:
-        raise ValueError(f"position table of {table.shape[0]} rows is not a square grid")
-    if old == grid:
-        return table
-    image = table.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    resized = F.interpolate(image, size=(grid, grid), mode="bicubic", align_corners=False)
-    return resized.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)
-
-
 def with_new_token_rows(matrix: torch.Tensor, count: int) -> torch.Tensor:
     """Append ``count`` rows equal to the mean of the existing ones (new tokens start "average")."""
     return torch.cat([matrix, matrix.float().mean(0, keepdim=True).to(matrix.dtype).expand(count, -1)], dim=0)
 
 
 class SeparateCheckpoints:
-    """Presents a SigLIP and a Mistral checkpoint under Idefics2's HF names."""
+    """Presents a standalone vision and a standalone text checkpoint (SigLIP and Mistral for
+    Idefics2) under Idefics2's HF names; each recipe says which of its tensors are used and how."""
 
     def __init__(self, vision: HFCheckpoint, text: HFCheckpoint, config: ModelConfig) -> None:
-        self.vision, self.text, self.config = vision, text, config
-        self.vision_prefix = "vision_model." if any(n.startswith("vision_model.") for n in vision.names) else ""
-        self.names: dict[str, tuple[HFCheckpoint, str]] = {}
-        for name in vision.names:
-            if name.startswith(self.vision_prefix) and not name.startswith(_SIGLIP_IGNORED):
-                self.names["model.vision_model." + name[len(self.vision_prefix) :]] = (vision, name)
-        for name in text.names:
-            target = "lm_head.weight" if name == "lm_head.weight" else "model.text_model." + name.removeprefix("model.")
-            self.names[target] = (text, name)
-        self.ignored = sorted(n for n in vision.names if n.startswith(_SIGLIP_IGNORED))
+        self.config = config
+        vision_recipe, _, text_recipe = recipes_of(config)
+        self.names: dict[
+            str, tuple[HFCheckpoint, Any, str, str]
+        ] = {}  # name -> (source, recipe, relative, source name)
+        self.ignored: list[str] = []
+        for part, source, part_recipe in (("vision", vision, vision_recipe), ("text", text, text_recipe)):
+            used, ignored = part_recipe.standalone_names(source.names)
+            hf_prefix = mapping.PART_PREFIXES[part][1]
+            for relative, source_name in used.items():
+                target = relative[1:] if relative.startswith("/") else hf_prefix + relative
+                self.names[target] = (source, part_recipe, relative, source_name)
+            self.ignored += ignored
 
     def read(self, name: str) -> torch.Tensor:
-        source, source_name = self.names[name]
-        tensor = source.read(source_name)
-        if name == "model.vision_model.embeddings.position_embedding.weight":
-            return resize_position_table(tensor, self.config.vision.patches_per_side)
+        source, part_recipe, relative, source_name = self.names[name]
+        part_config = self.config.vision if part_recipe.part == "vision" else self.config.text
+        tensor = part_recipe.adapt_standalone(relative, source.read(source_name), part_config)
         if name in ("model.text_model.embed_tokens.weight", "lm_head.weight"):
-            return with_new_token_rows(tensor, 3)
+            return with_new_token_rows(tensor, 3)  # Idefics2's three image tokens
         return tensor
 
 
@@ -307,14 +296,14 @@ def megatron_to_hf(
     merge_lora(chunks)
     (model,) = chunks
     parameters = dict(model.named_parameters())
-    by_canonical = {canonical: parameters[local] for local, canonical in mapping.global_parameter_names(model).items()}
+    by_canonical = {canonical: parameters[local] for local, canonical in global_parameter_names(model).items()}
 
     writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
     report = ConversionReport()
     try:
         for name, row, layer in rank0_progress("Megatron -> HF")(list(mapping.expand(config))):
             full = by_canonical[name].detach()
-            for hf_name, tensor in zip(row.hf_names(layer), mapping.megatron_to_hf(row, full, config), strict=True):
+            for hf_name, tensor in zip(row.hf_names(layer), rows.megatron_to_hf(row, full, config), strict=True):
                 writer.add(hf_name, tensor)
                 report.tensors += 1
         hf_config = to_hf_config_dict(config)
@@ -338,7 +327,7 @@ def save_processor(directory: Path, config: ModelConfig, tokenizer_dir: str | Pa
 
     from megatron_vlm.data.tokens import image_token_ids, load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, name=recipes_of(config)[2].tokenizer)
     ids = image_token_ids(tokenizer)
     if ids["<image>"] != config.image_token_id or len(tokenizer) != config.text.vocab_size:
         raise ValueError(

@@ -3,7 +3,8 @@
 ``python -m megatron_vlm.conversion.verify --preset tiny`` builds a random HF model of the preset,
 loads it into the Megatron model through the mapping table, runs both on a batch mixing images of
 several aspect ratios, a text-only row and padding, and reports the largest logit difference
-(non-zero exit above the tolerance). The pieces are shared with the tests.
+(non-zero exit above the tolerance). The pieces are shared with the tests; the batch and the
+Megatron inputs come from ``data/batch.py`` (the one micro-batch format), the HF side is here.
 
 On a GPU host the Megatron model lives on CUDA (``build_model_chunks``): its inputs are moved to
 its device (``on_model_device``), its logits come back to the CPU, and transformers' reference
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -23,16 +23,23 @@ from typing import Any
 
 import torch
 
+from megatron_vlm.backbones import recipes_of
 from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig, load_model_preset
 from megatron_vlm.conversion.hf_config import to_hf_config
 from megatron_vlm.conversion.mapping import load_hf_weights
-from megatron_vlm.models.idefics2 import build_model_chunks, causal_attention_mask, gather_logits
+from megatron_vlm.data.batch import (
+    Batch,
+    forward_inputs,
+    make_batch,
+    megatron_inputs,
+    micro_batch,
+    one_document_per_row,
+)
+from megatron_vlm.models.idefics2 import build_model_chunks, gather_logits
 
 # Both models compute in float32 on the same weights (the checkpoint's, in its dtype), so what is
 # left is float32 rounding in a different order: measured ~3e-7 on the tiny model (fp32 and bf16).
 DEFAULT_TOLERANCE = 1e-4
-
-IMAGE_SIZES = [(56, 98), (98, 42), (60, 90), (84, 84)]  # (h, w): wide, tall, non-multiple of 14, square
 
 
 def random_hf_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
@@ -46,49 +53,6 @@ def random_hf_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
             if "norm" in name or "latents" in name or name.endswith(".bias"):
                 param.add_(0.1 * torch.randn_like(param))
     return model
-
-
-@dataclasses.dataclass
-class Batch:
-    input_ids: torch.Tensor  # [b, s]
-    padding: torch.Tensor  # [b, s] 1 real, 0 padded
-    images_per_row: list[list[tuple[int, int]]]
-    pixel_values: torch.Tensor  # [images, 3, H, W] batch-major
-    pixel_mask: torch.Tensor  # [images, H, W]
-    sliding_window: int | None = None  # the decoder's (TextConfig.sliding_window), for the mask
-
-
-def make_batch(
-    config: ModelConfig, seed: int = 0, images_per_row: list[list[tuple[int, int]]] | None = None, seq_len: int = 48
-) -> Batch:
-    """Rows mixing images of several aspect ratios, a text-only row and right padding."""
-    generator = torch.Generator().manual_seed(seed)
-    if images_per_row is None:
-        images_per_row = [[IMAGE_SIZES[0]], [], [IMAGE_SIZES[1], IMAGE_SIZES[2]], [IMAGE_SIZES[3]]]
-    latents = config.connector.num_latents
-    input_ids = torch.randint(1, 250, (len(images_per_row), seq_len), generator=generator)
-    padding = torch.ones_like(input_ids)
-    for row, images in enumerate(images_per_row):
-        position = 3
-        for _ in images:
-            span = [config.fake_image_token_id] + [config.image_token_id] * latents + [config.fake_image_token_id]
-            input_ids[row, position : position + len(span)] = torch.tensor(span)
-            position += len(span) + 2
-        if position > seq_len:
-            raise ValueError(f"seq_len {seq_len} too short for {len(images)} images")
-    padded_row = next((r for r, images in enumerate(images_per_row) if not images), None)
-    if padded_row is not None:  # the text-only row ends with padding
-        padding[padded_row, -5:] = 0
-        input_ids[padded_row, -5:] = 0
-    sizes = [size for images in images_per_row for size in images]
-    max_h = max((h for h, _ in sizes), default=14)
-    max_w = max((w for _, w in sizes), default=14)
-    pixel_values = torch.zeros(len(sizes), 3, max_h, max_w)
-    pixel_mask = torch.zeros(len(sizes), max_h, max_w, dtype=torch.bool)
-    for i, (h, w) in enumerate(sizes):
-        pixel_values[i, :, :h, :w] = torch.randn(3, h, w, generator=generator)
-        pixel_mask[i, :h, :w] = True
-    return Batch(input_ids, padding, images_per_row, pixel_values, pixel_mask, config.text.sliding_window)
 
 
 def hf_inputs(batch: Batch) -> dict[str, torch.Tensor]:
@@ -143,17 +107,6 @@ def true_float32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
-def megatron_inputs(batch: Batch) -> dict[str, torch.Tensor]:
-    seq = batch.input_ids.shape[1]
-    return dict(
-        input_ids=batch.input_ids,
-        position_ids=torch.arange(seq).expand_as(batch.input_ids),
-        attention_mask=causal_attention_mask(batch.padding, batch.sliding_window),
-        pixel_values=batch.pixel_values,
-        pixel_attention_mask=batch.pixel_mask,
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # Converted checkpoints: HF directory vs Megatron directory on real photos
 # --------------------------------------------------------------------------------------------
@@ -190,7 +143,7 @@ def processor_inputs(
 
     from megatron_vlm.data.tokens import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, name=recipes_of(config)[2].tokenizer)
     tokenizer.padding_side = "right"
     longest = min(config.vision.image_size, 980)
     image_processor = Idefics2ImageProcessor(
@@ -210,15 +163,15 @@ def processor_inputs(
     flat_pixels = hf["pixel_values"].flatten(0, 1)
     flat_mask = hf["pixel_attention_mask"].flatten(0, 1).bool()
     real = flat_mask.flatten(1).any(-1)
-    seq = hf["input_ids"].shape[1]
-    megatron = dict(
-        input_ids=hf["input_ids"],
-        position_ids=torch.arange(seq).expand_as(hf["input_ids"]),
-        attention_mask=causal_attention_mask(hf["attention_mask"], config.text.sliding_window),
-        pixel_values=flat_pixels[real],
-        pixel_attention_mask=flat_mask[real],
+    megatron = micro_batch(
+        hf["input_ids"],
+        one_document_per_row(hf["attention_mask"]),
+        flat_pixels[real],
+        flat_mask[real],
+        config.image_token_id,
+        config.text.sliding_window,
     )
-    return hf, megatron
+    return hf, forward_inputs(megatron)
 
 
 def verify_checkpoints(
@@ -238,9 +191,9 @@ def verify_checkpoints(
     from megatron.core import parallel_state
     from transformers import Idefics2ForConditionalGeneration
 
-    from megatron_vlm.conversion.megatron_io import load_model, model_config_of, read_metadata
     from megatron_vlm.distributed import collective_device
-    from megatron_vlm.training.step import forward_logits
+    from megatron_vlm.models.checkpoint_io import load_model, model_config_of, read_metadata
+    from megatron_vlm.models.pipeline import forward_logits
 
     metadata = read_metadata(megatron_dir)
     config, dtype = model_config_of(metadata), metadata["dtype"]

@@ -22,8 +22,7 @@ import torch
 from PIL import Image
 
 from megatron_vlm import backend
-from megatron_vlm.data.images import ImageConfig, process_image, resized_size
-from megatron_vlm.data.preprocess import ImageLimits, size_problem
+from megatron_vlm.data.images import ImageConfig, ImageLimits, process_image, resized_size, size_problem
 from megatron_vlm.data.shards import CorruptSample
 from megatron_vlm.distributed import detect_environment
 

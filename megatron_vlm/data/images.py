@@ -30,6 +30,27 @@ class ImageConfig:
         return 5 if self.split else 1
 
 
+# Sizes an image must have to be used at all: checked offline (preprocess) and again when a
+# shard's image is decoded (dali.py), where a shard may come from elsewhere.
+@dataclass(frozen=True)
+class ImageLimits:
+    min_side: int = 14  # below one patch an image carries nothing
+    max_side: int = 16384
+    max_aspect_ratio: float = 50.0
+    max_pixels: int = 89_478_485  # Pillow's decompression-bomb threshold
+
+
+def size_problem(width: int, height: int, limits: ImageLimits) -> str | None:
+    """Why an image of this size is unusable, or None."""
+    if min(width, height) < limits.min_side or max(width, height) > limits.max_side:
+        return f"{width}x{height} outside [{limits.min_side}, {limits.max_side}]"
+    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
+        return f"aspect ratio {max(width, height) / min(width, height):.0f}"
+    if width * height > limits.max_pixels:
+        return f"{width * height} pixels"
+    return None
+
+
 def resized_size(height: int, width: int, config: ImageConfig) -> tuple[int, int]:
     """Output (height, width): the longest edge capped, then each edge at least the floor."""
     aspect_ratio = width / height

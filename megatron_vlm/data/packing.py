@@ -1,5 +1,6 @@
-"""Documents -> fixed-length training sequences: packing, truncation at image boundaries,
-document-aware attention masks, position ids and loss masks.
+"""Documents -> fixed-length training sequences: packing and truncation at image boundaries;
+``collate`` turns them into micro-batches of ``batch.py``'s format (document-aware attention
+masks, position ids and loss masks).
 
 A document is a token sequence whose ``<image>`` placeholder runs each stand for one processed
 image (64 latents by default; a split image is 5 runs). Several documents share a sequence
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_vlm.data.batch import MicroBatch, micro_batch
 from megatron_vlm.data.images import pad_images
 
 
@@ -131,10 +133,9 @@ class Packer:
         return [d for _, documents in self.ready for d in documents] + list(self._current_documents)
 
 
-def collate(
-    sequences: list[PackedSequence], config: PackingConfig, seq_len: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Packed sequences -> one micro-batch for ``Idefics2Model`` (padded to ``seq_len``)."""
+def collate(sequences: list[PackedSequence], config: PackingConfig, seq_len: int | None = None) -> MicroBatch:
+    """Packed sequences -> one micro-batch for ``Idefics2Model`` (padded to ``seq_len``; the format
+    is ``batch.micro_batch``'s)."""
     seq_len = seq_len or config.seq_len
     batch = len(sequences)
     input_ids = torch.full((batch, seq_len), config.pad_token_id, dtype=torch.long)
@@ -142,35 +143,5 @@ def collate(
     for row, sequence in enumerate(sequences):
         input_ids[row, : len(sequence.tokens)] = torch.tensor(sequence.tokens)
         documents[row, : len(sequence.document_ids)] = torch.tensor(sequence.document_ids)
-    real = documents >= 0
-    # Positions restart at every document.
-    starts = torch.ones_like(real)
-    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
-    index = torch.arange(seq_len).expand(batch, -1)
-    last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
-    position_ids = torch.where(real, index - last_start, torch.zeros_like(index))
-    # Attention: causal, within the same document (and the sliding window, counted as
-    # transformers does: keys less than the window behind the query); padding attends to
-    # nothing real but itself.
-    same = documents[:, :, None] == documents[:, None, :]
-    behind = torch.arange(seq_len)[:, None] - torch.arange(seq_len)[None, :]
-    causal = behind >= 0
-    if config.sliding_window is not None:
-        causal &= behind < config.sliding_window
-    allowed = same & causal & real[:, None, :]
-    allowed |= torch.eye(seq_len, dtype=torch.bool)  # no fully masked row
-    # Labels: the next token of the same document, never an <image> placeholder.
-    labels = torch.roll(input_ids, shifts=-1, dims=1)
-    next_same = torch.roll(documents, shifts=-1, dims=1) == documents
-    next_same[:, -1] = False
-    loss_mask = real & next_same & (labels != config.image_token_id)
     pixel_values, pixel_mask = pad_images([image for s in sequences for image in s.images])
-    return {
-        "input_ids": input_ids,
-        "position_ids": position_ids,
-        "attention_mask": ~allowed[:, None],
-        "labels": labels.masked_fill(~loss_mask, 0),
-        "loss_mask": loss_mask.float(),
-        "pixel_values": pixel_values,
-        "pixel_attention_mask": pixel_mask,
-    }
+    return micro_batch(input_ids, documents, pixel_values, pixel_mask, config.image_token_id, config.sliding_window)

@@ -23,17 +23,11 @@ from typing import Any
 
 from PIL import Image
 
+from megatron_vlm.data.images import ImageLimits, size_problem
 from megatron_vlm.data.shards import Sample, ShardWriter
 
 IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    min_side: int = 14  # below one patch an image carries nothing
-    max_side: int = 16384
-    max_aspect_ratio: float = 50.0
-    max_pixels: int = 89_478_485  # Pillow's decompression-bomb threshold
+DEFAULT_LIMITS = ImageLimits()  # frozen, so one shared default is safe
 
 
 class Rejected(ValueError):
@@ -109,17 +103,6 @@ def load_image(path: Path, limits: ImageLimits) -> tuple[bytes, str]:
     return data, IMAGE_FORMATS.get(image_format or "", "img")
 
 
-def size_problem(width: int, height: int, limits: ImageLimits) -> str | None:
-    """Why an image of this size is unusable, or None."""
-    if min(width, height) < limits.min_side or max(width, height) > limits.max_side:
-        return f"{width}x{height} outside [{limits.min_side}, {limits.max_side}]"
-    if max(width, height) / min(width, height) > limits.max_aspect_ratio:
-        return f"aspect ratio {max(width, height) / min(width, height):.0f}"
-    if width * height > limits.max_pixels:
-        return f"{width * height} pixels"
-    return None
-
-
 def row_to_sample(key: str, row: dict[str, Any], base: Path, kind: str | None, limits: ImageLimits) -> Sample:
     if "__invalid__" in row:
         raise Rejected("invalid_row", row["__invalid__"])
@@ -171,7 +154,7 @@ def preprocess(
     samples_per_shard: int = 1000,
     workers: int = 1,
     kind: str | None = None,
-    limits: ImageLimits = ImageLimits(),
+    limits: ImageLimits = DEFAULT_LIMITS,
     name: str | None = None,
     progress: bool = True,
 ) -> PreprocessReport:

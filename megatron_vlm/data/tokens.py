@@ -1,6 +1,7 @@
-"""The Mistral-7B tokenizer with Idefics2's three image tokens (ids 32000-32002).
+"""Tokenizers with Idefics2's three image tokens (ids 32000-32002 for Mistral-7B's).
 
-The real tokenizer ships in the ``mistral-common`` wheel, so nothing is downloaded at run time.
+Which tokenizer a model uses is its text recipe's choice (``tokenizer``, a name in ``TOKENIZERS``).
+Mistral-7B's ships in the ``mistral-common`` wheel, so nothing is downloaded at run time.
 """
 
 from __future__ import annotations
@@ -39,15 +40,27 @@ def _mistral_directory() -> Path:
     return directory
 
 
-def load_tokenizer(directory: str | Path | None = None) -> Any:
-    """A transformers tokenizer: from ``directory`` if given, else Mistral-7B from mistral-common.
-    The three image tokens are added (and checked) when missing."""
-    from transformers import AutoTokenizer, LlamaTokenizer
+def _mistral() -> Any:
+    from transformers import LlamaTokenizer
 
-    if directory is None:
-        tokenizer = LlamaTokenizer.from_pretrained(str(_mistral_directory()), legacy=False)
-    else:
+    return LlamaTokenizer.from_pretrained(str(_mistral_directory()), legacy=False)
+
+
+# Tokenizers available offline, by the name a text recipe gives.
+TOKENIZERS = {"mistral": _mistral}
+
+
+def load_tokenizer(directory: str | Path | None = None, name: str = "mistral") -> Any:
+    """A transformers tokenizer: from ``directory`` if given, else the named one (``TOKENIZERS``).
+    The three image tokens are added (and checked) when missing."""
+    from transformers import AutoTokenizer
+
+    if directory is not None:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    elif name in TOKENIZERS:
+        tokenizer = TOKENIZERS[name]()
+    else:
+        raise ValueError(f"unknown tokenizer {name!r}; available offline: {sorted(TOKENIZERS)} (or give a directory)")
     if tokenizer.pad_token is None:  # Idefics2 pads with <unk> (id 0)
         tokenizer.pad_token = tokenizer.unk_token
     missing = [t for t in IMAGE_TOKENS if t not in tokenizer.get_vocab()]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron_vlm.backbones import recipes_of
 from megatron_vlm.config import ModelConfig, ParallelConfig
 
 E4M3 = torch.float8_e4m3fn
@@ -137,70 +138,16 @@ def _megatron_forward_impl(
     return fp8_linear(input, weight, bias, recipe, allreduce_dgrad and weight.requires_grad, tp_group)
 
 
-# --------------------------------------------------------------------------------------------
-# Transformer Engine's FP8 shape rules
-# --------------------------------------------------------------------------------------------
-
-# TE runs an FP8 GEMM only on a 2-D input whose rows are a multiple of 8 and whose columns are a
-# multiple of 16, with a weight [out, in] obeying the same (``check_dim_for_fp8_exec`` /
-# ``assert_dim_for_fp8_exec`` in transformer_engine/pytorch/utils.py, asserted in the forward of
-# Linear, LayerNormLinear and LayerNormMLP); otherwise it stops with an assertion.
-TE_FP8_ROWS = 8
-TE_FP8_COLUMNS = 16
-# Packed vision tokens are padded to this multiple when the vision tower runs FP8 under TE.
-FP8_TOKEN_MULTIPLE = 16
-
-
-def te_fp8_gemm_problem(rows: int | None, in_features: int, out_features: int) -> str | None:
-    """Why TE cannot run ``input [rows, in] @ weight[out, in].t()`` in FP8 (None if it can).
-    ``rows=None`` checks the weight alone."""
-    problems = []
-    if rows is not None and rows % TE_FP8_ROWS:
-        problems.append(f"{rows} rows (tokens) not a multiple of {TE_FP8_ROWS}")
-    if in_features % TE_FP8_COLUMNS:
-        problems.append(f"input width {in_features} not a multiple of {TE_FP8_COLUMNS}")
-    if out_features % TE_FP8_ROWS:
-        problems.append(f"output width {out_features} not a multiple of {TE_FP8_ROWS}")
-    return "; ".join(problems) or None
-
-
-def part_gemms(model: ModelConfig, part: str, tensor_parallel: int) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each GEMM of one transformer layer of ``part`` ("vision" or "text")
-    on one tensor-parallel rank, named as the layer's linears."""
-    if part == "vision":
-        v = model.vision
-        hidden, ffn, qkv = v.hidden_size, v.intermediate_size, 3 * v.hidden_size
-        attention, gated = v.hidden_size, 1
-    elif part == "text":
-        t = model.text
-        hidden, ffn = t.hidden_size, t.intermediate_size
-        qkv = (t.num_heads + 2 * t.num_kv_heads) * t.head_dim
-        attention, gated = t.num_heads * t.head_dim, 2
-    else:
-        raise ValueError(f"unknown part {part!r}: vision or text")
-    tp = tensor_parallel
-    return {
-        "self_attention.linear_qkv": (hidden, qkv // tp),
-        "self_attention.linear_proj": (attention // tp, hidden),
-        "mlp.linear_fc1": (hidden, gated * ffn // tp),
-        "mlp.linear_fc2": (ffn // tp, hidden),
-    }
-
-
 def te_fp8_parts(model: ModelConfig, parallel: ParallelConfig) -> dict[str, str | None]:
-    """For the parts built from TE layers, why each cannot run FP8 at this TP size (None: it can).
+    """For the parts built from TE layers (vision, text), why each cannot run FP8 through TE at
+    this TP size (None: it can), by their recipes' GEMM shapes (``backbones.common``'s rule).
 
-    Token counts are not checked here: packed vision tokens are padded to ``FP8_TOKEN_MULTIPLE``,
-    and the decoder's micro-batch shapes are checked against the data at start-up."""
-    reasons: dict[str, str | None] = {}
-    for part in ("vision", "text"):
-        problems = [
-            f"{name} [{out_features} x {in_features}] per TP rank: {problem}"
-            for name, (in_features, out_features) in part_gemms(model, part, parallel.tensor_parallel).items()
-            if (problem := te_fp8_gemm_problem(None, in_features, out_features))
-        ]
-        reasons[part] = "; ".join(problems) or None
-    return reasons
+    Token counts are not checked here: packed vision tokens are padded to
+    ``common.FP8_TOKEN_MULTIPLE``, and the decoder's micro-batch shapes are checked against the data
+    at start-up (training/preflight.py)."""
+    vision, _, text = recipes_of(model)
+    tp = parallel.tensor_parallel
+    return {"vision": vision.fp8_problem(model.vision, tp), "text": text.fp8_problem(model.text, tp)}
 
 
 def use_torch_fp8(chunks: Iterable[torch.nn.Module], recipe: str = "hybrid") -> list[str]:

@@ -1,4 +1,6 @@
-"""Idefics2 on Megatron-Core: SigLIP encoder -> connector -> Mistral GPTModel, fully autoregressive.
+"""Idefics2 on Megatron-Core: vision encoder -> connector -> decoder, fully autoregressive. Each part
+is built by the recipe its config's ``kind`` names (``megatron_vlm/backbones``: SigLIP, Perceiver,
+Mistral for the paper's model).
 
 Pipeline placement: vision encoder and connector live on the first pipeline stage (the first
 virtual chunk), before its share of decoder layers; ``ParallelConfig.decoder_layers_in_first_stage``
@@ -12,15 +14,13 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_vlm import backend
+from megatron_vlm.backbones import recipes_of
+from megatron_vlm.backbones.common import torch_dtype, use_transformer_engine
 from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig
-from megatron_vlm.models import specs
-from megatron_vlm.models.connector import Idefics2Connector
-from megatron_vlm.models.fp8 import FP8_TOKEN_MULTIPLE, use_torch_fp8
-from megatron_vlm.models.vision import SiglipVisionEncoder, patch_attention_mask
+from megatron_vlm.models.fp8 import use_torch_fp8
 
 
 class Idefics2Model(MegatronModule):
@@ -36,9 +36,10 @@ class Idefics2Model(MegatronModule):
         vp_stage: int | None = None,
         initialize_weights: bool = True,
     ) -> None:
-        language_config = specs.language_transformer_config(model_config, parallel, precision, initialize_weights)
+        vision, connector, text = recipes_of(model_config)
+        language_config = text.transformer_config(model_config, parallel, precision, initialize_weights)
         super().__init__(config=language_config)
-        use_te = specs.use_transformer_engine(precision)
+        use_te = use_transformer_engine(precision)
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
         self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
         self.model_config = model_config
@@ -46,37 +47,12 @@ class Idefics2Model(MegatronModule):
         self.post_process = post_process
         self.vocab_size = model_config.text.vocab_size
         self.padded_vocab_size = model_config.padded_vocab_size
-        self.vision: SiglipVisionEncoder | None = None
-        self.connector: Idefics2Connector | None = None
+        self.vision: MegatronModule | None = None
+        self.connector: MegatronModule | None = None
         if pre_process:
-            vision_config = specs.vision_transformer_config(model_config, parallel, precision, initialize_weights)
-            self.vision = SiglipVisionEncoder(
-                vision_config,
-                model_config.vision,
-                specs.vision_layer_spec(vision_config, use_te),
-                # TE's FP8 GEMMs need the packed token count aligned (fp8.te_fp8_gemm_problem).
-                token_multiple=FP8_TOKEN_MULTIPLE if vision_config.fp8 else 1,
-            )
-            self.connector = Idefics2Connector(
-                specs.connector_transformer_config(model_config, parallel, precision, initialize_weights),
-                model_config.connector,
-                model_config.vision.hidden_size,
-            )
-        self.language_model = GPTModel(
-            config=language_config,
-            transformer_layer_spec=specs.language_layer_spec(language_config, use_te, vp_stage),
-            vocab_size=self.padded_vocab_size,
-            max_sequence_length=model_config.text.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=post_process,
-            parallel_output=True,
-            share_embeddings_and_output_weights=False,
-            position_embedding_type="rope",
-            rotary_base=int(model_config.text.rope_theta),
-            # Images are spliced into the whole sequence, then it is split (forward below).
-            scatter_embedding_sequence_parallel=False,
-            vp_stage=vp_stage,
-        )
+            self.vision = vision.build(model_config.vision, parallel, precision, initialize_weights, use_te)
+            self.connector = connector.build(model_config, parallel, precision, initialize_weights)
+        self.language_model = text.build(model_config, language_config, use_te, pre_process, post_process, vp_stage)
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -85,8 +61,7 @@ class Idefics2Model(MegatronModule):
 
     def encode_images(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> torch.Tensor:
         """[images, C, H, W] + [images, H, W] -> resampled tokens [images, latents, text hidden]."""
-        patch_mask = patch_attention_mask(pixel_attention_mask.bool(), self.model_config.vision.patch_size)
-        features, lengths = self.vision(pixel_values, patch_mask)  # packed real patches
+        features, lengths = self.vision(pixel_values, pixel_attention_mask)  # packed real patches
         tokens = self.connector(features, lengths)
         return tokens.transpose(0, 1)
 
@@ -200,27 +175,10 @@ def build_model_chunks(
     # As Megatron-LM's Float16Module: every parameter in the training dtype (torch norms are
     # born fp32, and GPU kernels refuse a 16-bit input with fp32 weights), and on the GPU
     # (Megatron's layers are born there, our vision embeddings, norms and latents are not).
-    dtype = specs.torch_dtype(precision.params_dtype)
+    dtype = torch_dtype(precision.params_dtype)
     device = torch.device("cuda", torch.cuda.current_device()) if backend.has_cuda() else None
     for chunk in chunks:
         chunk.to(device=device, dtype=dtype)
     if precision.fp8 and backend.fp8_backend(precision.fp8_backend) == "torch":
         use_torch_fp8(chunks, precision.fp8)
     return chunks
-
-
-def causal_attention_mask(padding: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
-    """[b, s] padding (1 real) -> [b, 1, s, s] bool, True where attention is not allowed:
-    future positions, padded keys and, with ``sliding_window``, keys ``sliding_window`` or more
-    positions back (Megatron's mask convention)."""
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be a positive number of tokens, got {sliding_window}")
-    seq = padding.shape[1]
-    index = torch.arange(seq, device=padding.device)
-    behind = index[:, None] - index[None, :]  # query position - key position
-    blocked = behind < 0
-    if sliding_window is not None:
-        # transformers' rule (masking_utils.sliding_window_overlay): key kv_idx is visible from
-        # query q_idx when kv_idx > q_idx - sliding_window, i.e. the query and window - 1 before it.
-        blocked |= behind >= sliding_window
-    return blocked[None, None] | ~padding.bool()[:, None, None, :]

@@ -43,7 +43,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from torch import nn
 
 from megatron_vlm.config import TrainableConfig
-from megatron_vlm.conversion.mapping import global_parameter_names
+from megatron_vlm.models.naming import global_parameter_names
 
 # Backbone linears that take adapters (inside each TransformerLayer of the vision and text stacks).
 LORA_LAYERS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")

@@ -1,5 +1,6 @@
 """Analytic FLOP count of Idefics2 (matmuls, 2 FLOPs per multiply-add): vision encoder at native
-resolution, projection, resampler and the decoder on packed sequences. Training = 3x forward."""
+resolution, projection, resampler and the decoder on packed sequences, each part counted by its
+backbone recipe. Training = 3x forward."""
 
 from __future__ import annotations
 
@@ -7,39 +8,24 @@ import time
 
 import torch
 
+from megatron_vlm.backbones import recipes_of
 from megatron_vlm.config import ModelConfig
 
 
 def vision_forward_flops(config: ModelConfig, patches: int) -> float:
-    """One image of ``patches`` real patches through the encoder and the connector."""
-    v, c, t = config.vision, config.connector, config.text
-    hv, ht = v.hidden_size, t.hidden_size
-    embed = 2 * patches * (v.num_channels * v.patch_size**2) * hv
-    per_layer = 2 * patches * (4 * hv * hv + 2 * hv * v.intermediate_size) + 4 * patches * patches * hv
-    projection = 2 * patches * (2 * hv * t.intermediate_size + t.intermediate_size * ht)
-    latents, q_width, kv_width = c.num_latents, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    context = patches + latents
-    resampler_layer = (
-        2 * latents * ht * q_width  # q
-        + 2 * 2 * context * ht * kv_width  # k, v over [image; latents]
-        + 2 * 2 * latents * context * q_width  # scores and weighted sum
-        + 2 * latents * q_width * ht  # output
-        + 2 * latents * 3 * ht * 4 * ht  # SwiGLU MLP at 4x width
-    )
-    return embed + v.num_layers * per_layer + projection + c.depth * resampler_layer
+    """One image of ``patches`` real patches through the vision encoder and the connector."""
+    vision, connector, _ = recipes_of(config)
+    return vision.forward_flops(config.vision, patches) + connector.forward_flops(config, patches)
 
 
 def decoder_layer_forward_flops(config: ModelConfig, tokens: int, attended: int) -> float:
     """One decoder layer over ``tokens`` positions; ``attended`` is the sum over positions of how
     many keys each attends to (causal, document-aware)."""
-    t = config.text
-    h, kv = t.hidden_size, t.num_kv_heads * t.head_dim
-    per_token = 2 * h * (h + 2 * kv) + 2 * h * h + 2 * 3 * h * t.intermediate_size
-    return tokens * per_token + 2 * 2 * attended * h
+    return recipes_of(config)[2].layer_forward_flops(config.text, tokens, attended)
 
 
 def output_layer_forward_flops(config: ModelConfig, tokens: int) -> float:
-    return 2 * tokens * config.text.hidden_size * config.text.vocab_size
+    return recipes_of(config)[2].output_forward_flops(config.text, tokens)
 
 
 def decoder_forward_flops(config: ModelConfig, tokens: int, attended: int) -> float:

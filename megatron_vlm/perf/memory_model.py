@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from megatron_vlm.backbones import ParameterCount, recipes_of
 from megatron_vlm.config import ModelConfig, ParallelConfig, TrainableConfig
 
 FP32 = 4
@@ -86,44 +87,16 @@ class StageMemory:
 # --- parameters --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ParameterCount:
-    sharded: int = 0  # split over TP ranks
-    replicated: int = 0  # whole on every TP rank
-
-    def per_rank(self, tp: int) -> int:
-        return self.sharded // tp + self.replicated
-
-    def __add__(self, other: ParameterCount) -> ParameterCount:
-        return ParameterCount(self.sharded + other.sharded, self.replicated + other.replicated)
-
-    def __mul__(self, times: int) -> ParameterCount:
-        return ParameterCount(self.sharded * times, self.replicated * times)
-
-
 def vision_parameters(model: ModelConfig) -> ParameterCount:
-    v = model.vision
-    h, inner = v.hidden_size, v.intermediate_size
-    embeddings = ParameterCount(replicated=v.num_channels * v.patch_size**2 * h + h + v.patches_per_side**2 * h)
-    # Column-parallel weights and biases split; row-parallel outputs keep a whole bias; norms whole.
-    layer = ParameterCount(sharded=3 * h * h + 3 * h + h * h + h * inner + inner + inner * h, replicated=2 * h + 4 * h)
-    return embeddings + layer * v.num_layers + ParameterCount(replicated=2 * h)
+    return recipes_of(model)[0].parameters(model.vision)
 
 
 def connector_parameters(model: ModelConfig) -> ParameterCount:
-    c, t = model.connector, model.text
-    h, q, kv = t.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    projection = ParameterCount(sharded=model.vision.hidden_size * 2 * t.intermediate_size + t.intermediate_size * h)
-    layer = ParameterCount(sharded=h * q + 2 * h * kv + q * h + h * 8 * h + 4 * h * h, replicated=3 * h)
-    return projection + ParameterCount(replicated=c.num_latents * h) + layer * c.depth + ParameterCount(replicated=h)
+    return recipes_of(model)[1].parameters(model)
 
 
 def decoder_layer_parameters(model: ModelConfig) -> ParameterCount:
-    t = model.text
-    h, q, kv = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-    return ParameterCount(
-        sharded=h * (q + 2 * kv) + q * h + h * 2 * t.intermediate_size + t.intermediate_size * h, replicated=2 * h
-    )
+    return recipes_of(model)[2].layer_parameters(model.text)
 
 
 def decoder_layers_per_chunk(model: ModelConfig, parallel: ParallelConfig) -> list[list[int]]:

@@ -1,14 +1,12 @@
 """Fixed-shape synthetic micro-batches for a ``memory_model.Workload``: the memory-model checks
-and the GPU benchmark run the real model on them, with every shape known in advance."""
+and the GPU benchmark run the real model on them, with every shape known in advance (the batches
+are ``data/batch.py``'s synthetic ones, laid out by the workload)."""
 
 from __future__ import annotations
 
-import torch
-
 from megatron_vlm.config import ModelConfig
-from megatron_vlm.conversion.verify import make_batch, megatron_inputs
+from megatron_vlm.data.batch import MicroBatch, make_batch, training_inputs
 from megatron_vlm.perf.memory_model import Workload
-from megatron_vlm.training.step import labels_and_loss_mask
 
 
 def image_side(workload: Workload, patch_size: int) -> int:
@@ -18,9 +16,7 @@ def image_side(workload: Workload, patch_size: int) -> int:
     return side * patch_size
 
 
-def synthetic_micro_batch(
-    config: ModelConfig, workload: Workload, seed: int = 0, device: str = "cpu"
-) -> dict[str, torch.Tensor]:
+def synthetic_micro_batch(config: ModelConfig, workload: Workload, seed: int = 0, device: str = "cpu") -> MicroBatch:
     """Square images spread over the rows (first rows first), random text, labels and loss mask."""
     if workload.images and workload.micro_batch_size < 1:
         raise ValueError("a micro-batch needs at least one sequence")
@@ -28,8 +24,5 @@ def synthetic_micro_batch(
     rows: list[list[tuple[int, int]]] = [[] for _ in range(workload.micro_batch_size)]
     for index in range(workload.images):
         rows[index % workload.micro_batch_size].append((side, side))
-    batch = make_batch(config, seed=seed, images_per_row=rows, seq_len=workload.seq_length)
-    inputs = megatron_inputs(batch)
-    labels, loss_mask = labels_and_loss_mask(batch.input_ids, batch.padding, config.image_token_id)
-    inputs.update(labels=labels, loss_mask=loss_mask)
+    inputs = training_inputs(make_batch(config, seed=seed, images_per_row=rows, seq_len=workload.seq_length))
     return {name: tensor.to(device) for name, tensor in inputs.items()}

@@ -3,7 +3,7 @@
     OUTPUT/checkpoints/
       latest                  name of the newest complete checkpoint (written last, atomically)
       iter_0000200/
-        model/, megatron_vlm.json   a model checkpoint (conversion.megatron_io): any layout loads it
+        model/, megatron_vlm.json   a model checkpoint (models.checkpoint_io): any layout loads it
         optimizer/                  optimizer state (dist_checkpointing, from the model's entries);
                                     empty with the distributed or bf16 optimizer, saved per rank
         rank00000.pt ...            per-rank state: RNG generators, the data loader's position, and
@@ -29,13 +29,13 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_vlm.config import ModelConfig, TrainableConfig
-from megatron_vlm.conversion.megatron_io import (
+from megatron_vlm.distributed import barrier, global_rank
+from megatron_vlm.models.checkpoint_io import (
     check_dist_checkpoint_readable,
     load_model,
     model_sharded_state_dict,
     save_model,
 )
-from megatron_vlm.distributed import barrier, global_rank
 
 LATEST = "latest"
 

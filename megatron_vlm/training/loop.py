@@ -16,13 +16,15 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_vlm import backend, distributed
+from megatron_vlm.backbones import recipes_of
+from megatron_vlm.backbones.common import torch_dtype
 from megatron_vlm.config import RunConfig, to_dict
-from megatron_vlm.conversion.megatron_io import load_model, read_metadata, trainable_config_of
+from megatron_vlm.data.batch import MODEL_INPUTS
 from megatron_vlm.data.loader import MultimodalLoader, load_data_config
 from megatron_vlm.data.tokens import image_token_ids, load_tokenizer
+from megatron_vlm.models.checkpoint_io import load_model, read_metadata, trainable_config_of
 from megatron_vlm.models.idefics2 import build_model_chunks
 from megatron_vlm.models.lora import apply_trainable, merge_lora
-from megatron_vlm.models.specs import torch_dtype
 from megatron_vlm.perf.flops import batch_training_flops, measured_matmul_tflops
 from megatron_vlm.perf.memory import TrainingMemoryMeter
 from megatron_vlm.training import checkpoint, preflight
@@ -30,16 +32,6 @@ from megatron_vlm.training.metrics import Metrics, log_line, logger
 from megatron_vlm.training.preemption import PreemptionHandler
 from megatron_vlm.training.results import RunResults
 from megatron_vlm.training.step import build_optimizer, train_step, wrap_ddp
-
-MODEL_INPUTS = (
-    "input_ids",
-    "position_ids",
-    "attention_mask",
-    "pixel_values",
-    "pixel_attention_mask",
-    "labels",
-    "loss_mask",
-)
 
 
 def load_starting_weights(chunks: list[torch.nn.Module], path: str, run: RunConfig) -> None:
@@ -83,7 +75,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     # --- data: this data-parallel rank's share of the mixture
     if env.rank == 0:
         logger.info("%d rank(s) up (%s launch); loading the tokenizer and the data", env.world_size, env.launcher)
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(name=recipes_of(run.model)[2].tokenizer)  # the text recipe's choice
     if image_token_ids(tokenizer)["<image>"] != run.model.image_token_id:
         raise ValueError("the tokenizer's <image> id differs from the model's image_token_id")
     data_config = load_data_config(

@@ -12,13 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_vlm import backend
+from megatron_vlm.backbones import common, recipes_of
 from megatron_vlm.config import RunConfig
 from megatron_vlm.distributed import layout_problems
-from megatron_vlm.models import specs
-from megatron_vlm.models.fp8 import te_fp8_gemm_problem, te_fp8_parts
+from megatron_vlm.models.fp8 import te_fp8_parts
 from megatron_vlm.models.lora import BACKBONES, linear_kind, unadaptable
-
-_PART_OF_BACKBONE = {"vision": "vision", "language": "text"}
 
 
 @dataclass
@@ -78,7 +76,7 @@ def startup_problems(run: RunConfig, world_size: int) -> tuple[StartupPlan, list
         except ValueError as error:
             problems.append(str(error))
     try:
-        use_te = specs.use_transformer_engine(precision)
+        use_te = common.use_transformer_engine(precision)
     except RuntimeError as error:
         problems.append(str(error))
         use_te = False
@@ -113,7 +111,7 @@ def startup_problems(run: RunConfig, world_size: int) -> tuple[StartupPlan, list
             text = model.text
             for length in lengths:  # every micro-batch of a source is padded to its length
                 rows = length * mbs // (tp if parallel.sequence_parallel else 1)
-                if problem := te_fp8_gemm_problem(rows, text.hidden_size, text.hidden_size):
+                if problem := common.te_fp8_gemm_problem(rows, text.hidden_size, text.hidden_size):
                     problems.append(
                         f"FP8 (Transformer Engine): decoder GEMMs of a {length}-token micro-batch of "
                         f"{mbs} ({rows} rows per rank): {problem}; use sequence lengths that make it a multiple"
@@ -124,13 +122,16 @@ def startup_problems(run: RunConfig, world_size: int) -> tuple[StartupPlan, list
         if unknown:
             problems.append(f"unknown LoRA targets {unknown}; choose from {sorted(BACKBONES)}")
         for backbone in sorted(set(run.trainable.lora_targets) & set(BACKBONES)):
-            builder = {"vision": specs.vision_transformer_config, "language": specs.language_transformer_config}
+            vision, _, text = recipes_of(model)
             try:
-                config = builder[backbone](model, parallel, precision, initialize=False)
+                if backbone == "vision":
+                    config = vision.transformer_config(model.vision, parallel, precision, initialize=False)
+                else:
+                    config = text.transformer_config(model, parallel, precision, initialize=False)
             except (ValueError, AssertionError) as error:
                 problems.append(f"{backbone} config: {error}")
                 continue
-            linears = specs.layer_linears(config, use_te)
+            linears = common.layer_linears(config, use_te)
             refused = unadaptable(linears)
             problems.extend(f"LoRA on {backbone}: {reason}" for reason in refused)
             if not refused:

@@ -13,8 +13,8 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_vlm import backend, distributed
+from megatron_vlm.backbones.common import use_transformer_engine
 from megatron_vlm.config import RunConfig, to_dict
-from megatron_vlm.models.specs import use_transformer_engine
 from megatron_vlm.perf.memory import TrainingMemoryMeter
 from megatron_vlm.perf.memory_model import TrainingSetup, Workload, predict_memory
 

@@ -12,22 +12,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_vlm.data.batch import MicroBatch
 from megatron_vlm.distributed import collective_device
-
-MicroBatch = dict[str, torch.Tensor]
-
-
-def labels_and_loss_mask(
-    input_ids: torch.Tensor, padding: torch.Tensor, image_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token labels [b, s] and the mask of positions that count: the next token is real text
-    or a real special token, never padding and never an <image> placeholder (its embedding is
-    replaced by image features, so there is nothing to predict)."""
-    labels = torch.roll(input_ids, shifts=-1, dims=1)
-    next_real = torch.roll(padding.bool(), shifts=-1, dims=1)
-    next_real[:, -1] = False
-    loss_mask = next_real & padding.bool() & (labels != image_token_id)
-    return labels.masked_fill(~loss_mask, 0), loss_mask.float()
 
 
 def wrap_ddp(
@@ -92,43 +78,6 @@ def forward_backward(
         micro_batch_size=input_ids.shape[0],
         forward_only=forward_only,
     )
-
-
-def forward_logits(model: Sequence[torch.nn.Module], micro_batch: MicroBatch, vocab_size: int) -> torch.Tensor | None:
-    """Full-vocabulary logits [b, s, V] of one batch through the pipeline schedule (no grad).
-    Returns them on last-stage ranks and None elsewhere."""
-    from megatron_vlm.models.idefics2 import gather_logits
-
-    def step(data_iterator: Any, chunk: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-        output = chunk(**next(data_iterator))
-
-        def collect(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            return output_tensor.sum() * 0.0, {"logits": gather_logits(output_tensor, vocab_size)}
-
-        return output, collect
-
-    # The interleaved schedule needs at least PP micro-batches: the batch runs twice.
-    repeats = max(2, parallel_state.get_pipeline_model_parallel_world_size())
-    input_ids = micro_batch["input_ids"]
-    iterators = [iter([micro_batch] * repeats) for _ in model] if len(model) > 1 else iter([micro_batch] * repeats)
-    training = [chunk.training for chunk in model]
-    for chunk in model:
-        chunk.eval()
-    with torch.no_grad():
-        collected = get_forward_backward_func()(
-            forward_step_func=step,
-            data_iterator=iterators,
-            model=list(model),
-            num_microbatches=repeats,
-            seq_length=input_ids.shape[1],
-            micro_batch_size=input_ids.shape[0],
-            forward_only=True,
-        )
-    for chunk, was_training in zip(model, training, strict=True):
-        chunk.train(was_training)
-    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return None
-    return collected[0]["logits"]
 
 
 def gradients_are_finite(model: Sequence[torch.nn.Module]) -> bool:

@@ -23,10 +23,10 @@ def main() -> None:
 
     from megatron_vlm import distributed
     from megatron_vlm.config import ParallelConfig, PrecisionConfig
-    from megatron_vlm.conversion.megatron_io import load_model, model_config_of, read_metadata
-    from megatron_vlm.conversion.verify import make_batch, megatron_inputs
+    from megatron_vlm.data.batch import make_batch, megatron_inputs
+    from megatron_vlm.models.checkpoint_io import load_model, model_config_of, read_metadata
     from megatron_vlm.models.idefics2 import build_model_chunks
-    from megatron_vlm.training.step import forward_logits
+    from megatron_vlm.models.pipeline import forward_logits
 
     config = model_config_of(read_metadata(args.load))
     parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, virtual_pipeline=args.vpp)

@@ -29,9 +29,9 @@ def main() -> None:
     from memory_config import memory_check_config, memory_check_workload
 
     from megatron_vlm import distributed
+    from megatron_vlm.backbones.common import torch_dtype
     from megatron_vlm.config import ParallelConfig, PrecisionConfig
     from megatron_vlm.models.idefics2 import build_model_chunks
-    from megatron_vlm.models.specs import torch_dtype
     from megatron_vlm.perf.memory import TrainingMemoryMeter
     from megatron_vlm.perf.memory_model import TrainingSetup, predict_stage_memory
     from megatron_vlm.perf.workload import synthetic_micro_batch

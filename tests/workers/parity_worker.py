@@ -33,14 +33,15 @@ def main() -> None:
     import torch
     from megatron.core import parallel_state
     from megatron.core.optimizer import OptimizerConfig
-    from parity import hf_logits, hf_model, make_batch, megatron_inputs, tiny_config
+    from parity import hf_logits, hf_model, make_batch, megatron_inputs, tiny_config, training_inputs
 
     from megatron_vlm import distributed
     from megatron_vlm.config import ParallelConfig, PrecisionConfig, TrainableConfig
     from megatron_vlm.conversion.mapping import load_hf_weights
     from megatron_vlm.models.idefics2 import build_model_chunks
     from megatron_vlm.models.lora import apply_trainable
-    from megatron_vlm.training.step import build_optimizer, forward_logits, labels_and_loss_mask, train_step, wrap_ddp
+    from megatron_vlm.models.pipeline import forward_logits
+    from megatron_vlm.training.step import build_optimizer, train_step, wrap_ddp
 
     config = tiny_config()
     parallel = ParallelConfig(
@@ -98,12 +99,8 @@ def main() -> None:
         del large_chunks, large_hf
 
     # --- training steps: one micro-batch with images, one without any image
-    def micro_batch(b):
-        labels, loss_mask = labels_and_loss_mask(b.input_ids, b.padding, config.image_token_id)
-        return {**megatron_inputs(b), "labels": labels, "loss_mask": loss_mask}
-
     text_only = make_batch(config, seed=1, images_per_row=[[], [], [], []])
-    micro_batches = [micro_batch(batch), micro_batch(text_only)]
+    micro_batches = [training_inputs(batch), training_inputs(text_only)]
     if args.dp_split:  # rank 0 gets the images, rank 1 a batch without any image
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         micro_batches = micro_batches[dp_rank::dp_size]

@@ -1,4 +1,5 @@
-"""Modality connector: SwiGLU projection, then a Perceiver resampler pooling each image to N latents.
+"""Modality connector: SwiGLU projection, then a Perceiver resampler pooling each image to N latents,
+and its recipe (config, HF config and weight names, FLOPs, parameters).
 
 Semantics follow transformers' Idefics2Connector: latents attend (non-causally) to the
 concatenation ``[image features; latents]`` with grouped-query attention, keys of padded patches
@@ -15,6 +16,7 @@ Latent tensors are sequence-first: ``[latents, images, hidden]``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import sharded_state_dict_default
 from torch import nn
 
-from megatron_vlm.config import ConnectorConfig
+from megatron_vlm.backbones import common
+from megatron_vlm.backbones.base import ParameterCount, register
+from megatron_vlm.backbones.mapping import Fuse, Mapping, Split, layer_rows
+from megatron_vlm.config import ConnectorConfig, ModelConfig, ParallelConfig, PrecisionConfig
 
 
 class RMSNorm(nn.Module):
@@ -183,3 +188,154 @@ class Idefics2Connector(MegatronModule):
         for layer in self.layers:
             latents = layer(latents, context, layout)
         return self.final_norm(latents)
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe
+# --------------------------------------------------------------------------------------------
+
+
+class PerceiverRecipe:
+    """Idefics2's connector (transformers' Idefics2Connector): a SwiGLU projection from the vision
+    width to the text width, and a Perceiver resampler (GQA, RMSNorm, SwiGLU MLP at 4x width)."""
+
+    part, kind = "connector", "perceiver"
+    hidden_act = "silu"
+    hf_model_types = ("idefics2_perceiver", "idefics2")
+
+    def transformer_config(
+        self, model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, initialize: bool = True
+    ) -> TransformerConfig:
+        """Projection and resampler work at the text width, with SwiGLU MLPs and no biases. Their
+        linears are Megatron's own (never TE's): no FP8 through TE, no sequence split."""
+        connector = model.connector
+        return TransformerConfig(
+            num_layers=connector.depth,
+            hidden_size=model.text.hidden_size,
+            ffn_hidden_size=model.text.intermediate_size,
+            num_attention_heads=connector.num_heads,
+            num_query_groups=connector.num_kv_heads,
+            kv_channels=connector.head_dim,
+            normalization="RMSNorm",
+            layernorm_epsilon=connector.rms_norm_eps,
+            add_bias_linear=False,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            pipeline_model_parallel_size=1,
+            **common.transformer_kwargs(
+                parallel,
+                precision,
+                initialize,
+                attention_dropout=connector.attention_dropout,
+                sequence_parallel=False,
+                fp8_problem="the connector's linears are Megatron's own, not Transformer Engine's",
+            ),
+        )
+
+    def build(
+        self, model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, initialize: bool
+    ) -> Idefics2Connector:
+        config = self.transformer_config(model, parallel, precision, initialize)
+        return Idefics2Connector(config, model.connector, model.vision.hidden_size)
+
+    def tokens_per_image(self, connector: ConnectorConfig) -> int:
+        return connector.num_latents
+
+    # -- HF configs ------------------------------------------------------------------------
+
+    def from_hf(self, p: Any) -> ConnectorConfig:
+        """transformers' Idefics2PerceiverConfig -> ConnectorConfig."""
+        if p.hidden_act != self.hidden_act:
+            raise ValueError(
+                f"perceiver_config.hidden_act={p.hidden_act!r} is not supported (expected {self.hidden_act!r})"
+            )
+        return ConnectorConfig(
+            kind=self.kind,
+            num_latents=p.resampler_n_latents,
+            depth=p.resampler_depth,
+            num_heads=p.resampler_n_heads,
+            num_kv_heads=p.num_key_value_heads,
+            head_dim=p.resampler_head_dim,
+            rms_norm_eps=p.rms_norm_eps,
+            attention_dropout=float(p.attention_dropout),
+        )
+
+    def to_hf(self, model: ModelConfig) -> dict[str, Any]:
+        c = model.connector
+        return {
+            "hidden_act": self.hidden_act,
+            "hidden_size": model.text.hidden_size,
+            "rms_norm_eps": c.rms_norm_eps,
+            "resampler_n_latents": c.num_latents,
+            "resampler_depth": c.depth,
+            "resampler_n_heads": c.num_heads,
+            "resampler_head_dim": c.head_dim,
+            "num_key_value_heads": c.num_kv_heads,
+            "attention_dropout": c.attention_dropout,
+        }
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def rows(self, model: ModelConfig) -> list[Mapping]:
+        """Megatron names relative to the connector module, HF names relative to Idefics2's connector."""
+        hf = "perceiver_resampler.layers.*."
+        layer = [
+            Mapping("layers.*.input_latents_norm.weight", (f"{hf}input_latents_norm.weight",)),
+            Mapping("layers.*.input_context_norm.weight", (f"{hf}input_context_norm.weight",)),
+            Mapping("layers.*.attention.linear_q.weight", (f"{hf}self_attn.q_proj.weight",), Split.COLUMN),
+            Mapping("layers.*.attention.linear_k.weight", (f"{hf}self_attn.k_proj.weight",), Split.COLUMN),
+            Mapping("layers.*.attention.linear_v.weight", (f"{hf}self_attn.v_proj.weight",), Split.COLUMN),
+            Mapping("layers.*.attention.linear_proj.weight", (f"{hf}self_attn.o_proj.weight",), Split.ROW),
+            Mapping("layers.*.pre_mlp_norm.weight", (f"{hf}post_attention_layernorm.weight",)),
+            Mapping(
+                "layers.*.mlp.linear_fc1.weight",
+                (f"{hf}mlp.gate_proj.weight", f"{hf}mlp.up_proj.weight"),
+                Split.GATED_COLUMN,
+                Fuse.GATE_UP,
+            ),
+            Mapping("layers.*.mlp.linear_fc2.weight", (f"{hf}mlp.down_proj.weight",), Split.ROW),
+        ]
+        return [
+            Mapping(
+                "projection.linear_fc1.weight",
+                ("modality_projection.gate_proj.weight", "modality_projection.up_proj.weight"),
+                Split.GATED_COLUMN,
+                Fuse.GATE_UP,
+            ),
+            Mapping("projection.linear_fc2.weight", ("modality_projection.down_proj.weight",), Split.ROW),
+            Mapping("latents", ("perceiver_resampler.latents",)),
+            *layer_rows(model.connector.depth, layer),
+            Mapping("final_norm.weight", ("perceiver_resampler.norm.weight",)),
+        ]
+
+    # -- counts ----------------------------------------------------------------------------
+
+    def forward_flops(self, model: ModelConfig, patches: int) -> float:
+        """One image of ``patches`` real patches: projection, then the resampler."""
+        c, t = model.connector, model.text
+        hv, ht = model.vision.hidden_size, t.hidden_size
+        projection = 2 * patches * (2 * hv * t.intermediate_size + t.intermediate_size * ht)
+        latents, q_width, kv_width = c.num_latents, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        context = patches + latents
+        layer = (
+            2 * latents * ht * q_width  # q
+            + 2 * 2 * context * ht * kv_width  # k, v over [image; latents]
+            + 2 * 2 * latents * context * q_width  # scores and weighted sum
+            + 2 * latents * q_width * ht  # output
+            + 2 * latents * 3 * ht * 4 * ht  # SwiGLU MLP at 4x width
+        )
+        return projection + c.depth * layer
+
+    def parameters(self, model: ModelConfig) -> ParameterCount:
+        c, t = model.connector, model.text
+        h, q, kv = t.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        projection = ParameterCount(
+            sharded=model.vision.hidden_size * 2 * t.intermediate_size + t.intermediate_size * h
+        )
+        layer = ParameterCount(sharded=h * q + 2 * h * kv + q * h + h * 8 * h + 4 * h * h, replicated=3 * h)
+        return (
+            projection + ParameterCount(replicated=c.num_latents * h) + layer * c.depth + ParameterCount(replicated=h)
+        )
+
+
+RECIPE = register("connector", "perceiver", PerceiverRecipe())

@@ -1,0 +1,180 @@
+"""The micro-batch format, built in one place for every caller: the loader's packed sequences
+(``packing.collate``), the synthetic batches of the parity tests, the verify tool, the memory checks
+and the GPU benchmark (``perf/workload``), and transformers' processor output (``conversion/verify``).
+
+A micro-batch is rows of tokens, each token belonging to a document of its row (``document_ids``,
+-1 for padding). Attention is causal within a document (and within Mistral's sliding window);
+positions restart at every document; a token's label is the next token of its document, never an
+``<image>`` placeholder. A right-padded batch is the case of one document per row
+(``one_document_per_row``). Masks follow Megatron's convention: True where attention is NOT allowed.
+
+Keys (``MODEL_INPUTS``): input_ids [b, s], position_ids [b, s], attention_mask [b, 1, s, s] bool,
+labels [b, s], loss_mask [b, s] float, pixel_values [images, 3, H, W] (batch-major, zero padded
+bottom/right) and pixel_attention_mask [images, H, W] (True on real pixels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from megatron_vlm.config import ModelConfig
+from megatron_vlm.data.images import pad_images
+
+MicroBatch = dict[str, torch.Tensor]
+
+# What the model's forward takes, then what its loss takes: the keys a trainer moves to the device.
+FORWARD_INPUTS = ("input_ids", "position_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
+MODEL_INPUTS = (*FORWARD_INPUTS, "labels", "loss_mask")
+
+
+def position_ids(document_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] positions restarting at 0 at every document; 0 on padding."""
+    batch, seq_len = document_ids.shape
+    real = document_ids >= 0
+    starts = torch.ones_like(real)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    index = torch.arange(seq_len, device=document_ids.device).expand(batch, -1)
+    last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return torch.where(real, index - last_start, torch.zeros_like(index))
+
+
+def attention_mask(document_ids: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """[b, s] document ids -> [b, 1, s, s] bool, True where attention is not allowed.
+
+    A query sees the keys of its own document at or before it, and with ``sliding_window`` only
+    those less than the window behind it (transformers' rule, ``masking_utils.sliding_window_overlay``:
+    the query and ``sliding_window - 1`` keys before it). A padded query sees only itself, so no
+    row is fully masked (attention kernels may return NaN for one)."""
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be a positive number of tokens, got {sliding_window}")
+    seq_len = document_ids.shape[1]
+    real = document_ids >= 0
+    index = torch.arange(seq_len, device=document_ids.device)
+    behind = index[:, None] - index[None, :]  # query position - key position
+    causal = behind >= 0
+    if sliding_window is not None:
+        causal &= behind < sliding_window
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    allowed = same & causal & real[:, None, :]
+    allowed |= torch.eye(seq_len, dtype=torch.bool, device=document_ids.device)
+    return ~allowed[:, None]
+
+
+def labels_and_loss_mask(
+    input_ids: torch.Tensor, document_ids: torch.Tensor, image_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token labels [b, s] (0 where they do not count) and the float loss mask: a position
+    counts when it and the next token are in the same document and the next token is not an
+    <image> placeholder (its embedding is replaced by image features: nothing to predict)."""
+    labels = torch.roll(input_ids, shifts=-1, dims=1)
+    next_same = torch.roll(document_ids, shifts=-1, dims=1) == document_ids
+    next_same[:, -1] = False
+    loss_mask = (document_ids >= 0) & next_same & (labels != image_token_id)
+    return labels.masked_fill(~loss_mask, 0), loss_mask.float()
+
+
+def micro_batch(
+    input_ids: torch.Tensor,
+    document_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    pixel_attention_mask: torch.Tensor,
+    image_token_id: int,
+    sliding_window: int | None = None,
+) -> MicroBatch:
+    """Tokens [b, s] and their document ids [b, s] (-1 padding), with the batch's images already
+    padded (``images.pad_images``) -> the micro-batch every model input, label and mask comes from."""
+    if input_ids.shape != document_ids.shape or input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and document_ids {tuple(document_ids.shape)} must be one [b, s] shape"
+        )
+    labels, loss_mask = labels_and_loss_mask(input_ids, document_ids, image_token_id)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids(document_ids),
+        "attention_mask": attention_mask(document_ids, sliding_window),
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "pixel_values": pixel_values,
+        "pixel_attention_mask": pixel_attention_mask,
+    }
+
+
+def forward_inputs(batch: MicroBatch) -> MicroBatch:
+    """The keys the model's forward takes (no labels: it then returns logits, not a loss)."""
+    return {name: batch[name] for name in FORWARD_INPUTS}
+
+
+def one_document_per_row(padding: torch.Tensor) -> torch.Tensor:
+    """[b, s] padding (1 real, 0 padded at the end of a row) -> document ids: 0 real, -1 padding."""
+    real = padding.bool()
+    if (real[:, 1:] & ~real[:, :-1]).any():
+        raise ValueError("padding must come after a row's real tokens (right padding)")
+    return torch.where(real, 0, -1)
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic batches: parity tests, the verify tool, memory checks and the GPU benchmark
+# --------------------------------------------------------------------------------------------
+
+IMAGE_SIZES = [(56, 98), (98, 42), (60, 90), (84, 84)]  # (h, w): wide, tall, non-multiple of 14, square
+
+
+@dataclasses.dataclass
+class Batch:
+    """A right-padded synthetic batch, as transformers sees it (``conversion.verify.hf_inputs``)."""
+
+    input_ids: torch.Tensor  # [b, s]
+    padding: torch.Tensor  # [b, s] 1 real, 0 padded
+    images_per_row: list[list[tuple[int, int]]]
+    pixel_values: torch.Tensor  # [images, 3, H, W] batch-major
+    pixel_mask: torch.Tensor  # [images, H, W]
+    image_token_id: int
+    sliding_window: int | None = None  # the decoder's (TextConfig.sliding_window), for the mask
+
+
+def make_batch(
+    config: ModelConfig, seed: int = 0, images_per_row: list[list[tuple[int, int]]] | None = None, seq_len: int = 48
+) -> Batch:
+    """Rows mixing images of several aspect ratios, a text-only row and right padding."""
+    generator = torch.Generator().manual_seed(seed)
+    if images_per_row is None:
+        images_per_row = [[IMAGE_SIZES[0]], [], [IMAGE_SIZES[1], IMAGE_SIZES[2]], [IMAGE_SIZES[3]]]
+    latents = config.connector.num_latents
+    input_ids = torch.randint(1, 250, (len(images_per_row), seq_len), generator=generator)
+    padding = torch.ones_like(input_ids)
+    for row, images in enumerate(images_per_row):
+        position = 3
+        for _ in images:
+            span = [config.fake_image_token_id] + [config.image_token_id] * latents + [config.fake_image_token_id]
+            input_ids[row, position : position + len(span)] = torch.tensor(span)
+            position += len(span) + 2
+        if position > seq_len:
+            raise ValueError(f"seq_len {seq_len} too short for {len(images)} images")
+    padded_row = next((r for r, images in enumerate(images_per_row) if not images), None)
+    if padded_row is not None:  # the text-only row ends with padding
+        padding[padded_row, -5:] = 0
+        input_ids[padded_row, -5:] = 0
+    sizes = [size for images in images_per_row for size in images]
+    pixel_values, pixel_mask = pad_images([torch.randn(3, h, w, generator=generator) for h, w in sizes])
+    return Batch(
+        input_ids, padding, images_per_row, pixel_values, pixel_mask, config.image_token_id, config.text.sliding_window
+    )
+
+
+def training_inputs(batch: Batch) -> MicroBatch:
+    """A synthetic batch -> its micro-batch (model inputs, labels and loss mask)."""
+    return micro_batch(
+        batch.input_ids,
+        one_document_per_row(batch.padding),
+        batch.pixel_values,
+        batch.pixel_mask,
+        batch.image_token_id,
+        batch.sliding_window,
+    )
+
+
+def megatron_inputs(batch: Batch) -> MicroBatch:
+    """A synthetic batch -> what the model's forward takes (it returns logits)."""
+    return forward_inputs(training_inputs(batch))

@@ -1,0 +1,51 @@
+"""Inference through Megatron-Core's pipeline schedules: full logits of a batch at any TP/PP/VPP
+layout (the verify tool, the conversion and parity checks)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_vlm.data.batch import MicroBatch
+from megatron_vlm.models.idefics2 import gather_logits
+
+
+def forward_logits(model: Sequence[torch.nn.Module], micro_batch: MicroBatch, vocab_size: int) -> torch.Tensor | None:
+    """Full-vocabulary logits [b, s, V] of one batch (the model's forward inputs,
+    ``batch.forward_inputs``) through the pipeline schedule (no grad). Returns them on last-stage
+    ranks and None elsewhere."""
+
+    def step(data_iterator: Any, chunk: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+        output = chunk(**next(data_iterator))
+
+        def collect(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            return output_tensor.sum() * 0.0, {"logits": gather_logits(output_tensor, vocab_size)}
+
+        return output, collect
+
+    # The interleaved schedule needs at least PP micro-batches: the batch runs twice.
+    repeats = max(2, parallel_state.get_pipeline_model_parallel_world_size())
+    input_ids = micro_batch["input_ids"]
+    iterators = [iter([micro_batch] * repeats) for _ in model] if len(model) > 1 else iter([micro_batch] * repeats)
+    training = [chunk.training for chunk in model]
+    for chunk in model:
+        chunk.eval()
+    with torch.no_grad():
+        collected = get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iterators,
+            model=list(model),
+            num_microbatches=repeats,
+            seq_length=input_ids.shape[1],
+            micro_batch_size=input_ids.shape[0],
+            forward_only=True,
+        )
+    for chunk, was_training in zip(model, training, strict=True):
+        chunk.train(was_training)
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return collected[0]["logits"]
