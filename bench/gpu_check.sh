@@ -19,7 +19,7 @@
 # leaves what ran. At a step's limit its processes get SIGUSR2 first: the trainer and pytest dump
 # every thread's Python stack on it (megatron_vlm/train.py, tests/conftest.py), so a hang shows
 # where it hangs; SIGKILL follows 10 s later. The whole script also keeps to a budget
-# (GPU_CHECK_BUDGET, default 450 s): later steps get what is left. A failing step does not stop the
+# (GPU_CHECK_BUDGET, default 480 s): later steps get what is left. A failing step does not stop the
 # ones after it; the exit status is non-zero if any step failed, timed out or was not reached.
 #
 # Environment: PYTHON (default python3: the device machine has no `python`), WHEELS (default
@@ -56,7 +56,7 @@ cd "$ROOT" || exit 2
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-$ROOT/.whl}
 SITE=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
-BUDGET=${GPU_CHECK_BUDGET:-450}
+BUDGET=${GPU_CHECK_BUDGET:-480}
 KILL_AFTER=10
 # Data and run directories: fresh each time, so no run resumes from an older checkpoint.
 if ((DRY_RUN)); then WORK=$(mktemp -u /tmp/gpu_check_work.XXXXXX); else WORK=$(mktemp -d /tmp/gpu_check_work.XXXXXX); fi
@@ -79,7 +79,11 @@ required = {"torch": "torch", "megatron.core": "megatron-core", "mistral_common"
             "yaml": "pyyaml", "safetensors": "safetensors", "tqdm": "tqdm", "tensorboard": "tensorboard",
             "psutil": "psutil", "numpy": "numpy", "PIL": "pillow", "transformers": "transformers",
             "sentencepiece": "sentencepiece", "google.protobuf": "protobuf", "matplotlib": "matplotlib",
-            "pytest": "pytest"}
+            "pytest": "pytest",
+            # transformers imports this whenever mistral_common is importable (its processors check
+            # MistralCommonBackend), so mistral-common needs its own dependencies after all: pydantic,
+            # jsonschema, pydantic-extra-types, pycountry and theirs (docs/gpu.md).
+            "mistral_common.protocol.instruct.request": "mistral-common dependencies"}
 optional = {"transformer_engine.pytorch": "transformer-engine[pytorch]", "nvidia.dali": "nvidia-dali-cuda130",
             "apex": "apex", "scaled_masked_softmax_cuda": "Megatron fused softmax (apex build)",
             "skimage": "scikit-image (some tests)"}
@@ -176,7 +180,7 @@ trainer_step train_small 75 model=small precision.params_dtype=bfloat16
 # 100 s dumps its stacks (pytest's faulthandler_timeout). -s: output reaches the log as it comes,
 # and the SIGUSR2 stack dump (tests/conftest.py) is not held in pytest's capture when killed. A test
 # module that cannot be imported on that image must not keep the gpu tests of the others from running.
-add_step pytest_gpu 150 "stdbuf -oL -eL $PYTHON -m pytest -m gpu -v -s -rs -p no:cacheprovider -o faulthandler_timeout=100 \\
+add_step pytest_gpu 210 "stdbuf -oL -eL $PYTHON -m pytest -m gpu -v -s -rs -p no:cacheprovider -o faulthandler_timeout=100 \\
     --continue-on-collection-errors --durations=10 --junitxml=$OUTDIR/pytest_gpu.xml tests"
 
 if ((CPU)); then PROXY_ARGS=--smoke; else PROXY_ARGS=""; fi
