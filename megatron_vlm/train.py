@@ -1,10 +1,22 @@
-"""``python -m megatron_vlm.train --config FILE [section.key=value ...]``: Idefics2 pretraining."""
+"""``python -m megatron_vlm.train --config FILE [section.key=value ...] [--force-unlock]``: Idefics2 pretraining.
+
+``--force-unlock`` takes over the run directory's lock when its holder's liveness cannot be
+checked (another host, not a Slurm job); a holder seen alive is never overridden."""
 
 import faulthandler
 import os
 import signal
 import sys
 import time
+
+from megatron_vlm.training import lifecycle
+
+if __name__ == "__mp_main__":
+    # A multiprocessing spawn child of the trainer (dist_checkpointing's Manager server): it
+    # imports this module as __mp_main__ and must die with the trainer (training/lifecycle.py).
+    lifecycle.arm_spawned_helper()
+
+FORCE_UNLOCK = "--force-unlock"
 
 
 def announce_start() -> None:
@@ -26,6 +38,12 @@ def announce_start() -> None:
 
 
 if __name__ == "__main__":  # the guard matters: dist_checkpointing may spawn worker processes
+    # Die with the launcher (torchrun / srun / mpirun) and take forked helpers along: no orphans.
+    lifecycle.arm_trainer()
+    if FORCE_UNLOCK in sys.argv[1:]:
+        # Take a run-directory lock whose holder cannot be checked (training/run_lock.py).
+        sys.argv.remove(FORCE_UNLOCK)
+        os.environ["MEGATRON_VLM_FORCE_UNLOCK"] = "1"
     announce_start()
     started = time.perf_counter()
     from megatron_vlm.training.loop import main

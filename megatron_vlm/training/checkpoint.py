@@ -7,15 +7,23 @@
         optimizer/                  optimizer state (dist_checkpointing, from the model's entries);
                                     empty with the distributed or bf16 optimizer, saved per rank
         rank00000.pt ...            per-rank state: RNG generators, the data loader's position, and
-                                    (distributed or bf16 optimizer) this rank's optimizer state
+                                    (distributed or bf16 optimizer) this rank's optimizer state;
+                                    tensors and plain values only, loaded with weights_only=True
+        manifest.json               every other file's size and CRC-32, written last (integrity.py)
 
 A checkpoint is written into ``.iter_XXXXXXX.incomplete`` and renamed when every rank is done; a
 kill during the write leaves the previous checkpoint and ``latest`` untouched. The model and the
 optimizer reshard; the per-rank files resume exactly at the same data-parallel layout.
+
+At resume (:func:`latest_checkpoint`, collective) the newest checkpoint is checked against its
+manifest and for unsafe pickles; a damaged one is named in a warning and the previous complete one
+is used. Checkpoints written before manifests existed load with a warning (their pickles are still
+checked).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -36,8 +44,10 @@ from megatron_vlm.models.checkpoint_io import (
     model_sharded_state_dict,
     save_model,
 )
+from megatron_vlm.training import integrity
 
 LATEST = "latest"
+logger = logging.getLogger("megatron_vlm")
 
 
 def _parts(optimizer: Any) -> list[Any]:
@@ -94,9 +104,11 @@ def load_optimizer_shard_state(optimizer: Any, state: list[dict[str, Any]]) -> N
 
 
 def rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors and plain values (loadable with ``weights_only=True``)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
@@ -105,21 +117,155 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # an ndarray in older checkpoints
+    np.random.set_state((kind, keys.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _pointed(root: Path) -> Path | None:
+    pointer = root / LATEST
+    return root / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Complete checkpoints, newest first: ``latest``'s target, then the others by iteration."""
+    pointed = _pointed(root)
+    others = sorted((p for p in root.glob("iter_*") if p.is_dir() and p != pointed), reverse=True)
+    return ([pointed] if pointed is not None else []) + others
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _all_gather(value: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    rank, world = _world()
+    if world == 1:
+        return [value]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _broadcast(value: Any) -> Any:
+    import torch.distributed as dist
+
+    if _world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+_OLD_RANK_FILE_GLOBALS = {"numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct"} | {
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.dtypes.UInt32DType",
+}
+
+
+def _unsafe_pickles(path: Path) -> list[str]:
+    """Library pickles and per-rank files that would name code (checked without executing them)."""
+    problems = []
+    try:
+        integrity.check_library_pickles(path)
+    except (integrity.UnsafePickle, integrity.CheckpointDamaged) as error:
+        problems.append(str(error))
+    for rank_file in sorted(path.glob("rank*.pt")):
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(rank_file)))
+        except Exception as error:  # noqa: BLE001 - damaged: name it
+            problems.append(f"{rank_file.name}: not a readable torch file ({error})")
+            continue
+        if unsafe - _OLD_RANK_FILE_GLOBALS:
+            problems.append(f"{rank_file.name} names {', '.join(sorted(unsafe))}: refused (it would run code)")
+    return problems
+
+
+def verify_checkpoint(path: Path) -> tuple[list[str], bool]:
+    """Collective. (problems, has_manifest): files against the manifest (each rank checks a share)
+    and unsafe pickles (rank 0). No problems and no manifest: written before manifests."""
+    rank, world = _world()
+    problems: list[str] = []
+    manifest = None
+    try:
+        if not path.is_dir():
+            problems.append(f"{path.name} does not exist")
+        else:
+            try:
+                manifest = integrity.read_manifest(path)
+            except integrity.CheckpointDamaged as error:
+                problems.append(str(error))
+        if manifest is not None:
+            names = sorted(manifest)
+            problems += integrity.check_files(path, manifest, names[rank::world])
+            if rank == 0:
+                problems += integrity.unlisted_files(path, manifest)
+        if rank == 0 and path.is_dir():
+            problems += _unsafe_pickles(path)
+    except OSError as error:  # an unreadable file: named, and every rank still reaches the gather below
+        problems.append(f"unreadable: {error}")
+    gathered = _all_gather(problems)
+    return sorted({problem for share in gathered for problem in share}), manifest is not None
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    pointer = Path(root) / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(root) / pointer.read_text().strip()
-    if not path.is_dir():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist")
-    return path
+    """Collective. The newest complete checkpoint that passes :func:`verify_checkpoint`; damaged
+    ones are named in a warning and skipped. None if there is none; an error if all are damaged."""
+    root = Path(root)
+    candidates = _broadcast(_candidates(root) if _world()[0] == 0 else None)
+    refused = []
+    for path in candidates:
+        problems, has_manifest = verify_checkpoint(path)
+        if problems:
+            refused.append(f"{path}: " + "; ".join(problems))
+            if _world()[0] == 0:
+                logger.warning(
+                    "checkpoint %s is refused: %s; %s",
+                    path,
+                    "; ".join(problems),
+                    "trying the previous one" if path != candidates[-1] else "no older checkpoint",
+                )
+            continue
+        if not has_manifest and _world()[0] == 0:
+            logger.warning(
+                "checkpoint %s has no %s (written before manifests): its files' integrity cannot be checked",
+                path,
+                integrity.MANIFEST,
+            )
+        return path
+    if refused:
+        raise RuntimeError(
+            "every checkpoint in "
+            + str(root)
+            + " is damaged or unsafe, refusing to start over it:\n  "
+            + "\n  ".join(refused)
+        )
+    return None
+
+
+def check_library_pickles(path: str | Path) -> None:
+    """For model checkpoints from elsewhere (``training.load_weights``): refuse a DCP metadata or
+    ``common.pt`` pickle that names code, before Megatron-Core / torch unpickle it."""
+    integrity.check_library_pickles(path)
+
+
+def _write_manifest(directory: Path) -> None:
+    """Collective, after every rank finished writing: each rank hashes a share, rank 0 writes."""
+    rank, world = _world()
+    names = _broadcast(integrity.checkpoint_files(directory) if rank == 0 else None)
+    entries = integrity.describe_files(directory, names[rank::world])
+    gathered = _all_gather(entries)
+    if rank == 0:
+        integrity.write_manifest(directory, {k: v for share in gathered for k, v in share.items()})
 
 
 def save_training_checkpoint(
@@ -162,6 +308,8 @@ def save_training_checkpoint(
         dist_checkpointing.save(optimizer.sharded_state_dict(model_entries), str(temporary / "optimizer"))
     torch.save(per_rank, temporary / f"rank{global_rank():05d}.pt")
     barrier()
+    _write_manifest(temporary)  # last: a checkpoint without a valid manifest is not a complete one
+    barrier()
     if global_rank() == 0:
         if final.exists():
             shutil.rmtree(final)
@@ -184,7 +332,8 @@ def load_training_checkpoint(
     trainable: TrainableConfig,
 ) -> tuple[int, dict[str, Any]]:
     """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns the
-    iteration and this rank's loader state."""
+    iteration and this rank's loader state. ``path`` comes from :func:`latest_checkpoint`, which
+    verified its files and pickles."""
     metadata = load_model(chunks, path, model_config, trainable)
     rank_file = path / f"rank{global_rank():05d}.pt"
     if not rank_file.is_file():
@@ -192,7 +341,7 @@ def load_training_checkpoint(
             f"{rank_file} is missing: exact resume needs the same number of ranks as the run that saved "
             f"{path.name} ({parallel_state.get_data_parallel_world_size()} data-parallel now)"
         )
-    per_rank = torch.load(rank_file, weights_only=False)
+    per_rank = integrity.load_rank_file(rank_file)
     if _per_rank(optimizer):
         if "optimizer" not in per_rank:
             raise ValueError(
