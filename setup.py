@@ -34,7 +34,11 @@ setup(
             "pyarrow>=14",  # parquet input of the preprocessing tool
             "mpich>=4",  # an MPI launcher (mpiexec) for the MPI launch test
             "mpi4py>=3.1",  # its ranks agree on a rendezvous through mpi4py
+            "pypdfium2>=4",  # renders PDF pages in preprocessing (Apache-2.0 / BSD-3-Clause; not PyMuPDF: AGPL)
+            "reportlab>=4",  # the PDF test files are made with it (BSD)
         ],
+        # tools/preprocess_data.py on every input format: parquet / Arrow, PDFs, MPI jobs.
+        "preprocess": ["pyarrow>=14", "pypdfium2>=4", "mpi4py>=3.1"],
         # GPU machines without a container that carries them (NGC PyTorch containers have TE and
         # DALI already: see the README's "GPU clusters" section).
         "gpu": ["transformer-engine[pytorch]>=2.0"],

@@ -6,6 +6,10 @@ nvJPEG / the hardware JPEG decoder with 'mixed'), resizes with an antialiased li
 normalizes to CHW float32. Pillow's bilinear filter and DALI's differ slightly; the bound is
 asserted in ``tests/test_dali.py``. EXIF orientation is ignored, as transformers ignores it.
 
+DALI decodes only what ``images.canonical_encoding`` keeps (preprocessing stores everything else
+as a PNG of Pillow's pixels). An image from an older or foreign shard that still needs converting
+is converted here, on the host, with a warning: slow, but never skipped and never different.
+
 Every processor returns, per encoded image, a list of float32 torch tensors [3, h, w]: on the CPU
 for Pillow and DALI-CPU; on this rank's own GPU for DALI 'mixed' (``decoding_device_id``), copied
 there from DALI's buffers on torch's current stream, so they reach the model without a host trip.
@@ -14,6 +18,7 @@ there from DALI's buffers on torch's current stream, so they reach the model wit
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,9 +27,19 @@ import torch
 from PIL import Image
 
 from megatron_vlm import backend
-from megatron_vlm.data.images import ImageConfig, ImageLimits, process_image, resized_size, size_problem
+from megatron_vlm.data.images import (
+    ImageConfig,
+    ImageLimits,
+    canonical_encoding,
+    conversion_reason,
+    process_image,
+    resized_size,
+    size_problem,
+)
 from megatron_vlm.data.shards import CorruptSample
 from megatron_vlm.distributed import detect_environment
+
+log = logging.getLogger(__name__)
 
 
 def open_checked(data: bytes, limits: ImageLimits) -> Image.Image:
@@ -118,6 +133,7 @@ class DaliImageProcessor:
         self.config, self.device, self.batch_size = config, device, batch_size
         self.limits = limits or ImageLimits()
         self.name = f"dali-{device}"
+        self.converted_on_host = 0  # images that reached DALI in a form it decodes differently
         self.device_id: int | None = None
         if device == "gpu":
             self.device_id = decoding_device_id() if device_id is None else device_id
@@ -162,6 +178,20 @@ class DaliImageProcessor:
             raise RuntimeError(f"DALI could not build its {self.name} pipeline {where}: {error}") from error
         return built
 
+    def _convert_on_host(self, data: bytes, reason: str) -> bytes:
+        """Pillow's pixels as a PNG DALI decodes exactly (fast, uncompressed: it is never stored)."""
+        if self.converted_on_host == 0:
+            log.warning(
+                "an image needs converting before DALI decodes it (%s): the shards predate canonical image "
+                "encoding; converting on the host (slow), re-run tools/preprocess_data.py to store them converted",
+                reason,
+            )
+        self.converted_on_host += 1
+        try:
+            return canonical_encoding(data, compress_level=0)[0]
+        except Exception as error:  # noqa: BLE001 - Pillow raises many types for bad data
+            raise CorruptSample("corrupt_image", str(error)) from error
+
     def __call__(self, encoded: Sequence[bytes]) -> list[list[torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
@@ -175,6 +205,9 @@ class DaliImageProcessor:
         for index, data in enumerate(encoded):
             with open_checked(data, self.limits) as image:  # reads the header only
                 width, height = image.size
+                reason = conversion_reason(image, data)
+            if reason is not None:
+                data = self._convert_on_host(data, reason)
             for top, left, h, w in crop_windows(height, width, self.config):
                 entries.append((index, data, (top, left, h, w), resized_size(h, w, self.config)))
         outputs: list[list[torch.Tensor]] = [[] for _ in encoded]

@@ -5,16 +5,25 @@ image (split first, on the original), resize keeping the aspect ratio (longest e
 both edges raised to the shortest-edge floor), rescale by 1/255, normalize with mean = std = 0.5,
 and pad every image of a batch to the largest height and width with a pixel mask.
 Stage limits: 384 px longest edge in the paper's stage 1, 980 px in stage 2.
+
+Pixels come from ``to_rgb``, transformers' ``convert_to_rgb``: transparency (an alpha band, or a
+palette / colour-key ``transparency``) is composited onto white, everything else goes through
+Pillow's ``convert("RGB")``. Decoders other than Pillow (DALI) ignore transparency, scale 16-bit
+samples instead of clipping them, and cannot read GIF at all, so ``canonical_encoding`` rewrites
+such images once, at preprocessing time, as the 8-bit PNG of exactly those pixels: lossless, so
+Pillow's result is unchanged, and a PNG that every backend decodes to the same pixels.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 
 @dataclass(frozen=True)
@@ -78,9 +87,119 @@ def normalize(pixels: np.ndarray, config: ImageConfig) -> np.ndarray:
     return np.ascontiguousarray(((scaled - mean) / std).transpose(2, 0, 1))
 
 
+def has_transparency(image: Image.Image) -> bool:
+    """transformers' test: an alpha band, or a ``transparency`` entry (palette or colour key)."""
+    return "A" in image.getbands() or image.info.get("transparency") is not None
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] pixels as transformers' ``convert_to_rgb`` makes them: transparency
+    composited onto white (Pillow's integer ``alpha_composite``), else Pillow's RGB conversion
+    (which clips 16-bit grey above 255 and converts CMYK without colour management, as transformers
+    does)."""
+    if has_transparency(image):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, image.convert("RGBA")).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+# --- one stored encoding that every backend decodes to the same pixels ---------------------------
+
+# (format, modes) stored as they are: DALI's decoders give Pillow's pixels for these (JPEG within
+# the resize bound of tests/test_dali.py, the others exactly; tests/test_image_modes.py). MPO is
+# a camera JPEG with extra pictures appended: its first picture, which both decoders read, is a
+# plain JPEG. Everything else is re-encoded by ``canonical_encoding``:
+#   format        GIF (DALI has no GIF decoder: every GIF was "corrupt" on the DALI path), TIFF
+#                 (nvTIFF on the GPU; 16-bit, CMYK, alpha and planar variants decode differently),
+#                 BMP (many variants; PNG is smaller anyway) and any other format Pillow reads
+#   animated      more than one frame: Pillow's first frame, with no canvas or blending rules left
+#   transparency  alpha band, palette or colour-key transparency: DALI drops it, Pillow composites
+#   16-bit        DALI scales 16-bit samples to 8 bits, Pillow clips (grey) or truncates (colour)
+#   mode          any other mode: CMYK, LA, I, F, ... (converted to RGB by Pillow, unchecked elsewhere)
+KEPT_MODES: dict[str, tuple[str, ...]] = {
+    "JPEG": ("RGB", "L"),
+    "MPO": ("RGB", "L"),
+    "PNG": ("RGB", "L", "P", "1"),
+    "WEBP": ("RGB",),
+}
+CONVERTED_KEY = "megatron-vlm-converted"  # PNG text chunk of a re-encoded image: why it was converted
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_bit_depth(data: bytes) -> int | None:
+    """Bits per sample from a PNG's IHDR (Pillow reports 16-bit colour PNGs as plain 'RGB')."""
+    if data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) > 24:
+        return data[24]
+    return None
+
+
+def conversion_reason(image: Image.Image, data: bytes) -> str | None:
+    """Why an opened image (header only is enough) must be re-encoded before storing, as
+    "category: FORMAT MODE[, N frames]" (categories above), or None when its bytes are stored as
+    they are. ``data`` is its encoded bytes (a 16-bit PNG is told from its header)."""
+    image_format = image.format or "unknown"
+    frames = 1 if image_format == "MPO" else getattr(image, "n_frames", 1)
+    what = f"{image_format} {image.mode}" + (f", {frames} frames" if frames > 1 else "")
+    if image_format not in KEPT_MODES:
+        return f"format: {what}"
+    if frames > 1:
+        return f"animated: {what}"
+    if has_transparency(image):
+        return f"transparency: {what}"
+    if (_png_bit_depth(data) or 8) > 8 or image.mode.startswith("I;16"):
+        return f"16-bit: {what}"
+    if image.mode not in KEPT_MODES[image_format]:
+        return f"mode: {what}"
+    return None
+
+
+def needs_conversion(data: bytes) -> str | None:
+    """``conversion_reason`` of encoded bytes, from their header (no pixel decode): whether bytes
+    made elsewhere (a webdataset tar re-indexed in place, an older shard) can be used as they are.
+    Raises what Pillow raises for data it cannot open."""
+    with Image.open(io.BytesIO(data)) as image:
+        return conversion_reason(image, data)
+
+
+def canonical_encoding(data: bytes, compress_level: int = 6) -> tuple[bytes, str | None]:
+    """The bytes to store for an encoded image, and why they differ from ``data`` (None: they are
+    ``data``). A converted image is the PNG of its ``to_rgb`` pixels (first frame; 8-bit grey when
+    all three channels agree, else RGB), which Pillow and DALI both decode to exactly those pixels;
+    the reason travels in the PNG (``conversion_note``) so shard writers can record it. Idempotent.
+    Raises what Pillow raises for data it cannot decode."""
+    with Image.open(io.BytesIO(data)) as image:
+        reason = conversion_reason(image, data)
+        if reason is None:
+            return data, None
+        image.seek(0)
+        pixels = to_rgb(image)
+    if np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2]):
+        stored = Image.fromarray(np.ascontiguousarray(pixels[..., 0]), mode="L")
+    else:
+        stored = Image.fromarray(pixels, mode="RGB")
+    note = PngInfo()
+    note.add_text(CONVERTED_KEY, reason)
+    output = io.BytesIO()
+    stored.save(output, format="PNG", pnginfo=note, compress_level=compress_level)
+    return output.getvalue(), reason
+
+
+def conversion_note(data: bytes) -> str | None:
+    """The reason ``canonical_encoding`` stored in bytes it produced, or None (any other bytes,
+    undecodable ones included: this only reads)."""
+    if not data.startswith(PNG_SIGNATURE):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            note = image.info.get(CONVERTED_KEY)
+    except Exception:  # noqa: BLE001 - a broken PNG simply carries no note
+        return None
+    return note if isinstance(note, str) else None
+
+
 def process_image(image: Image.Image, config: ImageConfig) -> list[np.ndarray]:
     """One image -> its model inputs (1, or 5 with splitting), each float32 [3, h, w]."""
-    pixels = np.asarray(image.convert("RGB"))
+    pixels = to_rgb(image)
     crops = split_crops(pixels) if config.split else [pixels]
     processed = []
     for crop in crops:

@@ -12,6 +12,11 @@ with a ``kind``: "interleaved" (OBELICS-style web documents), "pair" (image + ca
 
 Each ``NAME.tar`` has ``NAME.tar.idx.json``: every sample's key and byte range, for random access
 and exact resume. Tars are written deterministically (fixed metadata, input order).
+
+Images that ``images.canonical_encoding`` re-encoded (formats or modes DALI decodes differently)
+are stored as ``.png`` and recorded in the index: ``"converted": {"IMAGE INDEX": "REASON"}`` on
+their sample's entry, and the count per reason under the index's own ``"converted"``. Indexes
+written before this carry neither and read the same (nothing converted).
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ import io
 import json
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from megatron_vlm.data.images import conversion_note
 
 KINDS = ("interleaved", "pair", "page")
 SINGLE_IMAGE_KINDS = ("pair", "page")  # stored in webdataset's captioning layout
@@ -70,6 +78,7 @@ class ShardWriter:
         self._file = self._temporary.open("wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._entries: list[dict] = []
+        self.converted: Counter[str] = Counter()  # images stored re-encoded, by reason
 
     def write(self, sample: Sample) -> None:
         if sample.kind not in KINDS:
@@ -80,6 +89,14 @@ class ShardWriter:
         meta = {"kind": sample.kind, "layout": layout, "texts": sample.texts}
         members = [(f"{sample.key}.json", json.dumps(meta, ensure_ascii=False).encode())]
         extensions = list(sample.image_extensions) + ["jpg"] * len(sample.images)
+        # A re-encoded image is a PNG whatever it was: its member must say so (webdataset decodes by
+        # extension), and the index says what it was and why.
+        converted = {}
+        for index, image in enumerate(sample.images):
+            note = conversion_note(image)
+            if note is not None:
+                converted[str(index)] = note
+                extensions[index] = "png"
         if sample.kind in SINGLE_IMAGE_KINDS:
             if len(sample.images) != 1 or len(sample.texts) != 1:
                 raise ValueError(f"{sample.kind} {sample.key} needs exactly one image and one text")
@@ -91,12 +108,18 @@ class ShardWriter:
         start = self._file.tell()
         for name, payload in members:
             self._tar.addfile(*_member(name, payload))
-        self._entries.append({"key": sample.key, "offset": start, "size": self._file.tell() - start})
+        entry = {"key": sample.key, "offset": start, "size": self._file.tell() - start}
+        if converted:
+            entry["converted"] = converted
+            self.converted.update(converted.values())
+        self._entries.append(entry)
 
     def close(self) -> int:
         self._tar.close()
         self._file.close()
         index = {"count": len(self._entries), "tar_bytes": self._temporary.stat().st_size, "samples": self._entries}
+        if self.converted:
+            index["converted"] = dict(sorted(self.converted.items()))
         index_path = Path(str(self.path) + INDEX_SUFFIX)
         index_path.with_name(index_path.name + ".incomplete").write_text(json.dumps(index))
         os.replace(self._temporary, self.path)
@@ -116,6 +139,7 @@ class Shard:
             raise FileNotFoundError(f"shard index {index_path} is missing (rebuild with tools/preprocess_data.py)")
         index = json.loads(index_path.read_text())
         self.entries: list[dict] = index["samples"]
+        self.converted: dict[str, int] = index.get("converted", {})  # absent from older indexes
         self.size_on_disk = self.path.stat().st_size
 
     def __len__(self) -> int:
@@ -156,6 +180,10 @@ def _assemble(key: str, members: dict[str, bytes], shard_name: str) -> Sample:
         raise CorruptSample("missing_field", f"{where} has no .json member")
     try:
         meta = json.loads(members["json"])
+        if isinstance(meta, dict) and "kind" not in meta and "txt" in members:
+            # A plain webdataset captioning sample (an img2dataset tar taken as it is: its KEY.json
+            # is img2dataset's own metadata): a pair of its one image and its caption.
+            meta = {"kind": "pair", "layout": ["image", "text"], "texts": [members["txt"].decode("utf-8", "replace")]}
         kind, layout, texts = meta["kind"], meta["layout"], list(meta["texts"])
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise CorruptSample("missing_field", f"{where}: bad .json ({error})") from error
@@ -201,3 +229,24 @@ def shard_paths(pattern_or_dir: str | Path) -> list[Path]:
     if not found:
         raise FileNotFoundError(f"no shards at {pattern_or_dir}")
     return found
+
+
+class ShardSet:
+    """The samples of a shard set (a directory, a glob or one tar) by position, in storage order:
+    sorted shards, each in index order. The training stream and the validation split both read
+    through it."""
+
+    def __init__(self, pattern_or_dir: str | Path) -> None:
+        self.shards = [Shard(path) for path in shard_paths(pattern_or_dir)]
+        self.locations = [(s, p) for s, shard in enumerate(self.shards) for p in range(len(shard))]
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def read(self, position: int) -> Sample:
+        shard, index = self.locations[position]
+        return self.shards[shard].read(index)
+
+    def where(self, position: int) -> str:
+        shard, index = self.locations[position]
+        return f"{self.shards[shard].path.name}[{index}]"
