@@ -158,7 +158,8 @@ PY"
 # As slurm/pretrain_idefics2.sh builds the bundled dataset for the tiny run config.
 add_step data 45 "set -e; for name in interleaved pairs pages; do
     echo \"building \$name\"
-    stdbuf -oL -eL $PYTHON tools/preprocess_data.py examples/data/\$name.jsonl --out $WORK/data/\$name --samples-per-shard 4
+    stdbuf -oL -eL $PYTHON tools/preprocess_data.py examples/data/\$name.jsonl --out $WORK/data/\$name --samples-per-shard 4 \\
+        --validation-fraction 0.25 --validation-seed 7
 done"
 
 # The full trainer as one process (no torchrun: NCCL does not put two ranks on one GPU). 20 steps,

@@ -210,6 +210,11 @@ class TrainingConfig:
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     max_nonfinite_steps: int = 10  # skipped NaN/Inf steps tolerated before stopping
+    # Validation (data/validation.py): every eval_interval steps and once more at the end, the loss
+    # per source on eval_samples fixed held-out samples of each source's validation split
+    # (0: no evaluation). Sources without a split are named at start-up and not evaluated.
+    eval_interval: int = 0
+    eval_samples: int = 32
 
 
 @dataclass

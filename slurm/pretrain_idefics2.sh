@@ -38,8 +38,11 @@ read -r -a overrides <<< "${OVERRIDES:-}"
 build_bundled_data() {  # the tiny default trains on the dataset that ships in examples/data
     local root=$1
     for name in interleaved pairs pages; do
-        if [[ ! -f "$root/$name/$name.report.json" ]]; then
-            python tools/preprocess_data.py "examples/data/$name.jsonl" --out "$root/$name" --samples-per-shard 4
+        # Built once; again when it predates held-out validation shards (an older runs/data).
+        if [[ ! -f "$root/$name/$name.report.json" ]] || ! compgen -G "$root/$name/validation/*.tar" >/dev/null; then
+            # seed 7 holds out one sample of each bundled source (a quarter of 4-5 samples)
+            python tools/preprocess_data.py "examples/data/$name.jsonl" --out "$root/$name" --samples-per-shard 4 \
+                --validation-fraction 0.25 --validation-seed 7
         fi
     done
 }
@@ -84,8 +87,25 @@ requeue() {
     exit 0
 }
 trap requeue USR1
+# A plain scancel (or a preemption without B:) sends SIGTERM to this script too: pass it on and wait,
+# so that srun (which dies with this script, below) lives until the trainers' checkpoint is written.
+terminate() {
+    echo "$(date) SIGTERM received: the trainers checkpoint and exit"
+    kill -TERM "$srun_pid" 2>/dev/null || true
+    wait "$srun_pid" || true
+    exit 143
+}
+trap terminate TERM
 
-srun --kill-on-bad-exit=1 --output="$RUN_DIR/logs/%j-%t.log" \
+# srun dies with this script: a SIGKILLed batch script (the OOM killer, a lost node) otherwise
+# leaves srun and its trainers running until Slurm's job teardown, which only SIGTERMs them (the
+# trainers take that as "checkpoint and exit") and SIGKILLs them KillWait later. When srun dies,
+# slurmstepd cancels the step at once; the trainers' own helpers die with them (training/lifecycle.py).
+die_with_script=()
+if command -v setpriv >/dev/null 2>&1 && setpriv --help 2>&1 | grep -q -- --pdeathsig; then
+    die_with_script=(setpriv --pdeathsig KILL --)
+fi
+"${die_with_script[@]}" srun --kill-on-bad-exit=1 --output="$RUN_DIR/logs/%j-%t.log" \
     python -m megatron_vlm.train --config "$CONFIG" training.output_dir="$RUN_DIR" \
     ${DATA_ROOT:+data.root="$DATA_ROOT"} "${overrides[@]}" &
 srun_pid=$!

@@ -19,6 +19,23 @@ from test_training import environment, scalars, trainer_args
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20
+SOURCES = ("obelics", "pairs", "pdfs")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """The bundled data as the README run builds it: one held-out sample per source, so the run
+    evaluates on the GPU (the tiny preset's eval_interval is 20 = STEPS; the first GPU run of the
+    evaluation failed on a host tensor added into a CUDA one: docs/gpu.md)."""
+    from megatron_vlm.data.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("data")
+    for name in ("interleaved", "pairs", "pages"):
+        jsonl = ROOT / "examples" / "data" / f"{name}.jsonl"
+        preprocess(
+            [jsonl], root / name, samples_per_shard=4, validation_fraction=0.25, validation_seed=7, progress=False
+        )
+    return root
 
 
 def run_trainer(output: Path, data_root: Path, *overrides: str, timeout: float = 240) -> str:
@@ -91,6 +108,15 @@ def check_gpu_run(output: Path, log: str, fp8: str | None, fp8_backend: str | No
     assert sorted(losses) == list(range(2, STEPS + 1, 2))
     assert all(math.isfinite(loss) for loss in losses.values()), losses
     assert losses[STEPS] < losses[2] - 0.5, losses  # from ~ln(32003) = 10.4, going down
+
+    assert "validation loss obelics" in log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "tensorboard"))
+    events.Reload()
+    for source in SOURCES:
+        validation = [(event.step, event.value) for event in events.Scalars(f"validation/{source}/loss")]
+        assert [step for step, _ in validation] == [STEPS] and math.isfinite(validation[0][1]), (source, validation)
 
     checkpoints = output / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == f"iter_{STEPS:07d}"

@@ -30,3 +30,13 @@ def test_readme_command_trains_then_resumes(tmp_path):
     again = readme_run(tmp_path / "run", f"training.train_steps=6 {common}")
     assert "iter_0000004 at step 4" in again and "step      6/6" in again
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
+    # Issue #13: the bundled data holds out samples of each source, and the run evaluates them at the
+    # end (eval_interval 20 > 6 steps): validation loss per source in the log and in TensorBoard.
+    assert "validation loss obelics" in again
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    for source in ("obelics", "pairs", "pdfs"):
+        steps = [event.step for event in events.Scalars(f"validation/{source}/loss")]
+        assert steps == [4, 6], (source, steps)

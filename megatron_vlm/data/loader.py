@@ -9,6 +9,10 @@
 * ``state_dict()`` holds, per source, the epoch, the cursor and the documents read but not yet
   handed out; ``load_state_dict()`` re-reads those and continues with the same samples in the
   same order.
+* A source may hold out a validation split (``validation`` in the mixture, relative to the data
+  root; by default ``<shards>/validation`` when that directory exists, which is where
+  ``tools/preprocess_data.py --validation-fraction`` puts it): a separate shard set, never read
+  for training (``data/validation.py`` turns it into fixed evaluation micro-batches).
 * Images are torch tensors where they were decoded: with the 'dali-gpu' backend on this rank's
   own GPU (``dali.decoding_device_id``), so ``pixel_values`` reach the model without a host round
   trip; otherwise on the CPU. The state holds stream positions only, never image data.
@@ -29,11 +33,15 @@ import yaml
 from megatron_vlm.data.dali import image_processor
 from megatron_vlm.data.images import ImageConfig
 from megatron_vlm.data.packing import Document, Packer, PackingConfig, collate, image_runs
-from megatron_vlm.data.shards import CorruptSample, Sample, Shard, shard_paths
+from megatron_vlm.data.shards import CorruptSample, Sample, ShardSet, shard_paths
 from megatron_vlm.data.tokens import IMAGE_TOKEN, expand_image_placeholders
 
 logger = logging.getLogger(__name__)
 MIXTURES_DIR = Path(__file__).resolve().parents[2] / "examples" / "data_mixtures"
+# Where a source's held-out split lives by default, inside its shard directory: preprocessing with
+# a validation fraction writes it there (shard_paths reads a directory's own *.tar only, so the
+# training stream never sees these shards).
+VALIDATION_DIR = "validation"
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,26 @@ class SourceConfig:
     shards: str  # a directory of *.tar, a glob, or one tar
     weight: float = 1.0
     seq_len: int = 2048
+    validation: str | None = None  # the held-out shard set (same forms as ``shards``); None: none
+
+
+def _validation_split(source: dict[str, Any], shards: Path, data_root: Path) -> str | None:
+    """A mixture entry's validation split: ``validation: PATH`` (relative to the data root; it must
+    exist), ``validation: false`` (none), or by default ``<shards>/validation`` when it holds shards
+    (a fraction too small to hold out any sample of a small source leaves it empty)."""
+    given = source.get("validation")
+    if given is False:
+        return None
+    if given is None:
+        default = shards / VALIDATION_DIR
+        return str(default) if default.is_dir() and any(default.glob("*.tar")) else None
+    path = data_root / str(given)
+    if not path.exists() and not any(ch in str(path) for ch in "*?["):
+        raise FileNotFoundError(
+            f"source {source.get('name')!r}: its validation split {path} does not exist "
+            f"(build one with tools/preprocess_data.py --validation-fraction, or remove 'validation:')"
+        )
+    return str(path)
 
 
 @dataclass(frozen=True)
@@ -69,21 +97,27 @@ def load_data_config(path: str | Path, data_root: str | Path, **overrides: Any) 
             f"data mixture {path} not found; presets: {sorted(p.stem for p in MIXTURES_DIR.glob('*.yaml'))}"
         )
     values = yaml.safe_load(path.read_text())
+    root = Path(data_root)
     sources = tuple(
-        SourceConfig(**{**source, "shards": str(Path(data_root) / source["shards"])})
+        SourceConfig(
+            **{
+                **source,
+                "shards": str(root / source["shards"]),
+                "validation": _validation_split(source, root / source["shards"], root),
+            }
+        )
         for source in values.pop("sources")
     )
     image = ImageConfig(**values.pop("image", {}))
     return DataConfig(sources=sources, image=image, **{**values, **overrides})
 
 
-class SourceStream:
+class SourceStream(ShardSet):
     """One source's samples, for one data-parallel rank, epoch after epoch."""
 
     def __init__(self, config: SourceConfig, dp_rank: int, dp_size: int, seed: int) -> None:
+        super().__init__(config.shards)
         self.config = config
-        self.shards = [Shard(path) for path in shard_paths(config.shards)]
-        self.locations = [(s, p) for s, shard in enumerate(self.shards) for p in range(len(shard))]
         if len(self.locations) < dp_size:
             raise ValueError(
                 f"source {config.name} has {len(self.locations)} samples for {dp_size} data-parallel ranks"
@@ -104,14 +138,6 @@ class SourceStream:
         position = int(self._order[self.cursor])
         self.cursor += 1
         return position
-
-    def read(self, position: int) -> Sample:
-        shard, index = self.locations[position]
-        return self.shards[shard].read(index)
-
-    def where(self, position: int) -> str:
-        shard, index = self.locations[position]
-        return f"{self.shards[shard].path.name}[{index}]"
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor}
@@ -141,6 +167,16 @@ class MultimodalLoader:
         self.image_seq_len = image_seq_len
         self.images = image_processor(config.image, config.image_backend)
         self.streams = {s.name: SourceStream(s, dp_rank, dp_size, config.seed) for s in config.sources}
+        for source in config.sources:  # a held-out sample is never trained on
+            if source.validation is None:
+                continue
+            training = {shard.path.resolve() for shard in self.streams[source.name].shards}
+            both = sorted(training & {path.resolve() for path in shard_paths(source.validation)})
+            if both:
+                raise ValueError(
+                    f"source {source.name}: {both[0]} is both a training and a validation shard "
+                    f"(shards: {source.shards}, validation: {source.validation}); point them at separate shard sets"
+                )
         self.packing = {
             s.name: PackingConfig(
                 seq_len=s.seq_len,
@@ -166,11 +202,20 @@ class MultimodalLoader:
     def encode(self, sample: Sample, source: str, position: int) -> Document:
         """Sample -> tokens ([BOS] text with image placeholders [EOS]) and processed images
         (float32 [3, h, w] tensors on the decoding device)."""
-        pieces = []
         try:
             images = [crop for crops in self.images(sample.images) for crop in crops]
         except CorruptSample as error:
             raise CorruptSample(error.reason, f"{sample.key}: {error}") from error
+        tokens = self.tokens(sample, source)
+        image_token_id = self.packing[source].image_token_id
+        if len(image_runs(tokens, image_token_id)) != len(images):
+            raise CorruptSample("missing_field", f"{sample.key}: the text itself contains image tokens")
+        return Document(tokens, images, source, position)
+
+    def tokens(self, sample: Sample, source: str) -> list[int]:
+        """A sample's tokens without decoding its images (each image stands for a fixed number of
+        placeholder runs): what packing needs to know of a document."""
+        pieces = []
         for segment in sample.segments:
             if isinstance(segment, bytes):
                 pieces.append(IMAGE_TOKEN)
@@ -181,10 +226,10 @@ class MultimodalLoader:
         text = expand_image_placeholders("".join(pieces), self.image_seq_len, self.config.image.split)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         tokens = [self.tokenizer.bos_token_id, *ids, self.tokenizer.eos_token_id]
-        image_token_id = self.packing[source].image_token_id
-        if len(image_runs(tokens, image_token_id)) != len(images):
+        expected = len(sample.images) * self.config.image.images_per_image
+        if len(image_runs(tokens, self.packing[source].image_token_id)) != expected:
             raise CorruptSample("missing_field", f"{sample.key}: the text itself contains image tokens")
-        return Document(tokens, images, source, position)
+        return tokens
 
     def _next_document(self, source: str) -> Document:
         stream = self.streams[source]

@@ -27,8 +27,9 @@ from megatron_vlm.models.idefics2 import build_model_chunks
 from megatron_vlm.models.lora import apply_trainable, merge_lora
 from megatron_vlm.perf.flops import batch_training_flops, measured_matmul_tflops
 from megatron_vlm.perf.memory import TrainingMemoryMeter
-from megatron_vlm.training import checkpoint, preflight
-from megatron_vlm.training.metrics import Metrics, log_line, logger
+from megatron_vlm.training import checkpoint, preflight, run_lock
+from megatron_vlm.training.evaluation import Evaluator, evaluations_left
+from megatron_vlm.training.metrics import Metrics, log_line, logger, validation_line
 from megatron_vlm.training.preemption import PreemptionHandler
 from megatron_vlm.training.results import RunResults
 from megatron_vlm.training.step import build_optimizer, train_step, wrap_ddp
@@ -36,6 +37,7 @@ from megatron_vlm.training.step import build_optimizer, train_step, wrap_ddp
 
 def load_starting_weights(chunks: list[torch.nn.Module], path: str, run: RunConfig) -> None:
     """Weights of a converted or earlier checkpoint; its LoRA adapters are merged on load."""
+    checkpoint.check_library_pickles(path)  # refuse pickles that would run code before the library reads them
     saved = trainable_config_of(read_metadata(path))
     if saved.lora_rank:
         apply_trainable(chunks, saved)
@@ -70,6 +72,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         logger.info("start-up checks passed: %s", plan.describe())
     output = Path(training.output_dir)
     checkpoints = output / "checkpoints"
+    lock = run_lock.acquire_collective(output)  # one job per run directory, else refuse naming the holder
     resume_from = checkpoint.latest_checkpoint(checkpoints)
 
     # --- data: this data-parallel rank's share of the mixture
@@ -101,6 +104,21 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         and parallel_state.get_data_parallel_rank() == 0
     )
     metrics = Metrics(output / "tensorboard" if reports else None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    evaluator = None
+    if training.eval_interval > 0:
+        # The fixed validation micro-batches are planned once (tokens only, no image decoding).
+        evaluator = Evaluator(loader, training.eval_samples, device)
+        if env.rank == 0:
+            logger.info("validation every %d steps and at the end: %s", training.eval_interval, evaluator.describe())
+        if not evaluator.sources and env.rank == 0:
+            logger.warning(
+                "eval_interval=%d but no source has a validation split: no evaluation (build one with "
+                "tools/preprocess_data.py --validation-fraction, or name one with 'validation:' in the mixture)",
+                training.eval_interval,
+            )
+        if not evaluator.sources:
+            evaluator = None
     memory = TrainingMemoryMeter()
     memory.start()  # the training state counts from here, as the memory model's does (results.json)
 
@@ -153,7 +171,6 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
             logger.info("resumed from %s at step %d", resume_from, iteration)
 
     preemption = PreemptionHandler()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     if env.rank == 0:
         logger.info("measuring the %s matmul peak", device)
     # The device's matmul peak, measured now; the best rank's figure (others may be disturbed).
@@ -180,6 +197,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     # --- steps
     skipped_steps, window_start, window = 0, time.perf_counter(), dict(tokens=0.0, images=0.0, flops=0.0, steps=0)
     last: dict[str, float] = {}
+    validation: dict[str, float] = {}
     first_step = iteration + 1
     while iteration < training.train_steps:
         batches = [next(loader) for _ in range(micro_batches_per_step)]
@@ -217,6 +235,21 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         window["flops"] += sum(batch_training_flops(run.model, batch) for batch in batches)
         window["steps"] += 1
 
+        if evaluator is not None and (iteration % training.eval_interval == 0 or iteration == training.train_steps):
+            losses = evaluator.run(model)
+            window_start += evaluator.seconds  # throughput and MFU count training time only
+            validation = {source: result.loss for source, result in losses.items()}
+            metrics.write_validation(iteration, validation)
+            if reports:
+                logger.info(
+                    validation_line(
+                        iteration,
+                        training.train_steps,
+                        {source: (result.loss, result.tokens) for source, result in losses.items()},
+                        evaluator.seconds,
+                    )
+                )
+
         if iteration % training.log_interval == 0 or iteration == training.train_steps:
             totals = torch.tensor(
                 [window["tokens"], window["images"], window["flops"]],
@@ -241,7 +274,18 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
             metrics.write(iteration, last)
             results.add_window(*totals.tolist(), seconds=elapsed, steps=window["steps"])
             if reports:
-                logger.info(log_line(iteration, training.train_steps, last, elapsed / window["steps"]))
+                seconds_per_step = elapsed / window["steps"]
+                evaluation_seconds = 0.0
+                if evaluator is not None:
+                    # Until the first evaluation has been timed: a forward pass is about a third of
+                    # a training step's work per micro-batch.
+                    each = evaluator.seconds or (
+                        seconds_per_step * evaluator.micro_batches(len(model)) / micro_batches_per_step / 3
+                    )
+                    evaluation_seconds = each * evaluations_left(
+                        iteration, training.train_steps, training.eval_interval
+                    )
+                logger.info(log_line(iteration, training.train_steps, last, seconds_per_step, evaluation_seconds))
             window_start, window = time.perf_counter(), dict(tokens=0.0, images=0.0, flops=0.0, steps=0)
 
         preempted = preemption.requested()
@@ -263,9 +307,10 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
             logger.info("preempted at step %d: checkpoint written, exiting for requeue", iteration)
             break
     metrics.close()
-    results.write(output / "results.json", iteration, last)
+    lock.release()
+    results.write(output / "results.json", iteration, last, validation)
     distributed.shutdown()
-    return {"iteration": iteration, **last}
+    return {"iteration": iteration, **last, **{f"validation_loss/{k}": v for k, v in validation.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,13 +39,24 @@ class Metrics:
             self.writer.add_scalar(f"train/{name}", value, step)
         self.writer.flush()
 
+    def write_validation(self, step: int, losses: dict[str, float]) -> None:
+        """The validation loss per source: ``validation/<source>/loss``."""
+        if self.writer is None:
+            return
+        for source, loss in losses.items():
+            self.writer.add_scalar(f"validation/{source}/loss", loss, step)
+        self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
 
 
-def log_line(step: int, total: int, values: dict[str, float], seconds_per_step: float) -> str:
-    eta = datetime.timedelta(seconds=int(seconds_per_step * (total - step)))
+def log_line(
+    step: int, total: int, values: dict[str, float], seconds_per_step: float, other_seconds: float = 0.0
+) -> str:
+    """``other_seconds``: time still to come besides the training steps (evaluations), in the ETA."""
+    eta = datetime.timedelta(seconds=int(seconds_per_step * (total - step) + other_seconds))
     return (
         f"step {step:>6}/{total} | loss {values['loss']:.4f} | lr {values['learning_rate']:.3e} | "
         f"grad norm {values['grad_norm']:.3f} | {values['tokens_per_second']:.0f} tok/s | "
@@ -53,3 +64,9 @@ def log_line(step: int, total: int, values: dict[str, float], seconds_per_step: 
         f"MFU {100 * values['mfu']:.1f}% | mem {values['memory_gib']:.2f} GiB | "
         f"skipped samples {values['skipped_samples']:.0f}, steps {values['skipped_steps']:.0f} | ETA {eta}"
     )
+
+
+def validation_line(step: int, total: int, losses: dict[str, tuple[float, int]], seconds: float) -> str:
+    """``losses``: source -> (per-token loss, loss tokens)."""
+    parts = ", ".join(f"{source} {loss:.4f} ({tokens} tokens)" for source, (loss, tokens) in losses.items())
+    return f"step {step:>6}/{total} | validation loss {parts} | {seconds:.1f} s"

@@ -58,6 +58,10 @@ def check_batch_layout(run: RunConfig, world_size: int) -> int:
         raise ValueError(
             f"warmup_steps={run.training.warmup_steps} must be smaller than train_steps={run.training.train_steps}"
         )
+    if run.training.eval_interval < 0:
+        raise ValueError(f"eval_interval={run.training.eval_interval} must be >= 0 (0: no evaluation)")
+    if run.training.eval_samples < 1:
+        raise ValueError(f"eval_samples={run.training.eval_samples} must be at least 1 (validation samples per source)")
     if run.training.global_batch_size % per_step:
         raise ValueError(
             f"global batch {run.training.global_batch_size} is not divisible by micro batch "

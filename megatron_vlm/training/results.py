@@ -68,8 +68,11 @@ class RunResults:
         work = Workload(self.micro_batch_size, self.seq_length, self.images, self.patches)
         return [stage.peak for stage in predict_memory(run.model, setup, work)]
 
-    def write(self, path: Path, iteration: int, last: dict[str, float]) -> dict[str, Any] | None:
-        """Collective (gathers every rank's memory); rank 0 writes the file."""
+    def write(
+        self, path: Path, iteration: int, last: dict[str, float], validation: dict[str, float] | None = None
+    ) -> dict[str, Any] | None:
+        """Collective (gathers every rank's memory); rank 0 writes the file. ``validation``: the last
+        evaluation's loss per source."""
         device = distributed.collective_device()
         mine = torch.tensor(
             [
@@ -118,6 +121,7 @@ class RunResults:
             "peak_tflops_per_rank": self.peak_tflops,
             "mfu": achieved / (self.peak_tflops * self.world_size),
             "loss": last.get("loss"),
+            "validation_loss": dict(validation or {}),
             "memory": {
                 "measured": ("cuda allocator peak" if backend.has_cuda() else "resident memory above the start (VmHWM)")
                 + ", up to the last logged step",

@@ -1,8 +1,18 @@
-"""One optimizer step over micro-batches with Megatron-Core's DDP, optimizer and pipeline schedules."""
+"""One optimizer step over micro-batches with Megatron-Core's DDP, optimizer and pipeline schedules,
+and forward-only evaluation through the same schedules.
+
+The loss is a per-token mean over the whole global batch: every loss token of every micro-batch on
+every data-parallel rank weighs the same, whatever the micro-batch it sits in. This is Megatron-Core's
+``calculate_per_token_loss`` path (the same on 0.16 and 0.19): the loss function returns the
+micro-batch's summed token loss and its token count, the schedule back-propagates the sum unscaled,
+DDP sums (rather than averages) gradients over data-parallel ranks, and ``finalize_model_grads``
+divides them by the global batch's token count (broadcast from the last pipeline stage, summed over
+data parallelism). The reported loss is the same ratio: summed losses over summed tokens.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -19,6 +29,11 @@ from megatron_vlm.distributed import collective_device
 def wrap_ddp(
     chunks: Sequence[torch.nn.Module], distributed_optimizer: bool = False, overlap_grad_reduce: bool = False
 ) -> list[DistributedDataParallel]:
+    # Per-token loss over the global batch (module docstring). DDP reads the flag when it is built
+    # (gradient scaling factor 1 instead of 1/DP), the schedules when they run: set it on every
+    # chunk's TransformerConfig before wrapping.
+    for chunk in chunks:
+        chunk.config.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
@@ -42,10 +57,14 @@ def build_optimizer(model: Sequence[DistributedDataParallel], optimizer_config: 
     return get_megatron_optimizer(optimizer_config, list(model))
 
 
-def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _loss(
+    loss_mask: torch.Tensor, per_token_loss: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Megatron's (loss, num_tokens, report) form: the summed token loss of the micro-batch, its
+    loss-token count (int: the schedule adds it into an int counter) and both for reporting."""
     tokens = loss_mask.sum()
-    loss = (per_token_loss.float() * loss_mask).sum() / tokens.clamp(min=1)
-    return loss, {"lm loss": torch.stack([loss.detach(), tokens.detach()])}
+    total = (per_token_loss.float() * loss_mask).sum()
+    return total, tokens.detach().to(torch.int), {"lm loss": torch.stack([total.detach(), tokens.detach().float()])}
 
 
 def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, partial]:
@@ -80,6 +99,65 @@ def forward_backward(
     )
 
 
+class _OnDemand:
+    """Micro-batches made when the schedule asks for them, so an evaluation holds one (per model
+    chunk in flight) at a time, not all of them. Each model chunk reads every micro-batch once, in
+    order (the interleaved schedule: chunk 0 first); one is dropped when the last chunk has read it."""
+
+    def __init__(self, make: Callable[[int], MicroBatch], count: int, readers: int) -> None:
+        self.make, self.count, self.readers = make, count, readers
+        self.cache: dict[int, list[Any]] = {}
+
+    def _get(self, index: int) -> MicroBatch:
+        if index not in self.cache:
+            self.cache[index] = [self.make(index), self.readers]
+        entry = self.cache[index]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.cache[index]
+        return entry[0]
+
+    def iterator(self) -> Iterator[MicroBatch]:
+        return (self._get(index) for index in range(self.count))
+
+
+def evaluate(
+    model: Sequence[torch.nn.Module],
+    make: Callable[[int], MicroBatch],
+    count: int,
+    micro_batch_size: int,
+    seq_length: int,
+) -> list[tuple[float, float]]:
+    """Forward-only through the pipeline schedule (no grad, dropout off) over ``count``
+    micro-batches made by ``make(index)`` (``micro_batch_size`` rows of ``seq_length`` tokens, on
+    the model's device). Returns each micro-batch's (summed token loss, loss tokens), in order, on
+    last-stage ranks; [] elsewhere."""
+    if count == 0:
+        return []
+    feed = _OnDemand(make, count, len(model))
+    iterators = [feed.iterator() for _ in model] if len(model) > 1 else feed.iterator()
+    was_training = [chunk.training for chunk in model]
+    for chunk in model:
+        chunk.eval()
+    try:
+        with torch.no_grad():
+            reports = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iterators,
+                model=list(model),
+                num_microbatches=count,
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+                forward_only=True,
+            )
+    finally:
+        for chunk, mode in zip(model, was_training, strict=True):
+            chunk.train(mode)
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return []
+    return [(float(report["lm loss"][0]), float(report["lm loss"][1])) for report in reports]
+
+
 def gradients_are_finite(model: Sequence[torch.nn.Module]) -> bool:
     """Collective: whether every reduced gradient on every rank is finite."""
     checks = [torch.ones((), dtype=torch.bool, device=collective_device())]
@@ -100,8 +178,11 @@ def train_step(
     optimizer: MegatronOptimizer,
     micro_batches: Sequence[MicroBatch],
 ) -> dict[str, float]:
-    """Zero grads, forward/backward every micro-batch, step. Loss is averaged over micro-batches
-    and broadcast from the last pipeline stage, so every rank returns the same numbers."""
+    """Zero grads, forward/backward every micro-batch, step. The loss is the global batch's
+    per-token mean (summed over micro-batches and data-parallel ranks, divided by their loss
+    tokens), broadcast from the last pipeline stage, so every rank returns the same numbers."""
+    if not all(getattr(chunk.config, "calculate_per_token_loss", False) for chunk in model):
+        raise ValueError("train_step needs the per-token loss path: wrap the model chunks with wrap_ddp")
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -112,9 +193,10 @@ def train_step(
         updated, grad_norm = False, float("nan")
     loss = torch.zeros(1, device=collective_device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        loss[0] = torch.stack([item["lm loss"][0] for item in losses]).mean()
-        torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-        loss /= parallel_state.get_data_parallel_world_size()
+        # float64: token counts stay exact and summing micro-batches and ranks adds no float32 rounding.
+        totals = torch.stack([item["lm loss"] for item in losses]).double().sum(dim=0).to(collective_device())
+        torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        loss[0] = totals[0] / totals[1].clamp(min=1)
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     torch.distributed.broadcast(loss, src=last, group=parallel_state.get_pipeline_model_parallel_group())
     return {
