@@ -336,3 +336,55 @@ def test_help_documents_every_format():
     for word in ("parquet", "arrow", "save_to_disk", "img2dataset", "PDF", "--pdf-dpi", "--url-mirror", "OBELICS",
                  "--image-column", "--text-column", "--validation-fraction", "--tar-mode", "mpiexec", "srun"):  # fmt: skip
         assert word in done.stdout, word
+
+
+# --- what training consumes ---------------------------------------------------------------------------
+
+
+def test_the_trainer_trains_on_shards_from_parquet_img2dataset_and_pdfs(tmp_path, jpegs):
+    """The tiny mixture (obelics / pairs / pdfs) fed from the three shipped formats at once: OBELICS
+    documents in a parquet with embedded bytes, an img2dataset tar indexed in place, and a tar of
+    PDFs; the trainer runs, its loss finite, and reads every source."""
+    from test_training import environment, trainer_args
+
+    documents = {
+        "images": [[{"bytes": j, "path": None}, None] for j in jpegs[:4]],
+        "texts": [[None, f"Document {i}: {c}"] for i, c in enumerate(CAPTIONS[:4])],
+    }
+    parquet.write_table(pa.table(documents), tmp_path / "obelics.parquet", row_group_size=2)
+    pdf = make_pdf([(f"Page {i}", p) for i, p in enumerate((photos.astronaut(), photos.chelsea(), photos.coffee()))])
+    with tarfile.open(tmp_path / "pdfs.tar", "w") as tar:
+        for name, payload in (("scan.pdf", pdf), ("scan.txt", b"One.\fTwo.\fThree.")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    root = tmp_path / "data"
+    for inputs, directory in (
+        ([tmp_path / "obelics.parquet"], "interleaved"),
+        ([img2dataset_dir(tmp_path / "laion", jpegs, CAPTIONS)], "pairs"),
+        ([tmp_path / "pdfs.tar"], "pages"),
+    ):
+        report = preprocess(inputs, root / directory, samples_per_shard=2, pdf_dpi=72, progress=False)
+        assert report.written >= 3 and not report.rejected, (directory, report.to_dict())
+    assert preprocess([tmp_path / "laion"], tmp_path / "again", progress=False).reindexed  # pairs: not rewritten
+
+    run = tmp_path / "run"
+    overrides = [
+        "training.train_steps=3",
+        "training.warmup_steps=1",
+        "training.log_interval=1",
+        "training.save_interval=3",
+    ]
+    command = trainer_args(run, root, *overrides)
+    done = subprocess.run(
+        [sys.executable, *command, "data.image_backend=pillow"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment(),
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 3 and np.isfinite(results["loss"]), results
+    assert "step      3/3" in done.stdout and "skipped samples 0" in done.stdout

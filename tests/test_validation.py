@@ -201,6 +201,8 @@ def test_eval_settings_are_checked():
         check_batch_layout(load_run_config(ROOT / "examples/tiny_cpu.yaml", ["training.eval_samples=0"]), 1)
     with pytest.raises(ValueError, match="eval_interval=-1 must be >= 0"):
         check_batch_layout(load_run_config(ROOT / "examples/tiny_cpu.yaml", ["training.eval_interval=-1"]), 1)
+    with pytest.raises(ValueError, match="save_interval=0 must be at least 1"):  # was a ZeroDivisionError mid-run
+        check_batch_layout(load_run_config(ROOT / "examples/tiny_cpu.yaml", ["training.save_interval=0"]), 1)
 
 
 def test_evaluations_count_in_the_eta():

@@ -58,6 +58,9 @@ def check_batch_layout(run: RunConfig, world_size: int) -> int:
         raise ValueError(
             f"warmup_steps={run.training.warmup_steps} must be smaller than train_steps={run.training.train_steps}"
         )
+    for name in ("log_interval", "save_interval"):  # step counts taken modulo these
+        if getattr(run.training, name) < 1:
+            raise ValueError(f"{name}={getattr(run.training, name)} must be at least 1 (steps)")
     if run.training.eval_interval < 0:
         raise ValueError(f"eval_interval={run.training.eval_interval} must be >= 0 (0: no evaluation)")
     if run.training.eval_samples < 1:
