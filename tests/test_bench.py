@@ -55,10 +55,12 @@ def test_gpu_check_dry_run_lists_every_step(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     headers = re.findall(r"^\[(\d)/8\] (\S+) \(limit (\d+) s\)$", done.stdout, flags=re.M)
     assert [name for _, name, _ in headers] == list(GPU_CHECK_STEPS)
-    # Under 8 minutes on one H100: each step within its limit, all of them within the budget (450 s),
-    # plus the 10 s between a step's SIGUSR2 and its SIGKILL.
-    assert max(int(limit) for *_, limit in headers) <= 150
-    assert "whole-run budget 450 s" in done.stdout
+    # About 8 minutes on one GPU: each step within its limit, all of them within the budget (480 s),
+    # plus the 10 s between a step's SIGUSR2 and its SIGKILL. pytest -m gpu took 150 s on the H200
+    # (2026-11-28, docs/gpu.md): its step has 210 s, the others at most 90 s.
+    assert max(int(limit) for *_, limit in headers) <= 210
+    assert sorted(int(limit) for *_, limit in headers)[-2] <= 90
+    assert "whole-run budget 480 s" in done.stdout
     sections = re.split(r"^\[\d/8\] ", done.stdout, flags=re.M)[1:]
     for (name, command), section in zip(GPU_CHECK_STEPS.items(), sections, strict=True):
         assert section.startswith(name) and command in section, section
