@@ -356,8 +356,9 @@ RANK_STAND_IN = (
 )
 
 
-@pytest.mark.skipif(not (Path(sys.executable).parent / "mpiexec").exists(), reason="no mpiexec beside this Python")
 def test_sigkill_of_mpiexec_leaves_no_rank_alive():
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    assert mpiexec.exists(), f"no mpiexec at {mpiexec}: the 'test' extra installs mpich (pip install -e '.[test]')"
     launcher = subprocess.Popen(
         [str(Path(sys.executable).parent / "mpiexec"), "-n", "2", sys.executable, "-c", RANK_STAND_IN],
         stdout=subprocess.PIPE,

@@ -267,8 +267,7 @@ def test_canonical_encoding_is_idempotent_and_says_why(name):
 
 @pytest.fixture(scope="module")
 def dali_cpu():
-    if not backend.has_dali():
-        pytest.skip("NVIDIA DALI is not installed (the 'test' extra installs it)")
+    assert backend.has_dali(), "NVIDIA DALI is not installed: the 'test' extra installs it (pip install -e '.[test]')"
     return {name: DaliImageProcessor(config, device="cpu", batch_size=8) for name, config in CONFIGS.items()}
 
 
@@ -303,8 +302,7 @@ def test_dali_cpu_decodes_unconverted_bytes_within_the_bound(dali_cpu, name, con
 
 
 def test_unconverted_bytes_on_dali_are_converted_with_one_warning(caplog):
-    if not backend.has_dali():
-        pytest.skip("NVIDIA DALI is not installed (the 'test' extra installs it)")
+    assert backend.has_dali(), "NVIDIA DALI is not installed: the 'test' extra installs it (pip install -e '.[test]')"
     processor = DaliImageProcessor(CONFIGS["stage1"], device="cpu", batch_size=8)
     with caplog.at_level(logging.WARNING, logger="megatron_vlm.data.dali"):
         decoded = processor([case_bytes("gif"), case_bytes("jpeg_rgb"), case_bytes("png_rgba")])

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as parquet
-import pytest
 from PIL import Image
 from skimage import data as photos
 
@@ -72,8 +71,8 @@ def tree(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.skipif(not MPIEXEC.exists(), reason="needs mpich's mpiexec next to the interpreter (pip install mpich)")
 def test_output_is_the_same_on_1_and_3_ranks(tmp_path):
+    assert MPIEXEC.exists(), f"no mpiexec at {MPIEXEC}: the 'test' extra installs mpich (pip install -e '.[test]')"
     inputs = build_inputs(tmp_path)
     plain = run_tool(inputs, tmp_path / "plain", None)
     one = run_tool(inputs, tmp_path / "one", 1)
