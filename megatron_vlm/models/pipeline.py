@@ -1,9 +1,10 @@
-"""Inference through Megatron-Core's pipeline schedules: full logits of a batch at any TP/PP/VPP
-layout (the verify tool, the conversion and parity checks)."""
+"""Inference through Megatron-Core's pipeline schedules: forward-only runs at any TP/PP/VPP layout
+(the trainer's evaluation), and full logits of a batch (the verify tool, the conversion and parity
+checks)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +13,36 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_vlm.data.batch import MicroBatch
 from megatron_vlm.models.idefics2 import gather_logits
+
+
+def run_forward_only(
+    model: Sequence[torch.nn.Module],
+    step: Callable[[Any, torch.nn.Module], tuple[torch.Tensor, Any]],
+    data_iterator: Any,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> list[Any]:
+    """``num_microbatches`` forward passes through the pipeline schedule with dropout off and no
+    grad; each chunk's training mode is restored afterwards, whatever happens. Returns the
+    schedule's per-micro-batch reports (last pipeline stage; [] elsewhere)."""
+    training = [chunk.training for chunk in model]
+    for chunk in model:
+        chunk.eval()
+    try:
+        with torch.no_grad():
+            return get_forward_backward_func()(
+                forward_step_func=step,
+                data_iterator=data_iterator,
+                model=list(model),
+                num_microbatches=num_microbatches,
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+                forward_only=True,
+            )
+    finally:
+        for chunk, was_training in zip(model, training, strict=True):
+            chunk.train(was_training)
 
 
 def forward_logits(model: Sequence[torch.nn.Module], micro_batch: MicroBatch, vocab_size: int) -> torch.Tensor | None:
@@ -31,21 +62,9 @@ def forward_logits(model: Sequence[torch.nn.Module], micro_batch: MicroBatch, vo
     repeats = max(2, parallel_state.get_pipeline_model_parallel_world_size())
     input_ids = micro_batch["input_ids"]
     iterators = [iter([micro_batch] * repeats) for _ in model] if len(model) > 1 else iter([micro_batch] * repeats)
-    training = [chunk.training for chunk in model]
-    for chunk in model:
-        chunk.eval()
-    with torch.no_grad():
-        collected = get_forward_backward_func()(
-            forward_step_func=step,
-            data_iterator=iterators,
-            model=list(model),
-            num_microbatches=repeats,
-            seq_length=input_ids.shape[1],
-            micro_batch_size=input_ids.shape[0],
-            forward_only=True,
-        )
-    for chunk, was_training in zip(model, training, strict=True):
-        chunk.train(was_training)
+    collected = run_forward_only(
+        model, step, iterators, repeats, seq_length=input_ids.shape[1], micro_batch_size=input_ids.shape[0]
+    )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return collected[0]["logits"]

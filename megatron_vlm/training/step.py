@@ -24,6 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_vlm.data.batch import MicroBatch
 from megatron_vlm.distributed import collective_device
+from megatron_vlm.models.pipeline import run_forward_only
 
 
 def wrap_ddp(
@@ -136,23 +137,7 @@ def evaluate(
         return []
     feed = _OnDemand(make, count, len(model))
     iterators = [feed.iterator() for _ in model] if len(model) > 1 else feed.iterator()
-    was_training = [chunk.training for chunk in model]
-    for chunk in model:
-        chunk.eval()
-    try:
-        with torch.no_grad():
-            reports = get_forward_backward_func()(
-                forward_step_func=forward_step,
-                data_iterator=iterators,
-                model=list(model),
-                num_microbatches=count,
-                seq_length=seq_length,
-                micro_batch_size=micro_batch_size,
-                forward_only=True,
-            )
-    finally:
-        for chunk, mode in zip(model, was_training, strict=True):
-            chunk.train(mode)
+    reports = run_forward_only(model, forward_step, iterators, count, seq_length, micro_batch_size)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return []
     return [(float(report["lm loss"][0]), float(report["lm loss"][1])) for report in reports]
