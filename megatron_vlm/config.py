@@ -210,6 +210,16 @@ class TrainingConfig:
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     max_nonfinite_steps: int = 10  # skipped NaN/Inf steps tolerated before stopping
+    # A rank silent for longer than this during a training step makes the others exit naming it
+    # (distributed.heartbeat); it must exceed the longest step. Saves, loads, evaluation and
+    # start-up are collective too but legitimately long: they get checkpoint_timeout_s.
+    collective_timeout_s: float = 600.0
+    checkpoint_timeout_s: float = 1800.0
+    # Start-up check that a checkpoint save fits the batch script's preemption lead time (USR1 sent
+    # preemption_lead_s before the time limit: slurm/pretrain_idefics2.sh's --signal=B:USR1@300) at
+    # checkpoint_write_gbps (the filesystem's aggregate write rate in GB/s; 0: measured by rank 0).
+    preemption_lead_s: float = 300.0
+    checkpoint_write_gbps: float = 0.0
     # Validation (data/validation.py): every eval_interval steps and once more at the end, the loss
     # per source on eval_samples fixed held-out samples of each source's validation split
     # (0: no evaluation). Sources without a split are named at start-up and not evaluated.

@@ -7,9 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
+import logging
 import os
+import signal
 import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -180,10 +188,14 @@ def initialize(
     parallel: ParallelConfig,
     model: ModelConfig,
     seed: int = 1234,
-    timeout_minutes: int = 10,
+    timeout_s: float = 600.0,
     env: ProcessEnvironment | None = None,
 ) -> ProcessEnvironment:
-    """Start torch.distributed from the launcher's environment and Megatron's parallel state."""
+    """Start torch.distributed from the launcher's environment and Megatron's parallel state.
+
+    ``timeout_s`` is every process group's collective timeout (the default group's and each of
+    Megatron's groups): start-up, where one rank may read files the others wait for, runs under it;
+    the trainer then switches phase by phase through :func:`heartbeat`."""
     from megatron.core import parallel_state, tensor_parallel
 
     env = agree_rendezvous(env or detect_environment())
@@ -197,12 +209,14 @@ def initialize(
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=datetime.timedelta(seconds=timeout_s),
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        # Megatron's own default (30 min) differs from init_process_group's: one value for all groups.
+        distributed_timeout_minutes=timeout_s / 60,  # a float is fine: it only builds a timedelta
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return env
@@ -225,6 +239,7 @@ def barrier() -> None:
 def shutdown() -> None:
     from megatron.core import parallel_state
 
+    stop_watching()  # before the store (hosted by rank 0) goes away
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -258,3 +273,200 @@ def run_with_world_size(processes: int) -> None:
         *sys.argv[1:],
     ]
     raise SystemExit(subprocess.call(command))
+
+
+# --- Collective timeouts that name the rank ---------------------------------------------------
+#
+# A rank that stops answering (a frozen node, a process stuck in its data loader or a filesystem
+# call, a SIGSTOPped process) leaves its peers waiting inside a collective. The backends' own
+# timeouts do not say who is missing: gloo raises "Timed out waiting N ms for recv operation" in
+# the waiting rank; NCCL's watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING at torch's default 3, "tear
+# down without cleaning up the communicators") kills the *process* from its own thread, reporting
+# only the waiting rank's operation and sequence number, and the Python caller never gets an
+# exception (1 aborts the communicators first, 2 aborts them without killing the process and leaves
+# the CUDA stream running on garbage: neither names the missing rank). So a heartbeat decides, the
+# same way for both backends:
+# - every rank posts (beat count, allowed seconds, step, phase, host) to the rendezvous store when
+#   the trainer *enters* a phase (:func:`heartbeat`: each training step, an evaluation, a checkpoint
+#   save, the end); every rank goes through the same phases, so beat counts line up. The allowance
+#   is the run's ``collective_timeout_s`` for a step and ``checkpoint_timeout_s`` for saves and
+#   evaluation, which are collective too but legitimately long;
+# - a watcher thread on every rank ticks its own key once a second (the process is alive), and
+#   reads the others' records: rank 0 every rank's (one multi_get), the others rank 0's only;
+# - a watched rank is named when, for longer than its own allowance, either its ticks stopped (the
+#   process is frozen or gone) or its beat count stayed behind this rank's (it never reached the
+#   phase this rank is waiting in). Ranks waiting in the same collective are even, so a waiting rank
+#   is never blamed; if *every* rank entered the same phase and none left it within the allowance,
+#   rank 0 says so (a rank is stuck inside that phase, or the timeout is shorter than a step);
+# - the watcher logs "rank N on HOST did not answer within T s (last seen ...)" and exits the
+#   process, non-zero (EXIT_PEER_LOST): its main thread is blocked inside the collective (NCCL's
+#   for good), and the launcher then stops the job so that Slurm's requeue can take over;
+# - staleness is timed by the watcher's own clock from when it saw a record change: hosts' clocks
+#   need not agree.
+# The process groups' own timeouts stay as the backstop, a little longer than the allowance
+# (``_backstop``) so that the heartbeat, which names the rank, fires first; they follow the phase
+# (short in steps, long in saves and evaluation) through torch's set_timeout.
+
+_BEAT = "megatron_vlm/heartbeat/"
+_TICK = "megatron_vlm/alive/"
+EXIT_PEER_LOST = 75  # EX_TEMPFAIL: the job may be requeued
+# Test hook (tests/test_collective_timeout.py): "RANK:STEP" makes that rank's main thread sleep
+# forever before it enters that training step (as a rank stuck in its data loader: the others
+# wait for it in step STEP); "RANK:STEP:stop" freezes the whole process (SIGSTOP) just after it
+# entered the step (as a node that dies mid-step: every rank entered it). Never set in production.
+HANG_TEST_HOOK = "MEGATRON_VLM_TEST_HANG_AT_STEP"
+
+
+def _backstop(seconds: float) -> float:
+    """The process groups' timeout for a phase allowed ``seconds``: the heartbeat names the rank first."""
+    return seconds + max(10.0, 0.1 * seconds)
+
+
+class _Watch:
+    def __init__(self, store: dist.Store, rank: int, world: int) -> None:
+        self.store, self.rank, self.world = store, rank, world
+        self.count = 0  # this rank's beats (written by the main thread, read by the watcher)
+        self.allowed = 0.0
+        self.timeout: float | None = None  # what the process groups are set to now
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def post(self, step: int, phase: str, allowed: float) -> None:
+        record = {"count": self.count + 1, "allowed": allowed, "step": step, "phase": phase}
+        self.store.set(f"{_BEAT}{self.rank}", json.dumps({**record, "host": socket.gethostname()}))
+        self.count, self.allowed = self.count + 1, allowed
+
+    def run(self, interval: float = 1.0) -> None:
+        ranks = [r for r in range(self.world) if r != self.rank] if self.rank == 0 else [0]
+        keys = [f"{_BEAT}{r}" for r in ranks] + [f"{_TICK}{r}" for r in ranks]
+        beats: dict[int, tuple[int, float]] = {}  # rank -> (beat count, when this watcher saw it change)
+        ticks: dict[int, tuple[bytes, float]] = {}
+        mine = (0, time.monotonic())
+        tick = 0
+        while not self.stopped.wait(interval):
+            try:
+                tick += 1
+                self.store.set(f"{_TICK}{self.rank}", str(tick))
+                values = self.store.multi_get(keys)
+            except Exception as error:  # noqa: BLE001 - rank 0 (the store) gone: the backstop decides
+                if not self.stopped.is_set():
+                    logging.getLogger("megatron_vlm").warning("heartbeat watcher stops: store unreachable (%s)", error)
+                return
+            now = time.monotonic()
+            if mine[0] != self.count:
+                mine = (self.count, now)
+            records = {}
+            late = []
+            for rank, beat, alive in zip(ranks, values[: len(ranks)], values[len(ranks) :], strict=True):
+                record = records[rank] = json.loads(bytes(beat).decode())
+                if beats.get(rank, (None,))[0] != record["count"]:
+                    beats[rank] = (record["count"], now)
+                if ticks.get(rank, (None,))[0] != bytes(alive):
+                    ticks[rank] = (bytes(alive), now)
+                silent = now - beats[rank][1]  # since it entered its last phase
+                quiet = min(silent, now - ticks[rank][1])  # since any sign of life (a tick or a beat)
+                if quiet > record["allowed"]:
+                    late.append(f"{self._who(rank, record, quiet)}: its process stopped responding")
+                elif record["count"] < self.count and silent > record["allowed"]:
+                    late.append(f"{self._who(rank, record, silent)}: it never reached the phase the others wait in")
+            if late and not self.stopped.is_set():
+                self.lost("; ".join(late))
+            # Everyone alive (a frozen one is named above once its ticks are stale too), even, and silent.
+            stuck = now - mine[1] > self.allowed and all(
+                r["count"] == self.count and now - beats[k][1] > self.allowed and now - ticks[k][1] <= r["allowed"]
+                for k, r in records.items()
+            )
+            if self.rank == 0 and stuck and not self.stopped.is_set():
+                self.lost(
+                    f"every rank entered step {records[ranks[0]]['step'] if ranks else '?'} "
+                    f"({records[ranks[0]]['phase'] if ranks else '?'}) and none left it within "
+                    f"{self.allowed:g} s: one is stuck inside it (or the timeout is shorter than the phase)"
+                )
+
+    @staticmethod
+    def _who(rank: int, record: dict[str, Any], silent: float) -> str:
+        return (
+            f"rank {rank} on {record['host']} did not answer within {record['allowed']:g} s "
+            f"(last seen {silent:.0f} s ago; the last phase it entered: step {record['step']}, {record['phase']})"
+        )
+
+    def lost(self, reason: str) -> None:
+        message = (
+            f"rank {self.rank} on {socket.gethostname()}: {reason}; exiting (code {EXIT_PEER_LOST}) so that the "
+            f"launcher stops the job and it can be requeued (training.collective_timeout_s / checkpoint_timeout_s)"
+        )
+        logging.getLogger("megatron_vlm").critical(message)
+        print(message, file=sys.stderr, flush=True)
+        for callback in _on_lost:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001, S110 - exiting anyway; the callback is best effort
+                pass
+        sys.stdout.flush()
+        os._exit(EXIT_PEER_LOST)  # the main thread is blocked inside a collective: no exception reaches it
+
+
+_watch: _Watch | None = None
+_on_lost: list[Callable[[], None]] = []
+
+
+def _set_group_timeouts(seconds: float) -> None:
+    """Every process group this rank belongs to (the default one and Megatron's) gets ``seconds``."""
+    set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # torch < 2.14
+    timeout = datetime.timedelta(seconds=seconds)
+    for group in list(dist.distributed_c10d._world.pg_map):
+        try:
+            set_timeout(timeout, group)
+        except (ValueError, RuntimeError):  # not a member, or a backend without timeouts
+            pass
+
+
+def _test_hook(rank: int, step: int, entered: bool) -> None:
+    """See HANG_TEST_HOOK."""
+    spec = os.environ.get(HANG_TEST_HOOK, "").split(":")
+    if spec[:2] != [str(rank), str(step)] or (spec[2:] == ["stop"]) != entered:
+        return
+    print(f"{HANG_TEST_HOOK}: rank {rank} stops answering at step {step}", file=sys.stderr, flush=True)
+    if entered:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    while True:
+        time.sleep(3600)
+
+
+def heartbeat(step: int, phase: str, allowed_s: float) -> None:
+    """This rank enters ``phase`` (at ``step``) and will be back within ``allowed_s`` seconds; past
+    that, the other ranks exit naming it. The first call starts watching (collective: every rank
+    of the trainer calls it at the same point). No-op without torch.distributed or with one rank."""
+    global _watch
+    if not dist.is_initialized() or dist.get_world_size() == 1:  # nobody to wait for
+        return
+    if _watch is None:
+        _watch = _Watch(dist.distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size())
+        _watch.store.set(f"{_TICK}{_watch.rank}", "0")
+        _watch.post(step, phase, allowed_s)
+        dist.barrier()  # every record exists before anyone reads them
+        _watch.thread = threading.Thread(target=_watch.run, name="heartbeat-watcher", daemon=True)
+        _watch.thread.start()
+    else:
+        if phase == "training step":
+            _test_hook(_watch.rank, step, entered=False)
+        _watch.post(step, phase, allowed_s)
+        if phase == "training step":
+            _test_hook(_watch.rank, step, entered=True)
+    if _watch.timeout != _backstop(allowed_s):
+        _set_group_timeouts(_backstop(allowed_s))
+        _watch.timeout = _backstop(allowed_s)
+
+
+def on_peer_lost(callback: Callable[[], None]) -> None:
+    """Run ``callback`` (e.g. release the run lock) before the process exits for a silent peer."""
+    _on_lost.append(callback)
+
+
+def stop_watching() -> None:
+    """Stop the heartbeat watcher (before the process group and its store go away)."""
+    global _watch
+    if _watch is not None:
+        _watch.stopped.set()
+        _watch = None
+    _on_lost.clear()

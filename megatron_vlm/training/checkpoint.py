@@ -12,7 +12,9 @@
         manifest.json               every other file's size and CRC-32, written last (integrity.py)
 
 A checkpoint is written into ``.iter_XXXXXXX.incomplete`` and renamed when every rank is done; a
-kill during the write leaves the previous checkpoint and ``latest`` untouched. The model and the
+kill during the write leaves the previous checkpoint and ``latest`` untouched. A failed write (a
+full disk) raises :class:`CheckpointSaveFailed` on every rank naming the cause (ENOSPC), the
+directory and the bytes free, and removes the partial write. The model and the
 optimizer reshard; the per-rank files resume exactly at the same data-parallel layout.
 
 At resume (:func:`latest_checkpoint`, collective) the newest checkpoint is checked against its
@@ -23,11 +25,13 @@ checked).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import shutil
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -264,8 +268,115 @@ def _write_manifest(directory: Path) -> None:
     names = _broadcast(integrity.checkpoint_files(directory) if rank == 0 else None)
     entries = integrity.describe_files(directory, names[rank::world])
     gathered = _all_gather(entries)
-    if rank == 0:
-        integrity.write_manifest(directory, {k: v for share in gathered for k, v in share.items()})
+    entries = {k: v for share in gathered for k, v in share.items()}
+    _agreed("writing the manifest", lambda: integrity.write_manifest(directory, entries) if rank == 0 else None)
+
+
+def measure_write_bandwidth(directory: str | Path, size: int = 64 * 2**20) -> float | None:
+    """Bytes per second of one process writing ``size`` bytes (at most a quarter of the free space)
+    into ``directory`` and syncing them (the file is removed); None if it cannot write there. A
+    start-up estimate for the save-time check, not a filesystem benchmark."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f".write-test.{os.getpid()}"
+    block = os.urandom(2**20)
+    size = min(size, shutil.disk_usage(directory).free // 4 // len(block) * len(block))
+    if size == 0:
+        return None
+    try:
+        started = time.perf_counter()
+        with open(path, "wb") as handle:
+            for _ in range(size // len(block)):
+                handle.write(block)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return size / max(time.perf_counter() - started, 1e-6)
+    except OSError:
+        return None
+    finally:
+        path.unlink(missing_ok=True)
+
+
+class CheckpointSaveFailed(RuntimeError):
+    """A checkpoint could not be written (raised on every rank alike); the previous one is intact."""
+
+
+_DISK_FULL = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT", errno.EFBIG: "EFBIG"}
+_DISK_FULL_WORDS = {"ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded", "EFBIG": "file too large"}
+
+
+def _errors_in(error: BaseException) -> list[BaseException]:
+    """``error``, its causes and contexts, and the per-rank failures a torch DCP CheckpointException carries."""
+    found, todo = [], [error]
+    while todo:
+        current = todo.pop()
+        if current is None or any(current is seen for seen in found):
+            continue
+        found.append(current)
+        todo += [current.__cause__, current.__context__]
+        for failure in (getattr(current, "failures", None) or {}).values():  # {rank: (exception, trace)}
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+    return [e for e in found if isinstance(e, BaseException)]
+
+
+def _disk_full_name(error_text: str, errors: Sequence[BaseException], free: int) -> str | None:
+    """ENOSPC / EDQUOT / EFBIG when the failure says so (an OSError's errno or its text), or ENOSPC when
+    the filesystem is full (under 1 MiB free) and the failure carries no errno (torch.save's C++ writer
+    says only "file write failed"; a DCP rank that is not the coordinator learns no cause at all)."""
+    for error in errors:
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            return _DISK_FULL[error.errno]
+    for code, name in _DISK_FULL.items():
+        if os.strerror(code) in error_text or f"[Errno {code}]" in error_text:
+            return name
+    return "ENOSPC" if free < 2**20 else None
+
+
+def _agreed(step: str, action: Callable[[], Any]) -> Any:
+    """Run a rank-local part of the save; every rank learns whether any rank failed (a collective in
+    place of the barrier that followed), so that all raise alike instead of waiting for a dead peer."""
+    failure = None
+    try:
+        result = action()
+    except Exception as error:  # noqa: BLE001 - gathered and raised on every rank below
+        failure, result = error, None
+    outcomes = _all_gather(None if failure is None else f"rank {_world()[0]}: {failure!r}")
+    failed = [outcome for outcome in outcomes if outcome is not None]
+    if failed:
+        raise CheckpointSaveFailed(f"{step} failed: " + "; ".join(failed)) from failure
+    return result
+
+
+def _save_failed(error: BaseException, root: Path, final: Path, temporary: Path) -> CheckpointSaveFailed:
+    """Every rank: remove the partial write (rank 0), and say what happened, how much space is left and
+    which checkpoint a restart resumes from."""
+    usage = shutil.disk_usage(root)
+    errors = _errors_in(error)
+    text = "\n".join(f"{e} {e.args!r}" for e in errors)
+    cause = _disk_full_name(text, errors, usage.free)
+    if _world()[0] == 0:
+        shutil.rmtree(temporary, ignore_errors=True)  # give the space back
+    try:  # every rank names the same cause (DCP tells only its coordinator what failed)
+        cause = next((c for c in _all_gather(cause) if c is not None), None)
+    except Exception:  # noqa: BLE001, S110 - a peer that died: this rank's own finding stands
+        pass
+    after = shutil.disk_usage(root)
+    previous = _pointed(root)
+    kept = (
+        f"{previous} is still the latest complete checkpoint and a restart resumes from it"
+        if previous is not None and previous.is_dir()
+        else "there is no earlier checkpoint"
+    )
+    what = (
+        f"{_DISK_FULL_WORDS[cause]} ({cause}) in {root}"
+        if cause is not None
+        else f"{type(error).__name__}: {str(error).splitlines()[0][:500] if str(error) else ''}"
+    )
+    return CheckpointSaveFailed(
+        f"checkpoint {final.name} could not be written: {what}; {usage.free} bytes were free of {usage.total} "
+        f"when it failed, {after.free} after removing the partial write {temporary.name}; {kept}. "
+        + ("Free space there or point training.output_dir elsewhere." if cause is not None else "")
+    )
 
 
 def save_training_checkpoint(
@@ -279,7 +390,11 @@ def save_training_checkpoint(
     trainable: TrainableConfig,
     keep_last: int,
 ) -> Path:
-    """Collective. Model (as a model checkpoint), optimizer, scheduler, RNG and loader state."""
+    """Collective. Model (as a model checkpoint), optimizer, scheduler, RNG and loader state.
+
+    A failed write (a full disk above all) raises :class:`CheckpointSaveFailed` on every rank, naming
+    the cause, the directory and the bytes free; the partial write is removed, and the previous
+    checkpoint and ``latest`` are untouched (nothing of them is written before the final rename)."""
     root = Path(root)
     final = root / f"iter_{iteration:07d}"
     temporary = root / f".iter_{iteration:07d}.incomplete"
@@ -289,6 +404,47 @@ def save_training_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         temporary.mkdir()
     barrier()
+    try:
+        _write_checkpoint(temporary, iteration, chunks, optimizer, scheduler, loader_state, model_config, trainable)
+        if global_rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+        _agreed("publishing it as latest", lambda: _publish(root, final) if global_rank() == 0 else None)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as error:  # noqa: BLE001 - torch DCP's CheckpointException is a BaseException
+        raise _save_failed(error, root, final, temporary) from error
+    if global_rank() == 0:
+        for old in sorted(root.glob("iter_*"))[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def _publish(root: Path, final: Path) -> None:
+    pointer = root / (LATEST + ".tmp")
+    try:
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / LATEST)
+    except OSError:
+        pointer.unlink(missing_ok=True)
+        os.replace(final, final.with_name(f".{final.name}.incomplete"))  # not newer than `latest` says
+        raise
+
+
+def _write_checkpoint(
+    temporary: Path,
+    iteration: int,
+    chunks: Sequence[torch.nn.Module],
+    optimizer: Any,
+    scheduler: Any,
+    loader_state: dict[str, Any],
+    model_config: ModelConfig,
+    trainable: TrainableConfig,
+) -> None:
+    """Collective: everything into ``temporary``, the manifest last. Failures of the collective writes
+    (torch DCP) reach every rank through DCP; the rank-local writes go through :func:`_agreed`."""
     save_model(
         chunks,
         temporary,
@@ -306,21 +462,8 @@ def save_training_checkpoint(
         per_rank["optimizer"] = optimizer_shard_state(optimizer)
     else:
         dist_checkpointing.save(optimizer.sharded_state_dict(model_entries), str(temporary / "optimizer"))
-    torch.save(per_rank, temporary / f"rank{global_rank():05d}.pt")
-    barrier()
+    _agreed("writing the per-rank state", lambda: torch.save(per_rank, temporary / f"rank{global_rank():05d}.pt"))
     _write_manifest(temporary)  # last: a checkpoint without a valid manifest is not a complete one
-    barrier()
-    if global_rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-        pointer = root / (LATEST + ".tmp")
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / LATEST)
-        for old in sorted(root.glob("iter_*"))[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
 
 
 def load_training_checkpoint(

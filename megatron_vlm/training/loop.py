@@ -66,13 +66,23 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         )
     # Every machine-dependent build decision judged (and every problem named) before anything starts.
     plan = preflight.check_run(run, env.world_size)
-    env = distributed.initialize(run.parallel, run.model, seed=training.seed, env=env)
+    # Start-up (lock, checkpoint checks and loading, the build) is long: it runs under the long timeout.
+    env = distributed.initialize(
+        run.parallel, run.model, seed=training.seed, timeout_s=training.checkpoint_timeout_s, env=env
+    )
     micro_batches_per_step = preflight.check_batch_layout(run, env.world_size)
     if env.rank == 0:
         logger.info("start-up checks passed: %s", plan.describe())
     output = Path(training.output_dir)
     checkpoints = output / "checkpoints"
     lock = run_lock.acquire_collective(output)  # one job per run directory, else refuse naming the holder
+    distributed.on_peer_lost(lock.release)  # exiting for a silent peer frees the directory for the requeue
+    if env.rank == 0:  # will the checkpoint written on the time-limit signal fit before the limit?
+        rate = training.checkpoint_write_gbps * 1e9 or checkpoint.measure_write_bandwidth(checkpoints)
+        if rate is None:
+            logger.warning("could not write a test file into %s: the save-time check is skipped", checkpoints)
+        elif warning := preflight.checkpoint_time_warning(run, rate, measured=not training.checkpoint_write_gbps):
+            logger.warning(warning)
     resume_from = checkpoint.latest_checkpoint(checkpoints)
 
     # --- data: this data-parallel rank's share of the mixture
@@ -200,6 +210,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     validation: dict[str, float] = {}
     first_step = iteration + 1
     while iteration < training.train_steps:
+        distributed.heartbeat(iteration + 1, "training step", training.collective_timeout_s)
         batches = [next(loader) for _ in range(micro_batches_per_step)]
         inputs = [{k: b[k].to(device, non_blocking=True) for k in MODEL_INPUTS} for b in batches]
         results.observe(batches)
@@ -236,6 +247,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         window["steps"] += 1
 
         if evaluator is not None and (iteration % training.eval_interval == 0 or iteration == training.train_steps):
+            distributed.heartbeat(iteration, "evaluation", training.checkpoint_timeout_s)
             losses = evaluator.run(model)
             window_start += evaluator.seconds  # throughput and MFU count training time only
             validation = {source: result.loss for source, result in losses.items()}
@@ -290,6 +302,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
 
         preempted = preemption.requested()
         if iteration % training.save_interval == 0 or iteration == training.train_steps or preempted:
+            distributed.heartbeat(iteration, "checkpoint save", training.checkpoint_timeout_s)
             path = checkpoint.save_training_checkpoint(
                 checkpoints,
                 iteration,
@@ -306,6 +319,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         if preempted:
             logger.info("preempted at step %d: checkpoint written, exiting for requeue", iteration)
             break
+    distributed.heartbeat(iteration, "finishing", training.checkpoint_timeout_s)
     metrics.close()
     lock.release()
     results.write(output / "results.json", iteration, last, validation)

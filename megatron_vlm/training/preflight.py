@@ -9,6 +9,7 @@ imports on an FP8 GPU") and run exactly the checks the trainer runs on such a ma
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from megatron_vlm import backend
@@ -61,6 +62,18 @@ def check_batch_layout(run: RunConfig, world_size: int) -> int:
     for name in ("log_interval", "save_interval"):  # step counts taken modulo these
         if getattr(run.training, name) < 1:
             raise ValueError(f"{name}={getattr(run.training, name)} must be at least 1 (steps)")
+    for name in ("collective_timeout_s", "checkpoint_timeout_s", "preemption_lead_s"):  # NaN fails this too
+        if not getattr(run.training, name) > 0:
+            raise ValueError(f"{name}={getattr(run.training, name)} must be a positive number of seconds")
+    if not run.training.checkpoint_write_gbps >= 0:
+        raise ValueError(
+            f"checkpoint_write_gbps={run.training.checkpoint_write_gbps} must be >= 0 (GB/s; 0: measured at start-up)"
+        )
+    if run.training.checkpoint_timeout_s < run.training.collective_timeout_s:
+        raise ValueError(
+            f"checkpoint_timeout_s={run.training.checkpoint_timeout_s} is shorter than collective_timeout_s="
+            f"{run.training.collective_timeout_s}: saves and evaluation would get less time than a step"
+        )
     if run.training.eval_interval < 0:
         raise ValueError(f"eval_interval={run.training.eval_interval} must be >= 0 (0: no evaluation)")
     if run.training.eval_samples < 1:
@@ -155,3 +168,47 @@ def check_run(run: RunConfig, world_size: int) -> StartupPlan:
     if problems:
         raise ValueError("this run cannot start:\n  " + "\n  ".join(problems))
     return plan
+
+
+def predicted_checkpoint_bytes(run: RunConfig) -> int:
+    """Bytes of one training checkpoint of the whole job: the model in its parameter dtype, and Adam's
+    two fp32 moments (plus the fp32 main copy with bf16 parameters) for every trainable parameter
+    (tested against the tiny preset's written checkpoint). LoRA: the targeted backbones' base weights
+    are frozen (models/lora.py); the adapters themselves, the RNG and the loader states are small and
+    not counted."""
+    from megatron_vlm.perf.memory_model import ChunkContents, chunk_parameters, decoder_layer_parameters
+
+    model, trainable = run.model, run.trainable
+    lora = set(trainable.lora_targets) if trainable.lora_rank > 0 else set()
+    frozen = dataclasses.replace(trainable, freeze_vision=trainable.freeze_vision or "vision" in lora)
+    whole = ChunkContents(model.text.num_layers, vision=True, output=True)
+    total, train = chunk_parameters(model, whole, frozen)
+    train_count = train.sharded + train.replicated
+    if "language" in lora and not trainable.freeze_language:  # decoder layers frozen, embeddings train
+        layers = decoder_layer_parameters(model) * model.text.num_layers
+        train_count -= layers.sharded + layers.replicated
+    low_precision = run.precision.params_dtype != "float32"
+    model_bytes = (total.sharded + total.replicated) * (2 if low_precision else 4)
+    return model_bytes + train_count * (8 + (4 if low_precision else 0))
+
+
+def checkpoint_time_warning(run: RunConfig, bytes_per_second: float, measured: bool) -> str | None:
+    """A warning with the numbers when a save would not fit the preemption lead time, else None."""
+    size = predicted_checkpoint_bytes(run)
+    seconds = size / bytes_per_second
+    lead = run.training.preemption_lead_s
+    if seconds <= lead:
+        return None
+    source = (
+        "measured by one writer at start-up (a parallel filesystem may take more at once: set "
+        "training.checkpoint_write_gbps to its aggregate rate)"
+        if measured
+        else "training.checkpoint_write_gbps"
+    )
+    return (
+        f"a checkpoint save is predicted to take {seconds:.0f} s ({size / 1e9:.1f} GB at {bytes_per_second / 1e9:.3g} "
+        f"GB/s, {source}), longer than the {lead:g} s between the time-limit signal and the limit "
+        f"(training.preemption_lead_s, the batch script's --signal=B:USR1@{lead:g}): the checkpoint written on "
+        f"the signal would be cut off and the run resume from the previous one. Send the signal earlier "
+        f"(--signal=B:USR1@{seconds * 1.5:.0f}), or write to a faster filesystem"
+    )
