@@ -186,6 +186,9 @@ class DataSection:
     root: str = ""  # where the mixture's shard directories live
     micro_batch_size: int = 1
     image_backend: str = "auto"  # pillow | dali-cpu | dali-gpu | auto
+    # Write what each step consumed (step, lane, source, sample positions per micro-batch) to
+    # OUTPUT/data_trace/rankNNNNN.jsonl (one writer per data-parallel rank): an audit of the data order.
+    trace: bool = False
 
 
 @dataclass

@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from megatron_vlm.data.batch import MODEL_INPUTS
 from megatron_vlm.data.images import ImageConfig
-from megatron_vlm.data.loader import DataConfig, MultimodalLoader, SourceConfig
+from megatron_vlm.data.loader import DataConfig, MultimodalLoader, SourceConfig, merge_states
 from megatron_vlm.data.packing import Document, Packer, PackingConfig, collate
 from megatron_vlm.data.preprocess import preprocess
 from megatron_vlm.data.shards import Sample, Shard, ShardWriter
@@ -182,14 +183,47 @@ def test_resume_mid_epoch_continues_identically(shards, tokenizer):
 def test_data_parallel_ranks_read_disjoint_samples(shards, tokenizer):
     config = loader_config(shards, sources=(SourceConfig("pairs", str(shards / "pairs"), 1.0, 256),), pack=False)
     seen = []
-    for rank in range(2):
+    for rank in range(2):  # 6 lanes, 3 per rank: the 13 samples of an epoch dealt out over all six
         loader = MultimodalLoader(
-            config, tokenizer, image_seq_len=8, image_token_id=IMAGE_TOKEN, dp_rank=rank, dp_size=2
+            config, tokenizer, image_seq_len=8, image_token_id=IMAGE_TOKEN, dp_rank=rank, dp_size=2, lanes=6
         )
-        stream = loader.streams["pairs"]
-        seen.append([stream.next_position() for _ in range(len(stream._order))])
+        lanes = loader.lanes  # lane l reads indexes l, l + 6, l + 12, ... of the epoch's order
+        seen.append([loader.next_position(lane, "pairs") for lane in lanes for _ in range(3 if lane.index == 0 else 2)])
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(13))
+
+
+def test_the_global_stream_does_not_depend_on_the_data_parallel_size(shards, tokenizer):
+    """Each step's global batch (its micro-batches, lane by lane) is the same at DP 1, 2 and 4, also
+    across a resume at another DP size: what elastic resume rests on."""
+    config = loader_config(shards)
+
+    def steps(dp_size, count, states=None):
+        loaders = [
+            MultimodalLoader(
+                config, tokenizer, image_seq_len=8, image_token_id=IMAGE_TOKEN, dp_rank=r, dp_size=dp_size, lanes=4
+            )
+            for r in range(dp_size)
+        ]
+        for loader in loaders:
+            if states is not None:
+                loader.load_state_dict(json.loads(json.dumps(merge_states(states))))
+        per_step = 4 // dp_size
+        batches = [
+            {b["lane"]: b for b in (next(each) for each in loaders for _ in range(per_step))} for _ in range(count)
+        ]
+        return batches, [loader.state_dict() for loader in loaders]
+
+    reference, _ = steps(1, 5)
+    _, states = steps(4, 2)
+    resumed, _ = steps(2, 3, states)
+    for ours, theirs in zip(resumed, reference[2:], strict=True):
+        assert sorted(ours) == sorted(theirs) == [0, 1, 2, 3]
+        for lane, batch in ours.items():
+            assert batch["source"] == theirs[lane]["source"] and batch["positions"] == theirs[lane]["positions"]
+            assert torch.equal(batch["input_ids"], theirs[lane]["input_ids"])
+            assert torch.equal(batch["pixel_values"], theirs[lane]["pixel_values"])
+    assert len({b["source"] for s in reference for b in s.values()}) > 1
 
 
 def rename_member(data, header, new_name):
@@ -237,9 +271,12 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, tokenizer, caplog):
     assert all(b["num_images"] == 1 for b in batches)
     # Exactly the bad samples among the positions read so far were skipped, each for its reason.
     stream = loader.streams["pairs"]
-    read = list(np.random.default_rng([*stream.seed, 0]).permutation(len(stream.locations)))
-    read += list(np.random.default_rng([*stream.seed, 1]).permutation(len(stream.locations))[: stream.cursor])
-    assert stream.epoch == 1
+    (lane,) = loader.lanes
+    read = [stream.position(index) for index in range(lane.read["pairs"])]
+    assert read[: len(stream.locations)] == list(
+        np.random.default_rng([*stream.seed, 0]).permutation(len(stream.locations))
+    )
+    assert loader.epochs_completed("pairs") == 1
     reasons = {
         "badimage": "corrupt_image",
         "nojson": "missing_field",
@@ -284,7 +321,7 @@ def test_loader_batches_train_the_model(shards, tokenizer, megatron_single_proce
     config = dataclasses.replace(loader_config(shards), image=ImageConfig(longest_edge=224, shortest_edge=112))
     loader = MultimodalLoader(config, tokenizer, model_config.connector.num_latents, model_config.image_token_id)
     batch = next(loader)
-    inputs = {k: v for k, v in batch.items() if k not in ("source", "num_images", "num_tokens", "loss_mask")}
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k != "loss_mask"}
     loss = model(**inputs)
     value = (loss * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
     value.backward()
@@ -316,7 +353,7 @@ def test_paper_mixtures_are_followed(shards, tokenizer, preset, weights):
         image_seq_len=8,
         image_token_id=IMAGE_TOKEN,
     )
-    draws = [loader.source_of(step) for step in range(4000)]
+    draws = [loader.source_of(step, lane) for step in range(1000) for lane in range(4)]
     for name, weight in weights.items():
         assert abs(draws.count(name) / len(draws) - weight) < 0.03
 

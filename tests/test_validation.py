@@ -99,7 +99,7 @@ def test_validation_samples_are_never_trained_on(data_root, tokenizer):
     for _ in range(60):
         batch = next(loader)
         trained[batch["source"]] += row_documents(batch, tokenizer.pad_token_id or 0)
-    assert all(loader.streams[name].epoch >= 1 for name in SOURCES), {n: s.epoch for n, s in loader.streams.items()}
+    assert all(loader.epochs_completed(name) >= 1 for name in SOURCES), {n: loader.epochs_completed(n) for n in SOURCES}
     eos = tokenizer.eos_token_id
     for name, directory in SOURCES.items():
         held = [s for path in shard_paths(data_root / directory / "validation") for s in Shard(path)]
@@ -127,7 +127,7 @@ def test_a_split_held_out_by_preprocessing_is_never_trained_on(tokenizer, tmp_pa
     loader = tiny_loader(tmp_path, tokenizer, mixture)
     assert loader.config.sources[0].validation == str(tmp_path / "pairs" / "validation")
     trained = [document for _ in range(16) for document in row_documents(next(loader))]
-    assert loader.streams["pairs"].epoch >= 1
+    assert loader.epochs_completed("pairs") >= 1
     held = [s for path in shard_paths(tmp_path / "pairs" / "validation") for s in Shard(path)]
     kept = [s for path in shard_paths(tmp_path / "pairs") for s in Shard(path)]
     assert held and kept and len(held) + len(kept) == 13

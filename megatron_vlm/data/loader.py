@@ -1,14 +1,26 @@
 """Distributed, resumable multimodal loader: shards -> documents -> packed micro-batches.
 
-* Each source (OBELICS-style documents, pairs, pages) is read in a seeded permutation per epoch;
-  data-parallel rank r takes every dp-th sample, so ranks see disjoint samples.
+The data stream is defined globally, independent of the data-parallel size, so that a run can
+resume at another (TP, PP, DP) layout with no sample repeated or skipped:
+
+* The stream has ``lanes`` lanes, one per micro-batch of the global batch (global batch / micro
+  batch size; the trainer's value). Lane ``l`` produces its ``k``-th micro-batch for step ``k``.
+  A data-parallel rank owns a contiguous block of lanes (``lanes / dp`` of them: its micro-batches
+  of each step); at another DP size the same lanes are dealt out differently, and every step's
+  global batch is the same set of micro-batches.
+* Each source is read in a seeded permutation per epoch, epochs concatenated into one global
+  order; lane ``l`` takes positions ``l, l + lanes, l + 2 lanes, ...`` of it, so lanes read
+  disjoint samples and together read every sample once per epoch.
 * Each micro-batch comes from one source, drawn by the mixture weights with a counter-based
-  generator (seed, micro-batch index): no generator state to save.
+  generator (seed, lane, lane step): no generator state to save.
 * Unusable samples (corrupt images, broken tar members, missing fields, truncated shards) are
   skipped, counted by reason and logged with shard and key; training goes on.
-* ``state_dict()`` holds, per source, the epoch, the cursor and the documents read but not yet
-  handed out; ``load_state_dict()`` re-reads those and continues with the same samples in the
-  same order.
+* ``state_dict()`` holds, per owned lane, its step, and per source the number of samples it read
+  and the documents read but not yet handed out (plain integers: JSON); ``load_state_dict()``
+  takes a state holding at least the owned lanes (the trainer merges every rank's into one),
+  re-reads the pending documents and continues with the same samples in the same order. Memory:
+  each lane keeps per source at most one partly filled sequence of decoded images, so a rank holds
+  at most (sources + 1) times one step's images.
 * A source may hold out a validation split (``validation`` in the mixture, relative to the data
   root; by default ``<shards>/validation`` when that directory exists, which is where
   ``tools/preprocess_data.py --validation-fraction`` puts it): a separate shard set, never read
@@ -113,42 +125,49 @@ def load_data_config(path: str | Path, data_root: str | Path, **overrides: Any) 
 
 
 class SourceStream(ShardSet):
-    """One source's samples, for one data-parallel rank, epoch after epoch."""
+    """One source's samples in the global order: a seeded permutation per epoch, epoch after epoch.
+    Shared by the lanes of a rank (one index of the source's shards, a few epochs' orders cached)."""
 
-    def __init__(self, config: SourceConfig, dp_rank: int, dp_size: int, seed: int) -> None:
+    _CACHED_EPOCHS = 3  # lanes drift apart by a few samples: at most two epochs are in use at once
+
+    def __init__(self, config: SourceConfig, seed: int) -> None:
         super().__init__(config.shards)
         self.config = config
-        if len(self.locations) < dp_size:
-            raise ValueError(
-                f"source {config.name} has {len(self.locations)} samples for {dp_size} data-parallel ranks"
-            )
-        self.dp_rank, self.dp_size = dp_rank, dp_size
+        if not self.locations:
+            raise ValueError(f"source {config.name} has no samples in {config.shards}")
         self.seed = [seed, zlib.crc32(config.name.encode())]
-        self.epoch, self.cursor = 0, 0
-        self._order = self._epoch_order()
+        self._orders: dict[int, np.ndarray] = {}
 
-    def _epoch_order(self) -> np.ndarray:
-        permutation = np.random.default_rng([*self.seed, self.epoch]).permutation(len(self.locations))
-        return permutation[self.dp_rank :: self.dp_size]
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) >= self._CACHED_EPOCHS:
+                del self._orders[min(self._orders)]
+            self._orders[epoch] = np.random.default_rng([*self.seed, epoch]).permutation(len(self.locations))
+        return self._orders[epoch]
 
-    def next_position(self) -> int:
-        if self.cursor == len(self._order):
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._order = self._epoch_order()
-        position = int(self._order[self.cursor])
-        self.cursor += 1
-        return position
+    def position(self, index: int) -> int:
+        """The sample at ``index`` of the global order (epochs concatenated)."""
+        epoch, offset = divmod(index, len(self.locations))
+        return int(self.order(epoch)[offset])
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self._order = self._epoch_order()
+@dataclass
+class Lane:
+    """One lane of the global stream: its micro-batch count, and per source the samples it read and
+    its packer (documents read but not yet handed out)."""
+
+    index: int
+    step: int = 0
+    read: dict[str, int] = field(default_factory=dict)
+    packers: dict[str, Packer] = field(default_factory=dict)
+    skipped: Counter = field(default_factory=Counter)
 
 
 class MultimodalLoader:
-    """Micro-batches for one data-parallel rank; an iterator with a resumable state."""
+    """Micro-batches for one data-parallel rank (its lanes, in turn); an iterator with a resumable state.
+
+    ``lanes``: the global stream's lane count, the same at every layout of a run (the trainer passes
+    global batch / micro batch size); by default one lane per data-parallel rank."""
 
     def __init__(
         self,
@@ -159,14 +178,18 @@ class MultimodalLoader:
         dp_rank: int = 0,
         dp_size: int = 1,
         sliding_window: int | None = None,  # the decoder's (TextConfig.sliding_window), for the masks
+        lanes: int | None = None,
     ) -> None:
         if not config.sources:
             raise ValueError("the data config names no source")
+        lanes = dp_size if lanes is None else lanes
+        if lanes < 1 or lanes % dp_size or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"{lanes} lanes cannot be shared by {dp_size} data-parallel ranks (rank {dp_rank})")
         self.config = config
         self.tokenizer = tokenizer
         self.image_seq_len = image_seq_len
         self.images = image_processor(config.image, config.image_backend)
-        self.streams = {s.name: SourceStream(s, dp_rank, dp_size, config.seed) for s in config.sources}
+        self.streams = {s.name: SourceStream(s, config.seed) for s in config.sources}
         for source in config.sources:  # a held-out sample is never trained on
             if source.validation is None:
                 continue
@@ -189,13 +212,30 @@ class MultimodalLoader:
             )
             for s in config.sources
         }
-        self.packers = {name: Packer(packing) for name, packing in self.packing.items()}
         weights = np.array([s.weight for s in config.sources], dtype=np.float64)
         if (weights < 0).any() or weights.sum() <= 0:
             raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {weights.tolist()}")
         self.weights = weights / weights.sum()
-        self.step = 0
-        self.skipped: Counter = Counter()
+        self.num_lanes = lanes
+        per_rank = lanes // dp_size
+        self.lanes = [self._new_lane(index) for index in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)]
+
+    def _new_lane(self, index: int) -> Lane:
+        return Lane(
+            index,
+            read={name: 0 for name in self.streams},
+            packers={name: Packer(packing) for name, packing in self.packing.items()},
+        )
+
+    @property
+    def skipped(self) -> Counter:
+        """Samples skipped by this rank's lanes, by reason."""
+        return sum((lane.skipped for lane in self.lanes), Counter())
+
+    def epochs_completed(self, source: str) -> int:
+        """Epochs of ``source`` this rank's lanes have all read their share of."""
+        size = len(self.streams[source].locations)
+        return min((lane.index + lane.read[source] * self.num_lanes) // size for lane in self.lanes)
 
     # -- documents ---------------------------------------------------------------------------
 
@@ -231,21 +271,27 @@ class MultimodalLoader:
             raise CorruptSample("missing_field", f"{sample.key}: the text itself contains image tokens")
         return tokens
 
-    def _next_document(self, source: str) -> Document:
+    def next_position(self, lane: Lane, source: str) -> int:
+        """The next sample of ``source`` in ``lane``'s share of the global order."""
+        index = lane.index + lane.read[source] * self.num_lanes
+        lane.read[source] += 1
+        return self.streams[source].position(index)
+
+    def _next_document(self, lane: Lane, source: str) -> Document:
         stream = self.streams[source]
         while True:
-            position = stream.next_position()
+            position = self.next_position(lane, source)
             try:
                 return self.encode(stream.read(position), source, position)
             except CorruptSample as skip:
-                self.skipped[skip.reason] += 1
+                lane.skipped[skip.reason] += 1
                 logger.warning("skipped sample %s of %s: %s", stream.where(position), source, skip)
 
     # -- micro-batches -----------------------------------------------------------------------
 
-    def source_of(self, step: int) -> str:
-        """The source of micro-batch ``step``: a pure function of (seed, step)."""
-        draw = np.random.default_rng([self.config.seed, 0x5EED, step]).random()
+    def source_of(self, step: int, lane: int = 0) -> str:
+        """The source of ``lane``'s micro-batch ``step``: a pure function of (seed, lane, step)."""
+        draw = np.random.default_rng([self.config.seed, 0x5EED, lane, step]).random()
         index = int(np.searchsorted(np.cumsum(self.weights), draw, side="right"))
         return self.config.sources[min(index, len(self.config.sources) - 1)].name
 
@@ -253,14 +299,17 @@ class MultimodalLoader:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        source = self.source_of(self.step)
-        packer = self.packers[source]
+        lane = min(self.lanes, key=lambda lane: (lane.step, lane.index))  # the lanes take turns
+        source = self.source_of(lane.step, lane.index)
+        packer = lane.packers[source]
         while len(packer.ready) < self.config.micro_batch_size:
-            packer.add(self._next_document(source))
+            packer.add(self._next_document(lane, source))
         sequences = [packer.pop() for _ in range(self.config.micro_batch_size)]
         batch = collate(sequences, self.packing[source], seq_len=self.config.max_seq_len)
-        self.step += 1
+        lane.step += 1
         batch["source"] = source
+        batch["lane"] = lane.index
+        batch["positions"] = [position for s in sequences for position in s.positions]
         batch["num_images"] = sum(len(s.images) for s in sequences)
         batch["num_tokens"] = sum(len(s.tokens) for s in sequences)
         return batch
@@ -268,27 +317,65 @@ class MultimodalLoader:
     # -- exact resume ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """This rank's lanes (plain integers and strings: JSON). Merge the ranks' with :func:`merge_states`."""
         return {
-            "step": self.step,
-            "skipped": dict(self.skipped),
-            "sources": {
-                name: {**stream.state_dict(), "pending": [d.position for d in self.packers[name].pending()]}
-                for name, stream in self.streams.items()
+            "lanes": self.num_lanes,
+            "seed": self.config.seed,
+            "lane_states": {
+                str(lane.index): {
+                    "step": lane.step,
+                    "skipped": dict(lane.skipped),
+                    "sources": {
+                        name: {"read": lane.read[name], "pending": [d.position for d in packer.pending()]}
+                        for name, packer in lane.packers.items()
+                    },
+                }
+                for lane in self.lanes
             },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = set(self.streams) - set(state["sources"])
-        if missing:
-            raise ValueError(f"loader state has no entry for sources {sorted(missing)}")
-        self.step = state["step"]
-        self.skipped = Counter(state["skipped"])
-        for name, stream in self.streams.items():
-            source_state = state["sources"][name]
-            stream.load_state_dict(source_state)
-            self.packers[name] = Packer(self.packing[name])
-            for position in source_state["pending"]:  # documents read but not yet handed out
-                self.packers[name].add(self.encode(stream.read(position), name, position))
+        """Continue from ``state``: it must be of this stream (lanes, seed, sources) and hold this rank's lanes."""
+        if "lane_states" not in state:
+            raise ValueError(
+                "the loader state predates the global data stream (one stream per data-parallel rank): "
+                "it cannot be continued exactly; start the run afresh or from weights (training.load_weights)"
+            )
+        if state["lanes"] != self.num_lanes or state["seed"] != self.config.seed:
+            raise ValueError(
+                f"the checkpoint's data stream has {state['lanes']} lanes and seed {state['seed']}, this run "
+                f"{self.num_lanes} and {self.config.seed}: keep global_batch_size / micro_batch_size and the data "
+                "seed when resuming (the data parallel size may change)"
+            )
+        lanes = []
+        for lane in self.lanes:
+            saved = state["lane_states"].get(str(lane.index))
+            if saved is None:
+                raise ValueError(f"the loader state has no entry for lane {lane.index}")
+            missing = set(self.streams) - set(saved["sources"])
+            if missing:
+                raise ValueError(f"loader state has no entry for sources {sorted(missing)}")
+            restored = self._new_lane(lane.index)
+            restored.step = saved["step"]
+            restored.skipped = Counter(saved["skipped"])
+            for name, packer in restored.packers.items():
+                source_state = saved["sources"][name]
+                restored.read[name] = source_state["read"]
+                for position in source_state["pending"]:  # documents read but not yet handed out
+                    packer.add(self.encode(self.streams[name].read(position), name, position))
+            lanes.append(restored)
+        self.lanes = lanes
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every rank's loader state -> one state of the whole stream (ranks of one data-parallel rank
+    hold the same lanes: they must agree)."""
+    merged = {"lanes": states[0]["lanes"], "seed": states[0]["seed"], "lane_states": {}}
+    for state in states:
+        for index, lane in state["lane_states"].items():
+            if merged["lane_states"].setdefault(index, lane) != lane:
+                raise RuntimeError(f"ranks disagree on the state of data lane {index}: their loaders diverged")
+    return merged
 
 
 def token_statistics(batch: dict[str, Any]) -> dict[str, float]:

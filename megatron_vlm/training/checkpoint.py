@@ -1,21 +1,24 @@
-"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+"""Training checkpoints: everything needed to continue a run exactly, at the same or another
+(TP, PP, DP) layout, written atomically.
 
     OUTPUT/checkpoints/
       latest                  name of the newest complete checkpoint (written last, atomically)
       iter_0000200/
-        model/, megatron_vlm.json   a model checkpoint (models.checkpoint_io): any layout loads it
-        optimizer/                  optimizer state (dist_checkpointing, from the model's entries);
-                                    empty with the distributed or bf16 optimizer, saved per rank
-        rank00000.pt ...            per-rank state: RNG generators, the data loader's position, and
-                                    (distributed or bf16 optimizer) this rank's optimizer state;
-                                    tensors and plain values only, loaded with weights_only=True
+        model/, megatron_vlm.json   a model checkpoint (models.checkpoint_io): any layout loads it;
+                                    the JSON also holds the iteration, the LR schedule, the layout
+                                    that wrote it and the optimizer's step count
+        optimizer/                  Adam's state and fp32 main parameters in model space
+                                    (optimizer_state.py): any layout loads it
+        data.json                   the global data stream's position, every lane (data/loader.py):
+                                    any data-parallel size continues it
+        rank00000.pt ...            per-rank RNG generators (tensors and plain values, loaded with
+                                    weights_only=True); used when resuming at the same layout
         manifest.json               every other file's size and CRC-32, written last (integrity.py)
 
 A checkpoint is written into ``.iter_XXXXXXX.incomplete`` and renamed when every rank is done; a
 kill during the write leaves the previous checkpoint and ``latest`` untouched. A failed write (a
 full disk) raises :class:`CheckpointSaveFailed` on every rank naming the cause (ENOSPC), the
-directory and the bytes free, and removes the partial write. The model and the
-optimizer reshard; the per-rank files resume exactly at the same data-parallel layout.
+directory and the bytes free, and removes the partial write.
 
 At resume (:func:`latest_checkpoint`, collective) the newest checkpoint is checked against its
 manifest and for unsafe pickles; a damaged one is named in a warning and the previous complete one
@@ -26,6 +29,7 @@ checked).
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import random
@@ -38,73 +42,24 @@ from typing import Any
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_vlm.config import ModelConfig, TrainableConfig
+from megatron_vlm.data import loader
 from megatron_vlm.distributed import barrier, global_rank
 from megatron_vlm.models.checkpoint_io import (
     check_dist_checkpoint_readable,
     load_model,
     model_sharded_state_dict,
+    read_metadata,
     save_model,
 )
-from megatron_vlm.training import integrity
+from megatron_vlm.training import integrity, optimizer_state
 
 LATEST = "latest"
+DATA_STATE = "data.json"  # the data stream's state, every lane (JSON)
+# 2: the global data stream (lanes) in data.json and the optimizer state in model space (any layout)
+TRAINING_FORMAT = 2
 logger = logging.getLogger("megatron_vlm")
-
-
-def _parts(optimizer: Any) -> list[Any]:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _main_params(part: Any) -> list[torch.Tensor]:
-    """fp32 master copies of low-precision parameters (this rank's shard with the distributed optimizer)."""
-    groups = getattr(part, "shard_fp32_from_float16_groups", None) or getattr(part, "fp32_from_float16_groups", None)
-    return [p for group in groups or [] for p in group]
-
-
-def _per_rank(optimizer: Any) -> bool:
-    """Whether this optimizer's state is checkpointed per rank rather than with dist_checkpointing.
-
-    The one place that says why. Megatron-Core's own formats fail without apex/TE (torch's Adam),
-    on every supported version (tried on 2 gloo ranks, a save then a load into a fresh optimizer):
-    - 0.16.1: the distributed optimizer's default sharding rejects flattened ranges,
-      ``fully_reshardable`` drops torch Adam's per-parameter 'step', ``dp_reshardable`` loads only
-      into pre-filled state and then drifts; the bf16 optimizer's sharded state maps main parameters
-      to the wrong model tensors.
-    - 0.19.2: ``fully_reshardable`` gathers the state with ``.cuda()`` (no CPU path);
-      ``dp_reshardable`` asserts on a fresh optimizer's empty state, and with pre-filled state it
-      drifts (bf16) or fails an in-place check (fp32); the default ``fully_sharded_model_space``
-      does not find our parameters among the model's sharded tensors.
-    Saved per rank, the state resumes exactly at the same layout on both versions; fp32 without the
-    distributed optimizer keeps the reshardable dist_checkpointing path.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return any(isinstance(part, DistributedOptimizer) or _main_params(part) for part in _parts(optimizer))
-
-
-def optimizer_shard_state(optimizer: Any) -> list[dict[str, Any]]:
-    """This rank's optimizer state: the inner torch optimizer's (moments, steps) and main params."""
-    return [
-        {"inner": part.optimizer.state_dict(), "main": [p.detach().clone() for p in _main_params(part)]}
-        for part in _parts(optimizer)
-    ]
-
-
-@torch.no_grad()
-def load_optimizer_shard_state(optimizer: Any, state: list[dict[str, Any]]) -> None:
-    parts = _parts(optimizer)
-    if len(parts) != len(state):
-        raise ValueError(f"optimizer has {len(parts)} parts, the checkpoint {len(state)}: not the same run layout")
-    for part, saved in zip(parts, state, strict=True):
-        part.optimizer.load_state_dict(saved["inner"])
-        mains = _main_params(part)
-        if len(mains) != len(saved["main"]):
-            raise ValueError("the optimizer's parameter shards differ from the checkpoint's: not the same layout")
-        for main, value in zip(mains, saved["main"], strict=True):
-            main.copy_(value)
 
 
 def rng_state() -> dict[str, Any]:
@@ -433,6 +388,16 @@ def _publish(root: Path, final: Path) -> None:
         raise
 
 
+def _layout() -> dict[str, int]:
+    return {
+        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
+        "data_parallel": parallel_state.get_data_parallel_world_size(),
+        "world_size": _world()[1],
+    }
+
+
 def _write_checkpoint(
     temporary: Path,
     iteration: int,
@@ -445,25 +410,44 @@ def _write_checkpoint(
 ) -> None:
     """Collective: everything into ``temporary``, the manifest last. Failures of the collective writes
     (torch DCP) reach every rank through DCP; the rank-local writes go through :func:`_agreed`."""
+    model_entries = model_sharded_state_dict(chunks)
+    optimizer_entries, optimizer_description = optimizer_state.sharded_state(optimizer, chunks, model_entries)
+    data_state = loader.merge_states(_all_gather(loader_state))  # every lane of the global stream
     save_model(
         chunks,
         temporary,
         model_config,
         trainable,
         atomic=False,
-        extra={"iteration": iteration, "scheduler": scheduler.state_dict()},
+        extra={
+            "iteration": iteration,
+            "scheduler": scheduler.state_dict(),
+            "training_format": TRAINING_FORMAT,
+            "layout": _layout(),
+            "optimizer": optimizer_description,
+        },
     )
-    model_entries = model_sharded_state_dict(chunks)
     if global_rank() == 0:
         (temporary / "optimizer").mkdir()
     barrier()
-    per_rank = {"rng": rng_state(), "loader": loader_state, "iteration": iteration}
-    if _per_rank(optimizer):
-        per_rank["optimizer"] = optimizer_shard_state(optimizer)
+    dist_checkpointing.save(optimizer_entries, str(temporary / "optimizer"))
+    if global_rank() == 0:
+        _agreed("writing the data state", lambda: (temporary / DATA_STATE).write_text(json.dumps(data_state)))
     else:
-        dist_checkpointing.save(optimizer.sharded_state_dict(model_entries), str(temporary / "optimizer"))
+        _agreed("writing the data state", lambda: None)
+    per_rank = {"rng": rng_state(), "iteration": iteration}
     _agreed("writing the per-rank state", lambda: torch.save(per_rank, temporary / f"rank{global_rank():05d}.pt"))
     _write_manifest(temporary)  # last: a checkpoint without a valid manifest is not a complete one
+
+
+def reseed(seed: int, iteration: int) -> None:
+    """Every generator from (seed, iteration): a resume at another layout, whose ranks have no saved
+    generator state of their own. Only dropout draws from them (the data stream is counter-based)."""
+    value = seed * 1_000_003 + iteration
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+    tensor_parallel.model_parallel_cuda_manual_seed(value)
 
 
 def load_training_checkpoint(
@@ -473,32 +457,37 @@ def load_training_checkpoint(
     scheduler: Any,
     model_config: ModelConfig,
     trainable: TrainableConfig,
+    seed: int,
 ) -> tuple[int, dict[str, Any]]:
-    """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns the
-    iteration and this rank's loader state. ``path`` comes from :func:`latest_checkpoint`, which
-    verified its files and pickles."""
-    metadata = load_model(chunks, path, model_config, trainable)
-    rank_file = path / f"rank{global_rank():05d}.pt"
-    if not rank_file.is_file():
-        raise FileNotFoundError(
-            f"{rank_file} is missing: exact resume needs the same number of ranks as the run that saved "
-            f"{path.name} ({parallel_state.get_data_parallel_world_size()} data-parallel now)"
+    """Collective. Restores model, optimizer and scheduler at this run's layout, whatever the saving
+    run's (TP, PP, DP); the generators exactly at the same layout, else reseeded from (seed,
+    iteration). Returns the iteration and the whole data stream's state (every lane: the loader
+    takes its own). ``path`` comes from :func:`latest_checkpoint`, which verified its files and pickles."""
+    metadata = read_metadata(path)
+    if metadata.get("training_format") != TRAINING_FORMAT:
+        raise ValueError(
+            f"{path} was written by an older megatron-vlm (training checkpoint format "
+            f"{metadata.get('training_format', 1)}, this one reads {TRAINING_FORMAT}: its data stream was split "
+            "per data-parallel rank and cannot be continued exactly). Start from its weights instead: "
+            f"training.load_weights={path} with a new training.output_dir"
         )
-    per_rank = integrity.load_rank_file(rank_file)
-    if _per_rank(optimizer):
-        if "optimizer" not in per_rank:
-            raise ValueError(
-                f"{path.name} holds a dist_checkpointing optimizer state: resume with the same precision and optimizer"
-            )
-        load_optimizer_shard_state(optimizer, per_rank["optimizer"])
-    else:
-        check_dist_checkpoint_readable(path / "optimizer", metadata.get("megatron_core_version"))
-        optimizer_state = dist_checkpointing.load(
-            optimizer.sharded_state_dict(model_sharded_state_dict(chunks), is_loading=True),
-            str(path / "optimizer"),
-            strict=StrictHandling.RAISE_ALL,
-        )
-        optimizer.load_state_dict(optimizer_state)
+    load_model(chunks, path, model_config, trainable)
+    check_dist_checkpoint_readable(path / "optimizer", metadata.get("megatron_core_version"))
+    optimizer_state.load(optimizer, chunks, model_sharded_state_dict(chunks), path / "optimizer", metadata["optimizer"])
     scheduler.load_state_dict(metadata["scheduler"])
-    set_rng_state(per_rank["rng"])
-    return metadata["iteration"], per_rank["loader"]
+    iteration = metadata["iteration"]
+    rank_file = path / f"rank{global_rank():05d}.pt"
+    if metadata["layout"] == _layout() and rank_file.is_file():
+        set_rng_state(integrity.load_rank_file(rank_file)["rng"])
+    else:
+        if global_rank() == 0:
+            logger.info(
+                "resuming %s at another layout (%s, saved at %s): the data stream and the optimizer continue "
+                "exactly; the random generators (dropout only) are reseeded",
+                path.name,
+                _layout(),
+                metadata["layout"],
+            )
+        reseed(seed, iteration)
+    data_state = json.loads((path / DATA_STATE).read_text())
+    return iteration, data_state

@@ -106,6 +106,8 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(),
         sliding_window=run.model.text.sliding_window,
+        # One lane per micro-batch of the global batch: the stream does not depend on the DP size.
+        lanes=training.global_batch_size // run.data.micro_batch_size,
     )
 
     reports = (
@@ -174,7 +176,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     iteration = 0
     if resume_from is not None:
         iteration, loader_state = checkpoint.load_training_checkpoint(
-            resume_from, chunks, optimizer, scheduler, run.model, run.trainable
+            resume_from, chunks, optimizer, scheduler, run.model, run.trainable, training.seed
         )
         loader.load_state_dict(loader_state)
         if env.rank == 0:
@@ -209,9 +211,22 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     last: dict[str, float] = {}
     validation: dict[str, float] = {}
     first_step = iteration + 1
+    trace = None
+    if (
+        run.data.trace
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    ):
+        (output / "data_trace").mkdir(parents=True, exist_ok=True)
+        trace = open(output / "data_trace" / f"rank{env.rank:05d}.jsonl", "a")  # noqa: SIM115 - open for the run
     while iteration < training.train_steps:
         distributed.heartbeat(iteration + 1, "training step", training.collective_timeout_s)
         batches = [next(loader) for _ in range(micro_batches_per_step)]
+        if trace is not None:
+            for batch in batches:
+                line = {k: batch[k] for k in ("lane", "source", "positions")}
+                trace.write(json.dumps({"step": iteration + 1, **line}) + "\n")
+            trace.flush()
         inputs = [{k: b[k].to(device, non_blocking=True) for k in MODEL_INPUTS} for b in batches]
         results.observe(batches)
         if iteration + 1 == first_step and env.rank == 0:
@@ -321,6 +336,8 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
             break
     distributed.heartbeat(iteration, "finishing", training.checkpoint_timeout_s)
     metrics.close()
+    if trace is not None:
+        trace.close()
     lock.release()
     results.write(output / "results.json", iteration, last, validation)
     distributed.shutdown()
