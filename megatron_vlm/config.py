@@ -213,6 +213,9 @@ class TrainingConfig:
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     max_nonfinite_steps: int = 10  # skipped NaN/Inf steps tolerated before stopping
+    # Checkpoints written in the background (training/async_save.py): the state is copied to host
+    # memory at the save step and published at a later step; false: each save completes in place.
+    async_save: bool = True
     # A rank silent for longer than this during a training step makes the others exit naming it
     # (distributed.heartbeat); it must exceed the longest step. Saves, loads, evaluation and
     # start-up are collective too but legitimately long: they get checkpoint_timeout_s.

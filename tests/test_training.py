@@ -127,8 +127,10 @@ def kill_everything_running(output):
 )
 def test_killed_two_process_run_resumes_bit_for_bit(data_root, tmp_path, optimizer):
     steps = ["training.train_steps=8", "training.save_interval=4", "training.log_interval=1", *optimizer]
-    run(train_command(2, tmp_path / "whole", data_root, *steps))
+    whole = run(train_command(2, tmp_path / "whole", data_root, *steps))
     reference = scalars(tmp_path / "whole" / "tensorboard", "loss")
+    # Written in the background while step 5 trains, published after it (training.async_save).
+    assert whole.index("step      5/8") < whole.index(f"saved {tmp_path / 'whole' / 'checkpoints' / 'iter_0000004'}")
 
     process = subprocess.Popen(
         train_command(2, tmp_path / "cut", data_root, *steps),

@@ -109,27 +109,34 @@ def save_model(
     dist_checkpointing.save(model_sharded_state_dict(chunks), str(temporary / MODEL_DIR))
     barrier()
     if global_rank() == 0:
-        parameter = next(chunks[0].parameters())
-        write_metadata(
-            temporary,
-            {
-                "format_version": FORMAT_VERSION,
-                "model": to_dict(model_config),
-                "trainable": to_dict(trainable or TrainableConfig()),
-                "dtype": str(parameter.dtype).removeprefix("torch."),
-                "megatron_core_version": str(backend.megatron_core_version()),
-                "saved_at_layout": {
-                    "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
-                    "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
-                    "virtual_pipeline": len(chunks) if len(chunks) > 1 else None,
-                },
-                **(extra or {}),
-            },
-        )
+        write_metadata(temporary, model_metadata(chunks, model_config, trainable, extra))
         if atomic:
             os.replace(temporary, directory)
     barrier()
     return directory
+
+
+def model_metadata(
+    chunks: Sequence[torch.nn.Module],
+    model_config: ModelConfig,
+    trainable: TrainableConfig | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What ``megatron_vlm.json`` says of a model checkpoint written from ``chunks`` (and ``extra``)."""
+    parameter = next(chunks[0].parameters())
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": to_dict(model_config),
+        "trainable": to_dict(trainable or TrainableConfig()),
+        "dtype": str(parameter.dtype).removeprefix("torch."),
+        "megatron_core_version": str(backend.megatron_core_version()),
+        "saved_at_layout": {
+            "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+            "virtual_pipeline": len(chunks) if len(chunks) > 1 else None,
+        },
+        **(extra or {}),
+    }
 
 
 def check_compatible(

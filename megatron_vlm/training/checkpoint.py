@@ -15,8 +15,9 @@
                                     weights_only=True); used when resuming at the same layout
         manifest.json               every other file's size and CRC-32, written last (integrity.py)
 
-A checkpoint is written into ``.iter_XXXXXXX.incomplete`` and renamed when every rank is done; a
-kill during the write leaves the previous checkpoint and ``latest`` untouched. A failed write (a
+A checkpoint is written into ``.iter_XXXXXXX.incomplete`` (in the background: async_save.py) and
+renamed when every rank is done; a kill during the write leaves the previous checkpoint and
+``latest`` untouched. A failed write (a
 full disk) raises :class:`CheckpointSaveFailed` on every rank naming the cause (ENOSPC), the
 directory and the bytes free, and removes the partial write.
 
@@ -41,21 +42,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 
 from megatron_vlm.config import ModelConfig, TrainableConfig
 from megatron_vlm.data import loader
 from megatron_vlm.distributed import barrier, global_rank
 from megatron_vlm.models.checkpoint_io import (
+    MODEL_DIR,
     check_dist_checkpoint_readable,
     load_model,
+    model_metadata,
     model_sharded_state_dict,
     read_metadata,
-    save_model,
+    write_metadata,
 )
 from megatron_vlm.training import integrity, optimizer_state
+from megatron_vlm.training.async_save import AsyncCheckpointWriter, FileSave, SaveRequest, sharded_save
 
 LATEST = "latest"
+OPTIMIZER_DIR = "optimizer"
 DATA_STATE = "data.json"  # the data stream's state, every lane (JSON)
 # 2: the global data stream (lanes) in data.json and the optimizer state in model space (any layout)
 TRAINING_FORMAT = 2
@@ -344,36 +349,57 @@ def save_training_checkpoint(
     model_config: ModelConfig,
     trainable: TrainableConfig,
     keep_last: int,
+    writer: AsyncCheckpointWriter | None = None,
+    on_saved: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Collective. Model (as a model checkpoint), optimizer, scheduler, RNG and loader state.
+    """Collective. Model (as a model checkpoint), optimizer, scheduler, RNG and data stream state.
 
-    A failed write (a full disk above all) raises :class:`CheckpointSaveFailed` on every rank, naming
-    the cause, the directory and the bytes free; the partial write is removed, and the previous
-    checkpoint and ``latest`` are untouched (nothing of them is written before the final rename)."""
+    The state is taken now (host copies); the files are written in the background by ``writer``
+    and the checkpoint is published (manifest, rename, ``latest``, pruning, then ``on_saved``) by a
+    later ``writer.maybe_finalize()`` / ``wait()``; without a writer, before this returns. A save
+    still pending is published first. A failed write (a full disk above all) raises
+    :class:`CheckpointSaveFailed` on every rank, naming the cause, the directory and the bytes free;
+    the partial write is removed, and the previous checkpoint and ``latest`` are untouched (nothing
+    of them is written before the final rename)."""
     root = Path(root)
     final = root / f"iter_{iteration:07d}"
     temporary = root / f".iter_{iteration:07d}.incomplete"
+    synchronous = writer is None
+    writer = writer or AsyncCheckpointWriter()
+    writer.wait()  # before the clean-up below, which would remove a pending save's directory
     if global_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".iter_*.incomplete"):  # left by writes that were cut off
             shutil.rmtree(stale, ignore_errors=True)
-        temporary.mkdir()
+        (temporary / MODEL_DIR).mkdir(parents=True)
+        (temporary / OPTIMIZER_DIR).mkdir()
     barrier()
     try:
-        _write_checkpoint(temporary, iteration, chunks, optimizer, scheduler, loader_state, model_config, trainable)
+        requests = _prepare(temporary, iteration, chunks, optimizer, scheduler, loader_state, model_config, trainable)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as error:  # noqa: BLE001 - torch DCP's CheckpointException is a BaseException
+        raise _save_failed(error, root, final, temporary) from error
+
+    def publish() -> None:
         if global_rank() == 0:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(temporary, final)
         _agreed("publishing it as latest", lambda: _publish(root, final) if global_rank() == 0 else None)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as error:  # noqa: BLE001 - torch DCP's CheckpointException is a BaseException
-        raise _save_failed(error, root, final, temporary) from error
-    if global_rank() == 0:
-        for old in sorted(root.glob("iter_*"))[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
+
+    def prune() -> None:
+        if global_rank() == 0:
+            for old in sorted(root.glob("iter_*"))[:-keep_last] if keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+
+    finalize = [lambda: _write_manifest(temporary), publish, prune]  # the manifest needs every file
+    if on_saved is not None:
+        finalize.append(lambda: on_saved(final))
+    writer.schedule(requests, finalize, on_failure=lambda error: _save_failed(error, root, final, temporary))
+    if synchronous:
+        writer.close()
     return final
 
 
@@ -398,7 +424,7 @@ def _layout() -> dict[str, int]:
     }
 
 
-def _write_checkpoint(
+def _prepare(
     temporary: Path,
     iteration: int,
     chunks: Sequence[torch.nn.Module],
@@ -407,37 +433,33 @@ def _write_checkpoint(
     loader_state: dict[str, Any],
     model_config: ModelConfig,
     trainable: TrainableConfig,
-) -> None:
-    """Collective: everything into ``temporary``, the manifest last. Failures of the collective writes
-    (torch DCP) reach every rank through DCP; the rank-local writes go through :func:`_agreed`."""
+) -> list[SaveRequest]:
+    """Collective, at the step boundary: the plans and host copies of everything written into
+    ``temporary`` (the small JSON files now). Failures of the collective parts reach every rank
+    through torch DCP; the rank-local writes go through :func:`_agreed`."""
     model_entries = model_sharded_state_dict(chunks)
     optimizer_entries, optimizer_description = optimizer_state.sharded_state(optimizer, chunks, model_entries)
     data_state = loader.merge_states(_all_gather(loader_state))  # every lane of the global stream
-    save_model(
-        chunks,
-        temporary,
-        model_config,
-        trainable,
-        atomic=False,
-        extra={
-            "iteration": iteration,
-            "scheduler": scheduler.state_dict(),
-            "training_format": TRAINING_FORMAT,
-            "layout": _layout(),
-            "optimizer": optimizer_description,
-        },
-    )
-    if global_rank() == 0:
-        (temporary / "optimizer").mkdir()
-    barrier()
-    dist_checkpointing.save(optimizer_entries, str(temporary / "optimizer"))
-    if global_rank() == 0:
-        _agreed("writing the data state", lambda: (temporary / DATA_STATE).write_text(json.dumps(data_state)))
-    else:
-        _agreed("writing the data state", lambda: None)
-    per_rank = {"rng": rng_state(), "iteration": iteration}
-    _agreed("writing the per-rank state", lambda: torch.save(per_rank, temporary / f"rank{global_rank():05d}.pt"))
-    _write_manifest(temporary)  # last: a checkpoint without a valid manifest is not a complete one
+    extra = {
+        "iteration": iteration,
+        "scheduler": scheduler.state_dict(),
+        "training_format": TRAINING_FORMAT,
+        "layout": _layout(),
+        "optimizer": optimizer_description,
+    }
+    metadata = model_metadata(chunks, model_config, trainable, extra)
+
+    def small_files() -> None:
+        if global_rank() == 0:
+            write_metadata(temporary, metadata)
+            (temporary / DATA_STATE).write_text(json.dumps(data_state))
+
+    _agreed("writing the metadata and the data state", small_files)
+    return [  # the same order on every rank: their finalization is collective
+        sharded_save(model_entries, temporary / MODEL_DIR),
+        sharded_save(optimizer_entries, temporary / OPTIMIZER_DIR),
+        FileSave({"rng": rng_state(), "iteration": iteration}, temporary / f"rank{global_rank():05d}.pt"),
+    ]
 
 
 def reseed(seed: int, iteration: int) -> None:
@@ -472,8 +494,10 @@ def load_training_checkpoint(
             f"training.load_weights={path} with a new training.output_dir"
         )
     load_model(chunks, path, model_config, trainable)
-    check_dist_checkpoint_readable(path / "optimizer", metadata.get("megatron_core_version"))
-    optimizer_state.load(optimizer, chunks, model_sharded_state_dict(chunks), path / "optimizer", metadata["optimizer"])
+    check_dist_checkpoint_readable(path / OPTIMIZER_DIR, metadata.get("megatron_core_version"))
+    optimizer_state.load(
+        optimizer, chunks, model_sharded_state_dict(chunks), path / OPTIMIZER_DIR, metadata["optimizer"]
+    )
     scheduler.load_state_dict(metadata["scheduler"])
     iteration = metadata["iteration"]
     rank_file = path / f"rank{global_rank():05d}.pt"

@@ -28,6 +28,7 @@ from megatron_vlm.models.lora import apply_trainable, merge_lora
 from megatron_vlm.perf.flops import batch_training_flops, measured_matmul_tflops
 from megatron_vlm.perf.memory import TrainingMemoryMeter
 from megatron_vlm.training import checkpoint, preflight, run_lock
+from megatron_vlm.training.async_save import AsyncCheckpointWriter
 from megatron_vlm.training.evaluation import Evaluator, evaluations_left
 from megatron_vlm.training.metrics import Metrics, log_line, logger, validation_line
 from megatron_vlm.training.preemption import PreemptionHandler
@@ -211,6 +212,13 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     last: dict[str, float] = {}
     validation: dict[str, float] = {}
     first_step = iteration + 1
+    # Checkpoints are written in the background (training.async_save) and published at a later step.
+    writer = AsyncCheckpointWriter()
+
+    def saved(path: Path) -> None:
+        if env.rank == 0:
+            logger.info("saved %s", path)
+
     trace = None
     if (
         run.data.trace
@@ -315,10 +323,13 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
                 logger.info(log_line(iteration, training.train_steps, last, seconds_per_step, evaluation_seconds))
             window_start, window = time.perf_counter(), dict(tokens=0.0, images=0.0, flops=0.0, steps=0)
 
+        if writer.pending:  # publish the previous save once every rank has written it
+            distributed.heartbeat(iteration, "checkpoint finalize", training.checkpoint_timeout_s)
+            writer.maybe_finalize()
         preempted = preemption.requested()
         if iteration % training.save_interval == 0 or iteration == training.train_steps or preempted:
             distributed.heartbeat(iteration, "checkpoint save", training.checkpoint_timeout_s)
-            path = checkpoint.save_training_checkpoint(
+            checkpoint.save_training_checkpoint(
                 checkpoints,
                 iteration,
                 chunks,
@@ -328,13 +339,16 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
                 run.model,
                 run.trainable,
                 training.keep_last,
+                writer,
+                on_saved=saved,
             )
-            if env.rank == 0:
-                logger.info("saved %s", path)
+            if preempted or not training.async_save:
+                writer.wait()
         if preempted:
             logger.info("preempted at step %d: checkpoint written, exiting for requeue", iteration)
             break
     distributed.heartbeat(iteration, "finishing", training.checkpoint_timeout_s)
+    writer.close()  # the last checkpoint is published before the run ends
     metrics.close()
     if trace is not None:
         trace.close()
