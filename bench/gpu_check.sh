@@ -176,6 +176,14 @@ echo \"latest checkpoint: \$(cat $run/checkpoints/latest 2>/dev/null || echo non
 trainer_step train_tiny_bf16 75 precision.params_dtype=bfloat16
 trainer_step train_tiny_fp8 75 precision.params_dtype=bfloat16 precision.fp8=hybrid precision.fp8_backend=torch
 trainer_step train_small 75 model=small precision.params_dtype=bfloat16
+# The bf16 run resumed to step 30 with the distributed optimizer: the model-space optimizer state
+# (CUDA tensors, NCCL sums) and the data stream load on a GPU, the background saves publish.
+add_step train_tiny_bf16_resume 60 "stdbuf -oL -eL $PYTHON -m megatron_vlm.train --config examples/tiny_cpu.yaml \\
+    data.root=$WORK/data training.output_dir=$WORK/runs/train_tiny_bf16 training.train_steps=30 \\
+    training.log_interval=5 training.save_interval=10 precision.params_dtype=bfloat16 training.distributed_optimizer=true \\
+    2>&1 | tee $OUTDIR/train_tiny_bf16_resume.out; rc=\${PIPESTATUS[0]}
+grep -q 'resumed from .*iter_0000020 at step 20' $OUTDIR/train_tiny_bf16_resume.out || { echo 'did not resume from step 20'; rc=1; }
+echo \"latest checkpoint: \$(cat $WORK/runs/train_tiny_bf16/checkpoints/latest 2>/dev/null || echo none)\"; exit \$rc"
 
 # Every gpu-marked test (skipped with the reason where TE etc. is absent); a test running past
 # 100 s dumps its stacks (pytest's faulthandler_timeout). -s: output reaches the log as it comes,
