@@ -176,15 +176,6 @@ echo \"latest checkpoint: \$(cat $run/checkpoints/latest 2>/dev/null || echo non
 trainer_step train_tiny_bf16 75 precision.params_dtype=bfloat16
 trainer_step train_tiny_fp8 75 precision.params_dtype=bfloat16 precision.fp8=hybrid precision.fp8_backend=torch
 trainer_step train_small 75 model=small precision.params_dtype=bfloat16
-# The bf16 run resumed to step 30 with the distributed optimizer: the model-space optimizer state
-# (CUDA tensors, NCCL sums) and the data stream load on a GPU, the background saves publish.
-add_step train_tiny_bf16_resume 60 "stdbuf -oL -eL $PYTHON -m megatron_vlm.train --config examples/tiny_cpu.yaml \\
-    data.root=$WORK/data training.output_dir=$WORK/runs/train_tiny_bf16 training.train_steps=30 \\
-    training.log_interval=5 training.save_interval=10 precision.params_dtype=bfloat16 training.distributed_optimizer=true \\
-    2>&1 | tee $OUTDIR/train_tiny_bf16_resume.out; rc=\${PIPESTATUS[0]}
-grep -q 'resumed from .*iter_0000020 at step 20' $OUTDIR/train_tiny_bf16_resume.out || { echo 'did not resume from step 20'; rc=1; }
-echo \"latest checkpoint: \$(cat $WORK/runs/train_tiny_bf16/checkpoints/latest 2>/dev/null || echo none)\"; exit \$rc"
-
 # Every gpu-marked test (skipped with the reason where TE etc. is absent); a test running past
 # 100 s dumps its stacks (pytest's faulthandler_timeout). -s: output reaches the log as it comes,
 # and the SIGUSR2 stack dump (tests/conftest.py) is not held in pytest's capture when killed. A test
@@ -194,6 +185,15 @@ add_step pytest_gpu 210 "stdbuf -oL -eL $PYTHON -m pytest -m gpu -v -s -rs -p no
 
 if ((CPU)); then PROXY_ARGS=--smoke; else PROXY_ARGS=""; fi
 add_step gpu_proxy 90 "stdbuf -oL -eL $PYTHON bench/gpu_proxy.py --out-dir $OUTDIR $PROXY_ARGS"
+
+# Last (the budget goes to the measurements first): the bf16 run resumed to step 30 with the distributed optimizer: the model-space optimizer state
+# (CUDA tensors, NCCL sums) and the data stream load on a GPU, the background saves publish.
+add_step train_tiny_bf16_resume 60 "stdbuf -oL -eL $PYTHON -m megatron_vlm.train --config examples/tiny_cpu.yaml \\
+    data.root=$WORK/data training.output_dir=$WORK/runs/train_tiny_bf16 training.train_steps=30 \\
+    training.log_interval=5 training.save_interval=10 precision.params_dtype=bfloat16 training.distributed_optimizer=true \\
+    2>&1 | tee $OUTDIR/train_tiny_bf16_resume.out; rc=\${PIPESTATUS[0]}
+grep -q 'resumed from .*iter_0000020 at step 20' $OUTDIR/train_tiny_bf16_resume.out || { echo 'did not resume from step 20'; rc=1; }
+echo \"latest checkpoint: \$(cat $WORK/runs/train_tiny_bf16/checkpoints/latest 2>/dev/null || echo none)\"; exit \$rc"
 
 # ---------------------------------------------------------------------------------------------
 selected() { [[ -z $ONLY || ",$ONLY," == *",$1,"* ]]; }

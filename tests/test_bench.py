@@ -41,6 +41,7 @@ GPU_CHECK_STEPS = {  # step -> what its command must run
     "train_small": "model=small",
     "pytest_gpu": "-m pytest -m gpu",
     "gpu_proxy": "bench/gpu_proxy.py --out-dir",
+    "train_tiny_bf16_resume": "resumed from .*iter_0000020 at step 20",
 }
 
 
@@ -53,7 +54,7 @@ def test_gpu_check_dry_run_lists_every_step(tmp_path):
         timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    headers = re.findall(r"^\[(\d)/8\] (\S+) \(limit (\d+) s\)$", done.stdout, flags=re.M)
+    headers = re.findall(r"^\[(\d)/9\] (\S+) \(limit (\d+) s\)$", done.stdout, flags=re.M)
     assert [name for _, name, _ in headers] == list(GPU_CHECK_STEPS)
     # About 8 minutes on one GPU: each step within its limit, all of them within the budget (480 s),
     # plus the 10 s between a step's SIGUSR2 and its SIGKILL. pytest -m gpu took 150 s on the H200
@@ -61,7 +62,7 @@ def test_gpu_check_dry_run_lists_every_step(tmp_path):
     assert max(int(limit) for *_, limit in headers) <= 210
     assert sorted(int(limit) for *_, limit in headers)[-2] <= 90
     assert "whole-run budget 480 s" in done.stdout
-    sections = re.split(r"^\[\d/8\] ", done.stdout, flags=re.M)[1:]
+    sections = re.split(r"^\[\d/9\] ", done.stdout, flags=re.M)[1:]
     for (name, command), section in zip(GPU_CHECK_STEPS.items(), sections, strict=True):
         assert section.startswith(name) and command in section, section
     assert "timeout -s USR2 -k 10 LIMIT" in done.stdout and "dry run: nothing was run" in done.stdout
