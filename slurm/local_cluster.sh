@@ -9,10 +9,20 @@ dir=$(realpath -m "${2:?state directory}")
 node=$(hostname)
 
 if [[ $action == stop ]]; then
-    for name in slurmd slurmctld; do
-        [[ -f "$dir/$name.pid" ]] && kill "$(cat "$dir/$name.pid")" 2>/dev/null || true
+    # One PID a line (a state directory from before munged.pid held munged's own PID may hold two:
+    # the daemon and the parent it forked from); each is stopped and waited for.
+    for name in slurmd slurmctld munged; do
+        [[ -f "$dir/$name.pid" ]] || continue
+        while read -r pid; do
+            [[ $pid =~ ^[0-9]+$ ]] || continue
+            kill "$pid" 2>/dev/null || continue
+            for _ in $(seq 1 50); do
+                kill -0 "$pid" 2>/dev/null || break
+                sleep 0.1
+            done
+        done < "$dir/$name.pid"
+        rm -f "$dir/$name.pid"
     done
-    [[ -f "$dir/munged.pid" ]] && kill "$(cat "$dir/munged.pid")" 2>/dev/null || true
     exit 0
 fi
 
@@ -22,8 +32,15 @@ fi
 mkdir -p "$dir/spool/ctld" "$dir/spool/d" /run/munge
 chown munge:munge /run/munge
 if ! pgrep -x munged >/dev/null; then
-    runuser -u munge -- munged
-    pgrep -x munged > "$dir/munged.pid"
+    # munged forks into the background and writes its own PID file; pgrep right after the start
+    # could also catch the parent on its way out (two PIDs, the first one gone).
+    rm -f /run/munge/munged.pid
+    runuser -u munge -- munged --pid-file=/run/munge/munged.pid
+    for _ in $(seq 1 50); do
+        [[ -s /run/munge/munged.pid ]] && break
+        sleep 0.1
+    done
+    cp /run/munge/munged.pid "$dir/munged.pid"
 fi
 cpus=$(nproc)
 memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))

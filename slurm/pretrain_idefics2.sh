@@ -97,13 +97,15 @@ terminate() {
 }
 trap terminate TERM
 
-# srun dies with this script: a SIGKILLed batch script (the OOM killer, a lost node) otherwise
-# leaves srun and its trainers running until Slurm's job teardown, which only SIGTERMs them (the
-# trainers take that as "checkpoint and exit") and SIGKILLs them KillWait later. When srun dies,
-# slurmstepd cancels the step at once; the trainers' own helpers die with them (training/lifecycle.py).
+# The trainers die with this script: a SIGKILLed batch script (the OOM killer, a lost node) otherwise
+# leaves srun and its trainers running until Slurm's job teardown, which SIGTERMs them and SIGKILLs
+# them KillWait later. srun gets SIGTERM when this script dies, and answers it by SIGKILLing its
+# tasks on every node at once; their helpers die with them (training/lifecycle.py). If that is too
+# late (Slurm's teardown already began) or srun itself was killed, the trainers see the teardown's
+# SIGTERM, learn from Slurm that this script has ended and exit instead of checkpointing.
 die_with_script=()
 if command -v setpriv >/dev/null 2>&1 && setpriv --help 2>&1 | grep -q -- --pdeathsig; then
-    die_with_script=(setpriv --pdeathsig KILL --)
+    die_with_script=(setpriv --pdeathsig TERM --)
 fi
 "${die_with_script[@]}" srun --kill-on-bad-exit=1 --output="$RUN_DIR/logs/%j-%t.log" \
     python -m megatron_vlm.train --config "$CONFIG" training.output_dir="$RUN_DIR" \

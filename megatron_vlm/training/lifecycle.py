@@ -29,13 +29,29 @@ Which processes arm it:
   ``__mp_main__``, whose module level calls :func:`arm_spawned_helper`;
 - every *fork* child of the trainer, through ``os.register_at_fork`` (the signal setting is
   cleared by fork).
+
+Under ``sbatch`` the trainers' parent is slurmstepd, not srun nor the batch script (which runs on
+one node only), so neither mechanism sees the batch script die. Two more lines there:
+- ``slurm/pretrain_idefics2.sh`` runs srun with the parent-death signal SIGTERM: srun answers it by
+  SIGKILLing its tasks on every node ("forcing job termination"), at once, while the job still
+  counts as running. (With SIGKILL srun died silently and the trainers lived on until Slurm's
+  teardown, whose SIGTERM they took for a preemption and checkpointed first.)
+- that teardown's SIGTERM comes from slurmstepd, like a preemption's or ``scancel --signal=TERM``'s;
+  what tells them apart is in the controller: the job is no longer running and its batch script
+  has already ended with a non-zero exit code or a signal (:func:`slurm_batch_script_ended`; a
+  preemption or a cancellation signals a job whose script still runs). The trainers' SIGTERM
+  handler (training/preemption.py) asks, and exits at once instead of checkpointing: no one waits
+  for this job, its peers are being killed, and a save would be cut off at KillWait. This covers
+  srun itself being SIGKILLed (the script then ends) and a lost race of the first line.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -64,16 +80,45 @@ def _set_parent_death_signal(sig: int) -> bool:
     return True
 
 
-def _die(reason: str) -> None:
+def die(reason: str) -> None:
+    """Print ``reason`` and SIGKILL this process (its helpers die with it, see the module docstring)."""
     print(f"megatron_vlm: pid {os.getpid()}: {reason}; exiting", file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def slurm_batch_script_ended(timeout: float = 10.0) -> str | None:
+    """In a task of a Slurm batch job's step: why the job is over because its batch script ended
+    abnormally (killed, OOM-killed, failed: the launcher is gone), as a sentence; None when not in a
+    batch job, when the script is still running (a preemption, ``scancel``, a requeue, the time limit)
+    or when Slurm cannot be asked within ``timeout`` seconds (then nothing changes)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or not os.environ.get("SLURM_STEP_ID"):
+        return None
+    try:
+        done = subprocess.run(
+            ["scontrol", "--oneliner", "show", "job", job], capture_output=True, text=True, timeout=timeout
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    fields = {key: re.search(rf"(?:^|\s){key}=(\S+)", done.stdout) for key in ("JobState", "BatchFlag", "ExitCode")}
+    if done.returncode != 0 or not all(fields.values()):
+        return None
+    state, batch, exit_code = (match.group(1) for match in fields.values())
+    # ExitCode is the batch script's (code:signal), set when it ends (0:0 again after a requeue,
+    # Slurm 22.05); a script that exits 0 with steps still running is not told apart (the trainers
+    # then checkpoint, as before).
+    if batch != "1" or state == "RUNNING" or exit_code == "0:0":
+        return None
+    code, _, number = exit_code.partition(":")
+    how = f"was killed by signal {number}" if number not in ("", "0") else f"exited with {code}"
+    return f"Slurm job {job} is {state}: its batch script {how} (the launcher is gone), not checkpointing"
 
 
 def _watch(parent: int, interval: float) -> None:
     while True:
         time.sleep(interval)
         if os.getppid() != parent:
-            _die(f"parent {parent} is gone (now re-parented to {os.getppid()})")
+            die(f"parent {parent} is gone (now re-parented to {os.getppid()})")
 
 
 def die_with_parent(parent: int | None = None, watchdog: bool = True, interval: float = 1.0) -> int:
@@ -85,7 +130,7 @@ def die_with_parent(parent: int | None = None, watchdog: bool = True, interval: 
     parent = os.getppid() if parent is None else parent
     _set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent:  # it died before the signal was armed: the kernel will not send it
-        _die(f"parent {parent} exited before the parent-death signal was set")
+        die(f"parent {parent} exited before the parent-death signal was set")
     if watchdog and _armed_parent != parent:
         threading.Thread(target=_watch, args=(parent, interval), name="parent-watchdog", daemon=True).start()
     _armed_parent = parent
@@ -98,7 +143,7 @@ def _after_fork_in_child() -> None:
     parent = _forking_parent
     _set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent:
-        _die(f"parent {parent} exited before the parent-death signal was set")
+        die(f"parent {parent} exited before the parent-death signal was set")
 
 
 _forking_parent = os.getpid()
