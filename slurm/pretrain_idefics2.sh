@@ -87,11 +87,14 @@ requeue() {
     exit 0
 }
 trap requeue USR1
-# A plain scancel (or a preemption without B:) sends SIGTERM to this script too: pass it on and wait,
-# so that srun (which dies with this script, below) lives until the trainers' checkpoint is written.
+# A preemption or a plain scancel sends SIGTERM to this script as well as to the trainers: wait, so
+# that srun (which dies with this script, below) lives until the trainers' checkpoint is written.
+# Not SIGTERM to srun: srun answers that by SIGKILLing its tasks ("forcing job termination"), which
+# cut every preemption checkpoint short (tests/test_slurm.py). USR1, which srun passes on, asks the
+# trainers to checkpoint and exit too, for a SIGTERM that reached this script alone.
 terminate() {
     echo "$(date) SIGTERM received: the trainers checkpoint and exit"
-    kill -TERM "$srun_pid" 2>/dev/null || true
+    kill -USR1 "$srun_pid" 2>/dev/null || true
     wait "$srun_pid" || true
     exit 143
 }

@@ -75,33 +75,34 @@ def test_sbatch_trains_and_checkpoints(slurm, data_root, tmp_path):
 
 
 def test_sigterm_saves_and_the_next_submission_resumes(slurm, data_root, tmp_path):
+    """SIGTERM to the tasks (a preemption, ``scancel --signal=TERM``): they checkpoint and exit. The
+    resubmitted job resumes from it; SIGTERM to its batch script alone (``scancel --batch``) makes the
+    script ask the trainers, through srun, to checkpoint too (it used to pass SIGTERM to srun, which
+    SIGKILLs its tasks: no checkpoint)."""
     run_dir = tmp_path / "run"
-    overrides = "training.train_steps=400 training.save_interval=1000 training.log_interval=1"
-    job, env = submit(slurm, run_dir, data_root, overrides)
     logs = run_dir / "logs"
-    wait_for(
-        lambda: logs.is_dir() and any("step      2/400" in p.read_text() for p in logs.glob("*.log")), 600, "training"
-    )
-    subprocess.run(["scancel", "--signal=TERM", job], check=True, env=env)  # to the tasks, as preemption does
     latest = run_dir / "checkpoints" / "latest"
-    wait_for(latest.is_file, 300, "the preemption checkpoint")
-    saved = int(latest.read_text().strip().removeprefix("iter_"))
-    assert 2 <= saved < 400
-    wait_for(lambda: job_state(job, env) in ("COMPLETED", "GONE"), 300, "the job to end cleanly")
-    text = "".join(p.read_text() for p in logs.glob("*.log"))
-    assert f"preempted at step {saved}" in text
 
-    resumed, _ = submit(
-        slurm,
-        run_dir,
-        data_root,
-        f"training.train_steps={saved + 3} training.save_interval=1000 training.log_interval=1",
-    )
-    wait_for(
-        lambda: job_state(resumed, env) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"),
-        600,
-        "the resumed job",
-    )
-    text = "".join(p.read_text() for p in logs.glob(f"{resumed}-*.log"))
-    assert f"resumed from {run_dir / 'checkpoints' / f'iter_{saved:07d}'} at step {saved}" in text
-    assert latest.read_text().strip() == f"iter_{saved + 3:07d}"
+    def checkpointed() -> int:
+        return int(latest.read_text().strip().removeprefix("iter_")) if latest.is_file() else 0
+
+    def preempt(scancel_options: list[str]) -> tuple[int, str]:
+        """Submit, let it train two steps past the latest checkpoint, signal it: (checkpoint, job's log)."""
+        before = checkpointed()
+        job, env = submit(
+            slurm, run_dir, data_root, "training.train_steps=400 training.save_interval=1000 training.log_interval=1"
+        )
+        job_logs = lambda: "".join(p.read_text() for p in logs.glob(f"{job}-*.log"))  # noqa: E731
+        wait_for(lambda: f"step {before + 2:6d}/400" in job_logs(), 600, "training")
+        subprocess.run(["scancel", *scancel_options, job], check=True, env=env)
+        wait_for(lambda: checkpointed() > before, 300, f"the checkpoint after scancel {scancel_options}")
+        saved = checkpointed()
+        assert before + 2 <= saved < 400
+        # Slurm counts a job whose batch script was signalled as CANCELLED, the script's 143 as FAILED.
+        wait_for(lambda: job_state(job, env) not in ("PENDING", "RUNNING", "COMPLETING"), 300, "the job to end")
+        wait_for(lambda: f"preempted at step {saved}" in job_logs(), 60, "its log")
+        return saved, job_logs()
+
+    first, _ = preempt(["--signal=TERM"])
+    _, text = preempt(["--batch", "--signal=TERM"])
+    assert f"resumed from {run_dir / 'checkpoints' / f'iter_{first:07d}'} at step {first}" in text
