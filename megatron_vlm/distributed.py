@@ -367,8 +367,13 @@ class _Watch:
                 quiet = min(silent, now - ticks[rank][1])  # since any sign of life (a tick or a beat)
                 if quiet > record["allowed"]:
                     late.append(f"{self._who(rank, record, quiet)}: its process stopped responding")
-                elif record["count"] < self.count and silent > record["allowed"]:
-                    late.append(f"{self._who(rank, record, silent)}: it never reached the phase the others wait in")
+                elif record["count"] < self.count and min(silent, now - mine[1]) > min(record["allowed"], self.allowed):
+                    # Behind: every phase ends in a collective, so it left its last phase (a save, with
+                    # the long allowance) with the others; then the phase they wait in sets the limit.
+                    behind, limit = min(silent, now - mine[1]), min(record["allowed"], self.allowed)
+                    late.append(
+                        f"{self._who(rank, record, behind, limit)}: it never reached the phase the others wait in"
+                    )
             if late and not self.stopped.is_set():
                 self.lost("; ".join(late))
             # Everyone alive (a frozen one is named above once its ticks are stale too), even, and silent.
@@ -384,9 +389,9 @@ class _Watch:
                 )
 
     @staticmethod
-    def _who(rank: int, record: dict[str, Any], silent: float) -> str:
+    def _who(rank: int, record: dict[str, Any], silent: float, limit: float | None = None) -> str:
         return (
-            f"rank {rank} on {record['host']} did not answer within {record['allowed']:g} s "
+            f"rank {rank} on {record['host']} did not answer within {record['allowed'] if limit is None else limit:g} s "
             f"(last seen {silent:.0f} s ago; the last phase it entered: step {record['step']}, {record['phase']})"
         )
 

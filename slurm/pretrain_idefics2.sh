@@ -110,8 +110,20 @@ die_with_script=()
 if command -v setpriv >/dev/null 2>&1 && setpriv --help 2>&1 | grep -q -- --pdeathsig; then
     die_with_script=(setpriv --pdeathsig TERM --)
 fi
+rm -f "$RUN_DIR/peer_lost.json"  # left by an earlier job: this one's is what counts
 "${die_with_script[@]}" srun --kill-on-bad-exit=1 --output="$RUN_DIR/logs/%j-%t.log" \
     python -m megatron_vlm.train --config "$CONFIG" training.output_dir="$RUN_DIR" \
     ${DATA_ROOT:+data.root="$DATA_ROOT"} "${overrides[@]}" &
 srun_pid=$!
-wait "$srun_pid"
+rc=0
+wait "$srun_pid" || rc=$?  # (set -e would end the script here)
+# A trainer whose peer stopped answering for longer than training.collective_timeout_s exits with 75
+# (EX_TEMPFAIL: megatron_vlm/distributed.py names the rank and host) and leaves peer_lost.json (srun
+# reports the silent peer's SIGKILL, not the 75): back to the queue, to resume from the latest
+# checkpoint, on other nodes if need be (a checkpoint resumes at any layout).
+if ((rc == 75)) || [[ -f $RUN_DIR/peer_lost.json ]]; then
+    echo "$(date) a rank stopped answering (exit 75, see the task logs): requeueing"
+    mv -f "$RUN_DIR/peer_lost.json" "$RUN_DIR/logs/peer_lost.${SLURM_JOB_ID}.json" 2>/dev/null || true
+    scontrol requeue "$SLURM_JOB_ID" || true
+fi
+exit "$rc"

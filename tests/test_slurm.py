@@ -14,10 +14,11 @@ pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def submit(slurm, run_dir, data_root, overrides):
+def submit(slurm, run_dir, data_root, overrides, **extra_env):
     run_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the --output directory
     env = {
         **os.environ,
+        **extra_env,
         "SLURM_CONF": slurm,
         "HF_HUB_OFFLINE": "1",
         "PYTHONWARNINGS": "ignore",
@@ -106,3 +107,30 @@ def test_sigterm_saves_and_the_next_submission_resumes(slurm, data_root, tmp_pat
     first, _ = preempt(["--signal=TERM"])
     _, text = preempt(["--batch", "--signal=TERM"])
     assert f"resumed from {run_dir / 'checkpoints' / f'iter_{first:07d}'} at step {first}" in text
+
+
+def test_a_silent_rank_sends_the_job_back_to_the_queue(slurm, data_root, tmp_path):
+    """Rank 1 stops answering at step 3: rank 0 names it within training.collective_timeout_s and
+    exits with 75, and the batch script requeues the job (which would resume from its checkpoint)."""
+    from megatron_vlm.distributed import HANG_TEST_HOOK
+
+    run_dir = tmp_path / "run"
+    overrides = (
+        "training.train_steps=400 training.save_interval=2 training.log_interval=1 training.collective_timeout_s=8"
+    )
+    job, env = submit(slurm, run_dir, data_root, overrides, **{HANG_TEST_HOOK: "1:3"})
+
+    def restarts() -> int:
+        shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=env).stdout
+        match = re.search(r"Restarts=(\d+)", shown)
+        return int(match.group(1)) if match else 0
+
+    try:
+        wait_for(lambda: restarts() >= 1, 300, "the requeue")
+    finally:
+        subprocess.run(["scancel", job], env=env)
+    output = (run_dir / f"slurm-{job}.out").read_text()
+    assert "a rank stopped answering (exit 75" in output and "requeueing" in output
+    assert (run_dir / "logs" / f"peer_lost.{job}.json").is_file()
+    logs = "".join(p.read_text() for p in (run_dir / "logs").glob(f"{job}-*.log"))
+    assert "rank 1 on " in logs and "did not answer within 8 s" in logs

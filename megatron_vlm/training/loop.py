@@ -54,6 +54,11 @@ def _placement(tensors: Any) -> str:
     return ", ".join(f"{device} ({', '.join(sorted(dtypes))})" for device, dtypes in sorted(places.items()))
 
 
+# Written into the run directory by a rank that exits because a peer stopped answering:
+# slurm/pretrain_idefics2.sh then requeues the job.
+PEER_LOST_FILE = "peer_lost.json"
+
+
 def pretrain(run: RunConfig) -> dict[str, Any]:
     training = run.training
     # Start-up stages are logged as they begin, so a run that stalls shows where (with the stacks
@@ -78,6 +83,11 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     checkpoints = output / "checkpoints"
     lock = run_lock.acquire_collective(output)  # one job per run directory, else refuse naming the holder
     distributed.on_peer_lost(lock.release)  # exiting for a silent peer frees the directory for the requeue
+
+    def peer_lost() -> None:  # what the batch script looks for to requeue (srun reports the killed peer's code)
+        (output / PEER_LOST_FILE).write_text(json.dumps({"rank": env.rank, "exit_code": distributed.EXIT_PEER_LOST}))
+
+    distributed.on_peer_lost(peer_lost)
     if env.rank == 0:  # will the checkpoint written on the time-limit signal fit before the limit?
         rate = training.checkpoint_write_gbps * 1e9 or checkpoint.measure_write_bandwidth(checkpoints)
         if rate is None:
