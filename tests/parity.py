@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -75,3 +79,22 @@ def run_tool(tool: str, *args: str, timeout: int = 600) -> str:
             f"{tool} {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
         )
     return done.stdout
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of ``size`` (tmpfs) mounted at ``path``: a disk that fills up. The
+    disk-full tests need it, so a machine that cannot mount one fails them, naming why (CI runs as
+    root; they are not skipped, or a full disk would go untested unseen)."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode:
+        pytest.fail(
+            f"mount -t tmpfs failed ({done.stderr.decode().strip()}): the disk-full tests need root (CAP_SYS_ADMIN)"
+        )
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

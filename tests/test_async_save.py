@@ -11,35 +11,19 @@
 """
 
 import json
-import os
 import re
-import subprocess
 
 import pytest
-from parity import run_torchrun
+from parity import run_torchrun, small_tmpfs
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Each rank's findings (result<rank>.json) from one run of the worker; with a full-disk phase
-    when a small tmpfs can be mounted here (root)."""
+    """Each rank's findings (result<rank>.json) from one run of the worker, with a full-disk phase
+    on a small tmpfs."""
     out = tmp_path_factory.mktemp("async_save")
-    full = out / "small"
-    full.mkdir()
-    mounted = (
-        os.geteuid() == 0
-        and subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(full)], capture_output=True
-        ).returncode
-        == 0
-    )
-    try:
-        run_torchrun(
-            "async_save_worker.py", 2, ["--out", str(out), *(["--full", str(full)] if mounted else [])], timeout=240
-        )
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(full)], check=False)
+    with small_tmpfs(out / "small", "8m") as full:
+        run_torchrun("async_save_worker.py", 2, ["--out", str(out), "--full", str(full)], timeout=240)
     return [json.loads((out / f"result{rank}.json").read_text()) for rank in (0, 1)]
 
 
@@ -96,8 +80,6 @@ def test_a_write_failing_on_one_rank_raises_on_every_rank_and_publishes_nothing(
 
 @pytest.mark.multiprocess
 def test_a_full_disk_on_one_rank_reaches_every_rank_through_on_failure(ranks):
-    if "full_error" not in ranks[0]:
-        pytest.skip("mounting a small tmpfs needs root (mount -t tmpfs)")
     errors = {rank["full_error"] for rank in ranks}
     assert len(errors) == 1, errors
     (error,) = errors

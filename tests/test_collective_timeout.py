@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from parity import free_port
+from parity import free_port, small_tmpfs
 from test_fault_tolerance import alive, wait_for_text
 from test_training import environment, trainer_args
 
@@ -163,18 +163,9 @@ def test_a_timeout_that_is_not_a_number_is_refused_by_name():
 @pytest.fixture
 def small_filesystem(tmp_path):
     """A real 80 MiB filesystem (tmpfs): a checkpoint of the tiny model (55 MB) fits once, not twice.
-    Mounting needs root (CAP_SYS_ADMIN); skipped where it is not permitted."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode:
-        pytest.skip(f"mount -t tmpfs not permitted here: {done.stderr.decode().strip()}")
-    try:
+    Mounting needs root (CAP_SYS_ADMIN): elsewhere the test fails, naming that."""
+    with small_tmpfs(tmp_path / "small", "80m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.multiprocess
