@@ -31,6 +31,9 @@ class VisionConfig:
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
     attention_dropout: float = 0.0  # dropout on attention probabilities (training only), as transformers
+    # The MLP's activation, by transformers' ACT2FN name: SigLIP gelu_pytorch_tanh, CLIP quick_gelu,
+    # Idefics1's CLIP-style tower gelu. Each recipe names the ones it implements.
+    hidden_act: str = "gelu_pytorch_tanh"
 
     @property
     def head_dim(self) -> int:
@@ -57,6 +60,22 @@ class ConnectorConfig:
     head_dim: int = 96
     rms_norm_eps: float = 1e-5
     attention_dropout: float = 0.0
+    # pixel_shuffle (Idefics3): each s x s block of patches becomes one token of s^2 x the width.
+    scale_factor: int = 2
+    # Layer norms on queries and keys (Idefics1's perceiver: qk_layer_norms_perceiver).
+    qk_layer_norms: bool = False
+
+
+@dataclass
+class CrossAttentionConfig:
+    """Gated cross-attention blocks (Flamingo / Idefics1), used when ``ModelConfig.architecture`` is
+    ``cross_attention``: one block before every ``interval``-th decoder layer (layers 0, interval,
+    2 x interval, ...), its queries the text, its keys and values the image tokens, its output
+    added through tanh(alpha) gates that start at 0."""
+
+    interval: int = 4  # transformers' IdeficsConfig.cross_layer_interval
+    alpha_type: str = "float"  # float: one gate per block; vector: one per hidden unit
+    qk_layer_norms: bool = False  # layer norms on queries and keys (IdeficsConfig.qk_layer_norms)
 
 
 @dataclass
@@ -77,10 +96,17 @@ class TextConfig:
     # (within its document). None: full causal attention.
     sliding_window: int | None = None
     attention_dropout: float = 0.0
+    # RoPE scaling as Llama configs carry it (transformers' rope_scaling / rope_parameters without
+    # rope_theta): {"rope_type": "linear" | "llama3", "factor": ..., ...}. None: plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+
+# How image tokens reach the decoder (the paper's architecture comparison).
+ARCHITECTURES = ("fully_autoregressive", "cross_attention")
 
 
 @dataclass
@@ -88,6 +114,13 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    # fully_autoregressive: image tokens are spliced into the decoder's sequence (Idefics2/3);
+    # cross_attention: the decoder attends to them in gated cross-attention blocks (Idefics1).
+    architecture: str = "fully_autoregressive"
+    cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+    # The transformers model family the converters read and write (conversion/families):
+    # idefics2 | idefics3 | idefics1. Training does not depend on it.
+    family: str = "idefics2"
     fake_image_token_id: int = 32000
     image_token_id: int = 32001
     end_of_utterance_token_id: int = 32002
@@ -96,6 +129,10 @@ class ModelConfig:
     # masked. Unlike Megatron-LM's multiple-times-TP, the padded size does not depend on the
     # layout, so embedding checkpoints reshard between TP sizes.
     make_vocab_size_divisible_by: int = 128
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"model.architecture={self.architecture!r} is not one of {ARCHITECTURES}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -248,6 +285,9 @@ def _apply_override(values: dict[str, Any], override: str) -> None:
         raise ValueError(f"override {override!r} is not KEY=VALUE (e.g. training.lr=3e-4)")
     key, raw = override.split("=", 1)
     *path, leaf = key.split(".")
+    if path and path[0] == "model" and isinstance(values.get("model"), str):
+        # A model named by preset, with one of its values changed: the preset, then the change.
+        values["model"] = {"preset": values["model"]}
     section = values
     for part in path:
         section = section.setdefault(part, {})

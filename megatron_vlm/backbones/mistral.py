@@ -24,8 +24,7 @@ class MistralRecipe:
     part, kind = "text", "mistral"
     hidden_act = "silu"
     tokenizer = "mistral"  # data.tokens.load_tokenizer: Mistral-7B's, shipped in mistral-common
-    # config.json layouts read (a Llama config without RoPE scaling is a Mistral without the window).
-    hf_model_types = ("mistral", "llama")
+    hf_model_types = ("mistral",)
 
     def transformer_config(
         self, model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, initialize: bool = True

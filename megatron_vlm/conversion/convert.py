@@ -1,13 +1,14 @@
 """HF <-> Megatron conversion, both directions through the one mapping table.
 
-* ``hf_to_megatron``: an Idefics2 HF directory -> a Megatron checkpoint directory (collective:
+* ``hf_to_megatron``: an HF directory of a supported family (Idefics2, Idefics3, Idefics1: read from its
+  ``config.json``'s ``model_type``) -> a Megatron checkpoint directory (collective:
   every rank of the TP x PP layout reads only the tensors it holds, one at a time).
 * ``separate_to_megatron``: the paper's starting point, SigLIP + Mistral HF directories; the
   connector keeps its fresh initialisation, the vocabulary gains the three image tokens (rows
   initialised to the mean of the existing rows), the position table is resized when its grid
   differs from the target image size.
 * ``megatron_to_hf``: a Megatron checkpoint (any layout; LoRA adapters merged) -> a directory that
-  ``Idefics2ForConditionalGeneration.from_pretrained`` loads, written shard by shard.
+  the family's transformers class (``Idefics2ForConditionalGeneration`` ...) loads, written shard by shard.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from megatron_vlm.backbones import mapping as rows
 from megatron_vlm.backbones import recipe_for_hf, recipes_of
 from megatron_vlm.config import ConnectorConfig, ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_vlm.conversion import mapping
+from megatron_vlm.conversion.families import family_of
 from megatron_vlm.conversion.hf_config import (
     from_hf_config,
     refuse_unmodelled,
@@ -98,7 +100,7 @@ def _refuse_unexpected(found: set[str], expected: set[str], source: str) -> None
     if unexpected:
         raise ValueError(
             f"{source} has {len(unexpected)} tensors the model config does not account for "
-            f"(wrong config or not an Idefics2 checkpoint):\n  " + "\n  ".join(unexpected[:50])
+            f"(wrong config, or a checkpoint of another model):\n  " + "\n  ".join(unexpected[:50])
         )
 
 
@@ -215,7 +217,7 @@ class SeparateCheckpoints:
         self.ignored: list[str] = []
         for part, source, part_recipe in (("vision", vision, vision_recipe), ("text", text, text_recipe)):
             used, ignored = part_recipe.standalone_names(source.names)
-            hf_prefix = mapping.PART_PREFIXES[part][1]
+            hf_prefix = family_of(config).part_prefixes[part][1]
             for relative, source_name in used.items():
                 target = relative[1:] if relative.startswith("/") else hf_prefix + relative
                 self.names[target] = (source, part_recipe, relative, source_name)
@@ -225,7 +227,8 @@ class SeparateCheckpoints:
         source, part_recipe, relative, source_name = self.names[name]
         part_config = self.config.vision if part_recipe.part == "vision" else self.config.text
         tensor = part_recipe.adapt_standalone(relative, source.read(source_name), part_config)
-        if name in ("model.text_model.embed_tokens.weight", "lm_head.weight"):
+        text_prefix = family_of(self.config).part_prefixes["text"][1]
+        if name in (f"{text_prefix}embed_tokens.weight", "lm_head.weight"):
             return with_new_token_rows(tensor, 3)  # Idefics2's three image tokens
         return tensor
 
@@ -322,21 +325,15 @@ def megatron_to_hf(
 
 
 def save_processor(directory: Path, config: ModelConfig, tokenizer_dir: str | Path | None) -> None:
-    """Tokenizer (None: Mistral-7B's) + Idefics2 processor files, checked against the model."""
-    from transformers import Idefics2ImageProcessor, Idefics2Processor
-
+    """Tokenizer (None: the text recipe's, e.g. Mistral-7B's) + the family's processor files,
+    checked against the model."""
     from megatron_vlm.data.tokens import image_token_ids, load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir, name=recipes_of(config)[2].tokenizer)
     ids = image_token_ids(tokenizer)
     if ids["<image>"] != config.image_token_id or len(tokenizer) != config.text.vocab_size:
         raise ValueError(
-            f"tokenizer {tokenizer_dir or 'mistral'} does not fit the model: <image> id {ids['<image>']} vs "
-            f"{config.image_token_id}, {len(tokenizer)} tokens vs vocabulary {config.text.vocab_size}"
+            f"tokenizer {tokenizer_dir or recipes_of(config)[2].tokenizer} does not fit the model: <image> id "
+            f"{ids['<image>']} vs {config.image_token_id}, {len(tokenizer)} tokens vs vocabulary {config.text.vocab_size}"
         )
-    longest = config.vision.image_size
-    image_processor = Idefics2ImageProcessor(size={"longest_edge": longest, "shortest_edge": min(378, longest)})
-    processor = Idefics2Processor(
-        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=config.connector.num_latents
-    )
-    processor.save_pretrained(str(directory))
+    family_of(config).processor(config, tokenizer).save_pretrained(str(directory))

@@ -1,5 +1,5 @@
-"""The HF <-> Megatron table of an Idefics2 model, assembled from its backbone recipes' rows, and
-the loading of HF weights into (a pipeline/tensor-parallel piece of) the Megatron model. Both
+"""The HF <-> Megatron table of a model, assembled from its backbone recipes' rows placed where its
+family's checkpoint keeps each part (plus the family's own rows), and the loading of HF weights into (a pipeline/tensor-parallel piece of) the Megatron model. Both
 conversion directions and every tool read this table.
 """
 
@@ -13,35 +13,33 @@ from megatron_vlm.backbones import mapping as rows
 from megatron_vlm.backbones import recipes_of
 from megatron_vlm.backbones.mapping import Mapping
 from megatron_vlm.config import ModelConfig
+from megatron_vlm.conversion.families import family_of
 from megatron_vlm.models.naming import canonical_name, global_parameter_names
 
-# Where each part lives: its module in our model, its prefix in transformers' Idefics2.
-PART_PREFIXES = {
-    "vision": ("vision.", "model.vision_model."),
-    "connector": ("connector.", "model.connector."),
-    "text": ("language_model.", "model.text_model."),
-}
 
-
-def idefics2_table(config: ModelConfig) -> tuple[Mapping, ...]:
+def model_table(config: ModelConfig) -> tuple[Mapping, ...]:
     """Every row of this model's table, Megatron and HF names in full."""
+    family = family_of(config)
+    family.check(config)
     vision, connector, text = recipes_of(config)
     parts = {
         "vision": vision.rows(config.vision),
         "connector": connector.rows(config),
         "text": text.rows(config.text),
     }
-    return tuple(row.prefixed(*PART_PREFIXES[part]) for part, part_rows in parts.items() for row in part_rows)
+    prefixes = family.part_prefixes
+    placed = [row.prefixed(*prefixes[part]) for part, part_rows in parts.items() for row in part_rows]
+    return (*placed, *family.extra_rows(config))
 
 
 def lookup(name: str, config: ModelConfig) -> tuple[Mapping, str | None]:
     """The row of a Megatron parameter name (TE or local form, global layer index) and its layer."""
-    return rows.lookup(canonical_name(name), idefics2_table(config))
+    return rows.lookup(canonical_name(name), model_table(config))
 
 
 def expand(config: ModelConfig) -> list[tuple[str, Mapping, str | None]]:
     """Every concrete (Megatron name, row, layer) of a model with this config."""
-    return rows.expand(idefics2_table(config))
+    return rows.expand(model_table(config))
 
 
 @torch.no_grad()
@@ -62,7 +60,7 @@ def load_hf_weights(
     ``keep_initialized(canonical name)`` holds keep their initial values. Raises naming every
     missing HF tensor and shape mismatch; returns the HF names used.
     """
-    table = idefics2_table(config)
+    table = model_table(config)
     missing, wrong_shapes, used = [], [], set()
     parameters = {(id(chunk), name): param for chunk in chunks for name, param in chunk.named_parameters()}
     work = [(chunk, local, canonical) for chunk in chunks for local, canonical in global_parameter_names(chunk).items()]

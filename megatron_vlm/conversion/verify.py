@@ -1,4 +1,5 @@
-"""Numerical parity of our Megatron Idefics2 with transformers' Idefics2ForConditionalGeneration.
+"""Numerical parity of our Megatron model with its family's transformers model (Idefics2's
+``Idefics2ForConditionalGeneration``, Idefics3's, Idefics1's: ``conversion/families``).
 
 ``python -m megatron_vlm.conversion.verify --preset tiny`` builds a random HF model of the preset,
 loads it into the Megatron model through the mapping table, runs both on a batch mixing images of
@@ -25,7 +26,7 @@ import torch
 
 from megatron_vlm.backbones import recipes_of
 from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig, load_model_preset
-from megatron_vlm.conversion.hf_config import to_hf_config
+from megatron_vlm.conversion.families import family, family_of
 from megatron_vlm.conversion.mapping import load_hf_weights
 from megatron_vlm.data.batch import (
     Batch,
@@ -43,44 +44,27 @@ DEFAULT_TOLERANCE = 1e-4
 
 
 def random_hf_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
-    from transformers import Idefics2ForConditionalGeneration
-
+    """The family's transformers model of this config, randomly initialised (fp32, eval)."""
+    family = family_of(config)
     torch.manual_seed(seed)
-    model = Idefics2ForConditionalGeneration(to_hf_config(config)).float().eval()
-    # HF initialises norms to 1 and latents to 1: randomise them so the mapping of every tensor shows.
+    model = family.hf_model_class()(family.to_hf_config(config)).float().eval()
+    # HF initialises norms to 1, latents to 1 and gates to 0: randomise them so the mapping of every
+    # tensor shows.
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name or "latents" in name or name.endswith(".bias"):
+            if "norm" in name or "latents" in name or name.endswith(".bias") or "alpha" in name:
                 param.add_(0.1 * torch.randn_like(param))
     return model
 
 
-def hf_inputs(batch: Batch) -> dict[str, torch.Tensor]:
-    """Our flat image list -> transformers' [batch, max images, ...] with all-zero padding images."""
-    rows = len(batch.images_per_row)
-    if batch.pixel_values.shape[0] == 0:  # transformers wants no pixel_values at all then
-        return dict(input_ids=batch.input_ids, attention_mask=batch.padding)
-    most = max(1, max(len(images) for images in batch.images_per_row))
-    _, channels, h, w = batch.pixel_values.shape
-    pixel_values = torch.zeros(rows, most, channels, h, w)
-    pixel_mask = torch.zeros(rows, most, h, w, dtype=torch.long)
-    index = 0
-    for row, images in enumerate(batch.images_per_row):
-        for slot in range(len(images)):
-            pixel_values[row, slot] = batch.pixel_values[index]
-            pixel_mask[row, slot] = batch.pixel_mask[index].long()
-            index += 1
-    return dict(
-        input_ids=batch.input_ids,
-        attention_mask=batch.padding,
-        pixel_values=pixel_values,
-        pixel_attention_mask=pixel_mask,
-    )
+def hf_inputs(batch: Batch, config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """A synthetic batch as the family's transformers model takes it (Idefics2's when ``config`` is None)."""
+    return family(config.family if config is not None else "idefics2").hf_inputs(batch)
 
 
 @torch.no_grad()
-def hf_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    return model(**hf_inputs(batch)).logits
+def hf_logits(model: torch.nn.Module, batch: Batch, config: ModelConfig | None = None) -> torch.Tensor:
+    return model(**hf_inputs(batch, config)).logits
 
 
 def model_device(chunks: Sequence[torch.nn.Module]) -> torch.device:
@@ -137,21 +121,13 @@ def default_photos() -> list[Any]:
 def processor_inputs(
     config: ModelConfig, photos: list[Any], tokenizer_dir: str | Path | None = None
 ) -> tuple[dict, dict]:
-    """Tokenise the prompts and process the photos as transformers' Idefics2Processor does;
+    """Tokenise the prompts and process the photos as the family's transformers processor does;
     returns (HF inputs, Megatron inputs) for the same batch."""
-    from transformers import Idefics2ImageProcessor, Idefics2Processor
-
     from megatron_vlm.data.tokens import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir, name=recipes_of(config)[2].tokenizer)
     tokenizer.padding_side = "right"
-    longest = min(config.vision.image_size, 980)
-    image_processor = Idefics2ImageProcessor(
-        size={"longest_edge": longest, "shortest_edge": min(378, longest)}, do_image_splitting=False
-    )
-    processor = Idefics2Processor(
-        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=config.connector.num_latents
-    )
+    processor = family_of(config).processor(config, tokenizer, do_image_splitting=False)
     photos = list(photos)
     images, texts = [], []
     for index, (text, count) in enumerate(PROMPTS):
@@ -189,7 +165,6 @@ def verify_checkpoints(
     weights, not against the float32 ones it was rounded from), then both models compute in
     float32, on whatever device each lives on; the tolerance therefore holds for every dtype."""
     from megatron.core import parallel_state
-    from transformers import Idefics2ForConditionalGeneration
 
     from megatron_vlm.distributed import collective_device
     from megatron_vlm.models.checkpoint_io import load_model, model_config_of, read_metadata
@@ -214,7 +189,7 @@ def verify_checkpoints(
         and parallel_state.get_tensor_model_parallel_rank() == parallel_state.get_data_parallel_rank() == 0
     ):
         ours = ours.float().cpu()
-        hf = Idefics2ForConditionalGeneration.from_pretrained(str(hf_dir), dtype=getattr(torch, dtype))
+        hf = family_of(config).hf_model_class().from_pretrained(str(hf_dir), dtype=getattr(torch, dtype))
         hf = hf.float().eval()  # the checkpoint's weights, computed in float32 on the CPU
         with torch.no_grad():
             reference = hf(**hf_inputs_).logits
@@ -255,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
         load_hf_weights([model], state.__getitem__, set(state), config, 0, 1)
         batch = make_batch(config, seed=args.seed, seq_len=max(48, 4 + 2 * (config.connector.num_latents + 4)))
-        reference = hf_logits(hf, batch)
+        reference = hf_logits(hf, batch, config)
         with torch.no_grad(), true_float32():
             logits = model.eval()(**on_model_device([model], megatron_inputs(batch)))
             ours = gather_logits(logits, config.text.vocab_size).cpu()
