@@ -21,7 +21,7 @@ def test_every_part_of_the_presets_has_a_recipe():
 
 
 def test_unknown_kinds_and_model_types_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"unknown vision kind 'eva_clip'; registered: \['siglip'\]"):
+    with pytest.raises(ValueError, match=r"unknown vision kind 'eva_clip'; registered: \['clip', 'siglip'\]"):
         backbones.recipe("vision", "eva_clip")
     with pytest.raises(
         ValueError, match=r"no text recipe reads HF model_type 'qwen2'; supported: \['llama', 'mistral'\]"

@@ -58,6 +58,33 @@ def swiglu_mlp(config: TransformerConfig, input_size: int, ffn_hidden_size: int)
     return MLP(config, submodules, input_size=input_size, ffn_hidden_size=ffn_hidden_size)
 
 
+def projection_rows() -> list[Mapping]:
+    """The modality projection's rows (Megatron: ``projection.``, HF: ``modality_projection.``),
+    shared by every connector built on it."""
+    return [
+        Mapping(
+            "projection.linear_fc1.weight",
+            ("modality_projection.gate_proj.weight", "modality_projection.up_proj.weight"),
+            Split.GATED_COLUMN,
+            Fuse.GATE_UP,
+        ),
+        Mapping("projection.linear_fc2.weight", ("modality_projection.down_proj.weight",), Split.ROW),
+    ]
+
+
+def projection_flops(model: ModelConfig, tokens: int) -> float:
+    """The modality projection's forward over ``tokens`` vision tokens."""
+    t = model.text
+    return 2 * tokens * (2 * model.vision.hidden_size * t.intermediate_size + t.intermediate_size * t.hidden_size)
+
+
+def projection_parameters(model: ModelConfig) -> ParameterCount:
+    t = model.text
+    return ParameterCount(
+        sharded=model.vision.hidden_size * 2 * t.intermediate_size + t.intermediate_size * t.hidden_size
+    )
+
+
 class PackedKeys:
     """Where each packed patch goes among its image's keys: ``[longest + latents, images]``, the
     image's patches first (padding after them, masked), then the image's latents, as transformers'
@@ -238,8 +265,9 @@ class PerceiverRecipe:
         config = self.transformer_config(model, parallel, precision, initialize)
         return Idefics2Connector(config, model.connector, model.vision.hidden_size)
 
-    def tokens_per_image(self, connector: ConnectorConfig) -> int:
-        return connector.num_latents
+    def tokens_per_image(self, model: ModelConfig) -> int:
+        """Image tokens in the text per image: the latents, whatever the image's size."""
+        return model.connector.num_latents
 
     # -- HF configs ------------------------------------------------------------------------
 
@@ -296,13 +324,7 @@ class PerceiverRecipe:
             Mapping("layers.*.mlp.linear_fc2.weight", (f"{hf}mlp.down_proj.weight",), Split.ROW),
         ]
         return [
-            Mapping(
-                "projection.linear_fc1.weight",
-                ("modality_projection.gate_proj.weight", "modality_projection.up_proj.weight"),
-                Split.GATED_COLUMN,
-                Fuse.GATE_UP,
-            ),
-            Mapping("projection.linear_fc2.weight", ("modality_projection.down_proj.weight",), Split.ROW),
+            *projection_rows(),
             Mapping("latents", ("perceiver_resampler.latents",)),
             *layer_rows(model.connector.depth, layer),
             Mapping("final_norm.weight", ("perceiver_resampler.norm.weight",)),
@@ -312,9 +334,8 @@ class PerceiverRecipe:
 
     def forward_flops(self, model: ModelConfig, patches: int) -> float:
         """One image of ``patches`` real patches: projection, then the resampler."""
-        c, t = model.connector, model.text
-        hv, ht = model.vision.hidden_size, t.hidden_size
-        projection = 2 * patches * (2 * hv * t.intermediate_size + t.intermediate_size * ht)
+        c, ht = model.connector, model.text.hidden_size
+        projection = projection_flops(model, patches)
         latents, q_width, kv_width = c.num_latents, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         context = patches + latents
         layer = (
@@ -329,9 +350,7 @@ class PerceiverRecipe:
     def parameters(self, model: ModelConfig) -> ParameterCount:
         c, t = model.connector, model.text
         h, q, kv = t.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        projection = ParameterCount(
-            sharded=model.vision.hidden_size * 2 * t.intermediate_size + t.intermediate_size * h
-        )
+        projection = projection_parameters(model)
         layer = ParameterCount(sharded=h * q + 2 * h * kv + q * h + h * 8 * h + 4 * h * h, replicated=3 * h)
         return (
             projection + ParameterCount(replicated=c.num_latents * h) + layer * c.depth + ParameterCount(replicated=h)

@@ -152,13 +152,19 @@ class SiglipRecipe:
 
     part, kind = "vision", "siglip"
     hidden_act = "gelu_pytorch_tanh"
-    # transformers' configs read: SigLIP's own, and Idefics2's vision config (the same encoder).
-    hf_model_types = ("siglip", "siglip_vision_model", "idefics2_vision", "idefics2")
+    # transformers' configs read: SigLIP's own, and Idefics2's and Idefics3's vision configs (the same encoder).
+    hf_model_types = ("siglip", "siglip_vision_model", "idefics2_vision", "idefics2", "idefics3_vision")
+    # Images at native aspect ratio and any size up to image_size (position buckets).
+    fixed_resolution = False
 
     def transformer_config(
         self, vision: VisionConfig, parallel: ParallelConfig, precision: PrecisionConfig, initialize: bool = True
     ) -> TransformerConfig:
         """It lives whole on pipeline stage 0; its input (whole images) is never split along the sequence."""
+        if vision.hidden_act != self.hidden_act:
+            raise ValueError(
+                f"vision.hidden_act={vision.hidden_act!r}: the siglip recipe implements {self.hidden_act!r}"
+            )
         return TransformerConfig(
             num_layers=vision.num_layers,
             hidden_size=vision.hidden_size,
@@ -210,6 +216,19 @@ class SiglipRecipe:
             token_multiple=common.FP8_TOKEN_MULTIPLE if config.fp8 else 1,
         )
 
+    def tokens_per_image(self, vision: VisionConfig) -> int:
+        """Patches of an image that arrives square at image_size (the count varies otherwise: a
+        connector that needs it fixed makes the data resize square, training/preflight.py)."""
+        return vision.patches_per_side**2
+
+    def output_tokens(self, vision: VisionConfig, patches: int) -> int:
+        """Tokens the encoder returns for an image of ``patches`` real patches."""
+        return patches
+
+    def smallest_image(self, vision: VisionConfig) -> int:
+        """Side of the smallest image the encoder takes (a stand-in image for batches without any)."""
+        return vision.patch_size
+
     # -- HF configs ------------------------------------------------------------------------
 
     def hf_config(self, config_json: MappingType[str, Any]) -> Any:
@@ -221,6 +240,10 @@ class SiglipRecipe:
             return SiglipConfig.from_dict(copy.deepcopy(dict(config_json))).vision_config
         if model_type in ("siglip_vision_model", None):
             return SiglipVisionConfig.from_dict(copy.deepcopy(dict(config_json)))
+        if model_type == "idefics3_vision":
+            from transformers import Idefics3VisionConfig
+
+            return Idefics3VisionConfig.from_dict(copy.deepcopy(dict(config_json)))
         raise ValueError(f"expected a SigLIP config, found model_type={model_type!r}")
 
     def from_hf(self, v: Any, image_size: int | None = None) -> VisionConfig:

@@ -1,7 +1,7 @@
 """Image decoding backends: NVIDIA DALI (GPU 'mixed' decoding, or the same graph on CPU) and Pillow.
 
 Both implement ``images.py``'s semantics: split windows and target sizes are computed on the host
-from the image header (Idefics2's rules); DALI then decodes only each window (``image_slice``:
+from the image header (Idefics2's rules, or the square of ``ImageConfig.resize``); DALI then decodes only each window (``image_slice``:
 nvJPEG / the hardware JPEG decoder with 'mixed'), resizes with an antialiased linear filter and
 normalizes to CHW float32. Pillow's bilinear filter and DALI's differ slightly; the bound is
 asserted in ``tests/test_dali.py``. EXIF orientation is ignored, as transformers ignores it.

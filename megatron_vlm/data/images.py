@@ -5,6 +5,9 @@ image (split first, on the original), resize keeping the aspect ratio (longest e
 both edges raised to the shortest-edge floor), rescale by 1/255, normalize with mean = std = 0.5,
 and pad every image of a batch to the largest height and width with a pixel mask.
 Stage limits: 384 px longest edge in the paper's stage 1, 980 px in stage 2.
+``resize: square`` instead resizes every image (each crop, with splitting) to longest_edge x
+longest_edge, aspect ratio not kept: the paper's square baseline, and what encoders at a fixed
+square resolution (CLIP) take; transformers' Idefics2ImageProcessor with ``size={"height", "width"}``.
 
 Pixels come from ``to_rgb``, transformers' ``convert_to_rgb``: transparency (an alpha band, or a
 palette / colour-key ``transparency``) is composited onto white, everything else goes through
@@ -25,6 +28,8 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+RESIZE_MODES = ("longest_edge", "square")
+
 
 @dataclass(frozen=True)
 class ImageConfig:
@@ -33,6 +38,13 @@ class ImageConfig:
     split: bool = False  # 4 crops + the full image: 5 images (and 5 placeholder groups) per image
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # longest_edge: aspect ratio kept (longest edge capped, shortest-edge floor); square: every
+    # image (every crop) resized to longest_edge x longest_edge.
+    resize: str = "longest_edge"
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"image.resize={self.resize!r} is not one of {RESIZE_MODES}")
 
     @property
     def images_per_image(self) -> int:
@@ -61,7 +73,10 @@ def size_problem(width: int, height: int, limits: ImageLimits) -> str | None:
 
 
 def resized_size(height: int, width: int, config: ImageConfig) -> tuple[int, int]:
-    """Output (height, width): the longest edge capped, then each edge at least the floor."""
+    """Output (height, width): the longest edge capped, then each edge at least the floor; or,
+    with ``resize: square``, longest_edge x longest_edge."""
+    if config.resize == "square":
+        return config.longest_edge, config.longest_edge
     aspect_ratio = width / height
     if width >= height and width > config.longest_edge:
         width = config.longest_edge

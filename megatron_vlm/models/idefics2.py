@@ -71,9 +71,10 @@ class Idefics2Model(MegatronModule):
         Every trainable parameter then has a (zero) gradient on every data-parallel rank, so
         overlapped gradient reduction never waits on a bucket that this rank would not fill.
         """
-        patch = self.model_config.vision.patch_size
-        pixels = embeddings.new_zeros(1, self.model_config.vision.num_channels, patch, patch)
-        mask = torch.ones(1, patch, patch, dtype=torch.bool, device=embeddings.device)
+        # The smallest image the encoder takes: one patch for SigLIP, its fixed square for CLIP.
+        side = recipes_of(self.model_config)[0].smallest_image(self.model_config.vision)
+        pixels = embeddings.new_zeros(1, self.model_config.vision.num_channels, side, side)
+        mask = torch.ones(1, side, side, dtype=torch.bool, device=embeddings.device)
         return embeddings + 0.0 * self.encode_images(pixels, mask).sum().to(embeddings.dtype)
 
     def splice_images(
@@ -158,11 +159,16 @@ def build_model_chunks(
 ) -> list[Idefics2Model]:
     """This rank's model chunks: one, or one per virtual pipeline stage. Without
     ``initialize_weights`` parameters are left unset, for callers that load every weight next."""
+    model_class: type = Idefics2Model
+    if model_config.architecture == "cross_attention":
+        from megatron_vlm.models.cross_attention import CrossAttentionModel  # it builds on this module
+
+        model_class = CrossAttentionModel
     chunks = []
     for vp_stage in range(parallel.virtual_pipeline or 1):
         vp = vp_stage if parallel.virtual_pipeline else None
         chunks.append(
-            Idefics2Model(
+            model_class(
                 model_config,
                 parallel,
                 precision,

@@ -16,7 +16,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_vlm import backend, distributed
-from megatron_vlm.backbones import recipes_of
+from megatron_vlm.backbones import recipes_of, text_tokens_per_image
 from megatron_vlm.backbones.common import torch_dtype
 from megatron_vlm.config import RunConfig, to_dict
 from megatron_vlm.data.batch import MODEL_INPUTS
@@ -112,7 +112,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     loader = MultimodalLoader(
         data_config,
         tokenizer,
-        run.model.connector.num_latents,
+        text_tokens_per_image(run.model),  # <image> tokens per image in the text
         run.model.image_token_id,
         parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(),
@@ -317,7 +317,9 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
                 "skipped_steps": float(skipped_steps),
             }
             metrics.write(iteration, last)
-            results.add_window(*totals.tolist(), seconds=elapsed, steps=window["steps"])
+            results.add_window(
+                *totals.tolist(), seconds=elapsed, steps=window["steps"], step=iteration, loss=step["loss"]
+            )
             if reports:
                 seconds_per_step = elapsed / window["steps"]
                 evaluation_seconds = 0.0

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from megatron_vlm import backend
 from megatron_vlm.backbones import common, recipes_of
-from megatron_vlm.config import RunConfig
+from megatron_vlm.config import ModelConfig, RunConfig
 from megatron_vlm.distributed import layout_problems
 from megatron_vlm.models.fp8 import te_fp8_parts
 from megatron_vlm.models.lora import BACKBONES, linear_kind, unadaptable
+
+if TYPE_CHECKING:
+    from megatron_vlm.data.images import ImageConfig
+    from megatron_vlm.data.loader import DataConfig
 
 
 @dataclass
@@ -43,11 +48,30 @@ class StartupPlan:
         return "; ".join(lines)
 
 
-def _sequence_lengths(run: RunConfig) -> tuple[int, ...]:
+def _data_config(run: RunConfig) -> DataConfig:
     from megatron_vlm.data.loader import load_data_config
 
-    data = load_data_config(run.data.mixture, run.data.root)
-    return tuple(sorted({source.seq_len for source in data.sources}))
+    return load_data_config(run.data.mixture, run.data.root)
+
+
+def image_size_problem(model: ModelConfig, image: ImageConfig, mixture: str) -> str | None:
+    """Why the mixture's images do not fit the model: a vision encoder at a fixed square resolution
+    (CLIP), or a connector needing the same token count from every image (mlp, under SigLIP too),
+    takes every image resized square at the encoder's image_size."""
+    vision, connector, _ = recipes_of(model)
+    if getattr(vision, "fixed_resolution", False):
+        why = f"vision kind {model.vision.kind!r} takes images at exactly its image_size"
+    elif getattr(connector, "fixed_tokens_per_image", False):
+        why = f"connector kind {model.connector.kind!r} needs the same number of vision tokens from every image"
+    else:
+        return None
+    size = model.vision.image_size
+    if image.resize == "square" and image.longest_edge == size:
+        return None
+    return (
+        f"{why}: the data mixture {mixture!r} must set image.resize: square and image.longest_edge: {size} "
+        f"(it has resize={image.resize!r}, longest_edge={image.longest_edge})"
+    )
 
 
 def check_batch_layout(run: RunConfig, world_size: int) -> int:
@@ -107,8 +131,11 @@ def startup_problems(run: RunConfig, world_size: int) -> tuple[StartupPlan, list
         except (RuntimeError, ValueError) as error:
             problems.append(str(error))
     plan = StartupPlan(transformer_engine=use_te, fp8_backend=fp8)
-    lengths = _sequence_lengths(run)
+    data = _data_config(run)
+    lengths = tuple(sorted({source.seq_len for source in data.sources}))
     plan.sequence_lengths = lengths
+    if problem := image_size_problem(model, data.image, run.data.mixture):
+        problems.append(problem)
     tp, mbs = parallel.tensor_parallel, run.data.micro_batch_size
 
     # Sequence parallelism splits every micro-batch's sequence over the TP ranks.

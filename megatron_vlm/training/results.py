@@ -34,6 +34,8 @@ class RunResults:
         self.windows = 0
         self.training_peak = 0  # memory peak as of the last logged step: checkpoint writes after it excluded
         self.micro_batch_size = self.seq_length = self.images = self.patches = 0
+        # (step, training loss) at every logged step: the curves a comparison of variants plots.
+        self.loss_history: list[tuple[int, float]] = []
 
     def observe(self, batches: list[dict[str, Any]]) -> None:
         patch = self.run.model.vision.patch_size
@@ -45,7 +47,11 @@ class RunResults:
                 self.images = max(self.images, pixels.shape[0])
                 self.patches = max(self.patches, (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch))
 
-    def add_window(self, tokens: float, images: float, flops: float, seconds: float, steps: int) -> None:
+    def add_window(
+        self, tokens: float, images: float, flops: float, seconds: float, steps: int, step: int, loss: float
+    ) -> None:
+        """One logged window: its totals (over the data-parallel ranks), and the loss at its last step."""
+        self.loss_history.append((step, loss))
         self.windows += 1
         self.training_peak = max(self.training_peak, self.meter.peak_bytes())
         if self.windows == 2:  # the first window held start-up: keep it only if nothing follows
@@ -121,6 +127,7 @@ class RunResults:
             "peak_tflops_per_rank": self.peak_tflops,
             "mfu": achieved / (self.peak_tflops * self.world_size),
             "loss": last.get("loss"),
+            "loss_history": self.loss_history,
             "validation_loss": dict(validation or {}),
             "memory": {
                 "measured": ("cuda allocator peak" if backend.has_cuda() else "resident memory above the start (VmHWM)")

@@ -1,0 +1,376 @@
+"""CLIP ViT vision encoder at its native square resolution, on Megatron-Core's TransformerBlock, and
+its recipe (config, layer spec, HF config and weight names, GEMM shapes, FLOPs, parameters).
+
+transformers' CLIPVisionModel: a class token before the patches, learned absolute positions over the
+``1 + (image_size / patch_size)^2`` slots, a LayerNorm before the encoder (``pre_layrnorm``), pre-norm
+layers with biased linears and quick-GELU. The paper's CLIP baseline sees every image squashed to
+that square (``image.resize: square`` in the data mixture), so images arrive whole at exactly
+``image_size`` x ``image_size``; anything else is refused, naming the size found. Its output is
+CLIPVisionModel's ``last_hidden_state``: every token, class token first, per image.
+
+Each image is one packed sequence (THD, ``cu_seqlens``), as SigLIP's, so both encoders share the
+layer spec, the attention backends and the FP8 token padding; here every sequence has the same length.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping as MappingType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+from megatron_vlm.backbones import common
+from megatron_vlm.backbones.attention import packed_seq_params
+from megatron_vlm.backbones.base import ParameterCount, register
+from megatron_vlm.backbones.mapping import Attention, Fuse, Mapping, Split, layer_rows
+from megatron_vlm.backbones.siglip import RECIPE as SIGLIP
+from megatron_vlm.backbones.siglip import resize_position_table
+from megatron_vlm.config import ParallelConfig, PrecisionConfig, VisionConfig
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """transformers' QuickGELUActivation (CLIP's ``hidden_act="quick_gelu"``)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+# VisionConfig.hidden_act -> the function, for the activations transformers' CLIP configs use.
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+
+
+def activation(hidden_act: str) -> Any:
+    if hidden_act not in ACTIVATIONS:
+        raise ValueError(
+            f"vision hidden_act={hidden_act!r} is not implemented for CLIP; use one of {sorted(ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[hidden_act]
+
+
+class ClipVisionEncoder(MegatronModule):
+    """Patch embedding + class token + absolute positions + pre-layernorm + TransformerBlock, on
+    whole square images; same interface as ``SiglipVisionEncoder``.
+
+    ``token_multiple``: the packed token count is padded up to a multiple of it with a separate
+    sequence of zeros (dropped at the end), for GEMMs that need aligned row counts (FP8).
+    """
+
+    def __init__(
+        self, config: TransformerConfig, vision: VisionConfig, layer_spec: ModuleSpec, token_multiple: int = 1
+    ) -> None:
+        super().__init__(config=config)
+        self.vision = vision
+        self.token_multiple = token_multiple
+        hidden, dtype = vision.hidden_size, config.params_dtype
+        # Embeddings and the norms around the encoder are replicated across tensor-parallel ranks.
+        self.class_embedding = nn.Parameter(torch.zeros(hidden, dtype=dtype))
+        self.patch_embedding = nn.Conv2d(
+            vision.num_channels,
+            hidden,
+            kernel_size=vision.patch_size,
+            stride=vision.patch_size,
+            bias=False,
+            dtype=dtype,
+        )
+        self.position_embedding = nn.Embedding(vision.patches_per_side**2 + 1, hidden, dtype=dtype)
+        self.pre_layernorm = nn.LayerNorm(hidden, eps=vision.layer_norm_eps, dtype=dtype)
+        if config.perform_initialization:
+            config.init_method(self.class_embedding)
+            config.init_method(self.patch_embedding.weight)
+            config.init_method(self.position_embedding.weight)
+        # No final norm in the block: CLIPVisionModel's last_hidden_state is the last layer's output.
+        self.encoder = TransformerBlock(config, layer_spec, pre_process=True, post_process=True, post_layer_norm=False)
+        # CLIP's post_layernorm normalises only the pooled class token (pooler_output), which
+        # Idefics-style models do not use: it is kept, never applied, so a converted CLIP checkpoint
+        # keeps its tensors and exports back whole.
+        self.post_layernorm = nn.LayerNorm(hidden, eps=vision.layer_norm_eps, dtype=dtype)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vision.patches_per_side**2 + 1
+
+    def check_images(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> None:
+        """Every image whole (no padded pixel) at exactly image_size x image_size, else refused."""
+        size = self.vision.image_size
+        fix = f"resize images to it in the data mixture: image.resize: square, image.longest_edge: {size}"
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.vision.num_channels:
+            raise ValueError(
+                f"CLIP takes pixel_values [images, {self.vision.num_channels}, {size}, {size}]; "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        height, width = pixel_values.shape[-2:]
+        if (height, width) != (size, size):
+            raise ValueError(f"CLIP takes images at exactly {size}x{size} pixels; the batch is {height}x{width}: {fix}")
+        mask = pixel_attention_mask.bool()
+        padded = (~mask.flatten(1).all(dim=1)).nonzero().flatten().tolist()
+        if padded:
+            first = mask[padded[0]]
+            real = f"{int(first.any(dim=1).sum())}x{int(first.any(dim=0).sum())}"
+            raise ValueError(
+                f"CLIP takes images at exactly {size}x{size} pixels; images {padded} are padded "
+                f"(image {padded[0]} is {real} real pixels, height x width): {fix}"
+            )
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[images, C, S, S] -> [images, 1 + grid^2, hidden]: class token, patches row-major,
+        plus positions, pre-layernormed (CLIPVisionEmbeddings, then pre_layrnorm)."""
+        images = pixel_values.shape[0]
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        patches = patches.flatten(2).transpose(1, 2)  # [images, grid^2, hidden]
+        cls = self.class_embedding.to(patches.dtype).expand(images, 1, -1)
+        embeddings = torch.cat([cls, patches], dim=1) + self.position_embedding.weight[None]
+        return self.pre_layernorm(embeddings)
+
+    def forward(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixel_values [images, C, S, S], pixel_attention_mask [images, S, S] (all True) ->
+        (features [images x (1 + grid^2), hidden], image after image; tokens per image [images])."""
+        self.check_images(pixel_values, pixel_attention_mask)
+        embeddings = self.embed(pixel_values)
+        images, per_image, hidden = embeddings.shape
+        packed = embeddings.reshape(images * per_image, hidden)
+        lengths = torch.full((images,), per_image, dtype=torch.long, device=packed.device)
+        tokens = packed.shape[0]
+        sequence_lengths = lengths
+        extra = -tokens % self.token_multiple
+        if extra:  # an extra sequence of zeros: attends only to itself, dropped below
+            packed = torch.cat([packed, packed.new_zeros(extra, hidden)])
+            sequence_lengths = torch.cat([lengths, lengths.new_tensor([extra])])
+        params: PackedSeqParams = packed_seq_params(sequence_lengths)
+        output = self.encoder(hidden_states=packed[:, None, :], attention_mask=None, packed_seq_params=params)
+        return output[:tokens, 0], lengths
+
+    def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
+        """The encoder always starts from pixels on its own stage."""
+
+
+def resize_clip_positions(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """[1 + old_grid^2, D] -> [1 + grid^2, D]: the class slot kept, the patch grid bicubic-resized
+    (as transformers' ``interpolate_pos_encoding``)."""
+    return torch.cat([table[:1], resize_position_table(table[1:], grid)])
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe
+# --------------------------------------------------------------------------------------------
+
+
+class ClipRecipe:
+    """CLIP ViT (transformers' CLIPVisionModel): class token, absolute positions at a fixed square
+    resolution, pre-layernorm, LayerNorm pre-norm layers with biased linears, quick-GELU (or GELU)."""
+
+    part, kind = "vision", "clip"
+    # transformers' configs read: CLIP's vision model, the full CLIP (its vision_config), and
+    # Idefics1's CLIP-style tower (IdeficsVisionConfig, read through its families' config).
+    hf_model_types = ("clip_vision_model", "clip", "idefics_vision")
+    # Every image is squashed to image_size x image_size (training/preflight.py checks the data).
+    fixed_resolution = True
+
+    def transformer_config(
+        self, vision: VisionConfig, parallel: ParallelConfig, precision: PrecisionConfig, initialize: bool = True
+    ) -> TransformerConfig:
+        """It lives whole on pipeline stage 0; its input (whole images) is never split along the sequence."""
+        return TransformerConfig(
+            num_layers=vision.num_layers,
+            hidden_size=vision.hidden_size,
+            ffn_hidden_size=vision.intermediate_size,
+            num_attention_heads=vision.num_heads,
+            kv_channels=vision.head_dim,
+            normalization="LayerNorm",
+            layernorm_epsilon=vision.layer_norm_eps,
+            add_bias_linear=True,
+            add_qkv_bias=True,
+            gated_linear_unit=False,
+            activation_func=activation(vision.hidden_act),
+            pipeline_model_parallel_size=1,
+            **common.transformer_kwargs(
+                parallel,
+                precision,
+                initialize,
+                attention_dropout=vision.attention_dropout,
+                sequence_parallel=False,
+                fp8_problem=self.fp8_problem(vision, parallel.tensor_parallel),
+            ),
+        )
+
+    def layer_spec(self, config: TransformerConfig, use_te: bool) -> ModuleSpec:
+        """SigLIP's: non-causal attention within each packed image sequence (TE or the local spec)."""
+        return SIGLIP.layer_spec(config, use_te)
+
+    def build(
+        self,
+        vision: VisionConfig,
+        parallel: ParallelConfig,
+        precision: PrecisionConfig,
+        initialize: bool,
+        use_te: bool,
+    ) -> ClipVisionEncoder:
+        if vision.image_size % vision.patch_size:
+            raise ValueError(
+                f"CLIP image_size {vision.image_size} is not a multiple of its patch_size {vision.patch_size}"
+            )
+        config = self.transformer_config(vision, parallel, precision, initialize)
+        return ClipVisionEncoder(
+            config,
+            vision,
+            self.layer_spec(config, use_te),
+            token_multiple=common.FP8_TOKEN_MULTIPLE if config.fp8 else 1,
+        )
+
+    def tokens_per_image(self, vision: VisionConfig) -> int:
+        """The class token and every patch of the image_size square."""
+        return vision.patches_per_side**2 + 1
+
+    def output_tokens(self, vision: VisionConfig, patches: int) -> int:
+        """Tokens the encoder returns for an image of ``patches`` patches."""
+        return patches + 1
+
+    def smallest_image(self, vision: VisionConfig) -> int:
+        """Side of the smallest image the encoder takes (a stand-in image for batches without any)."""
+        return vision.image_size
+
+    # -- HF configs ------------------------------------------------------------------------
+
+    def hf_config(self, config_json: MappingType[str, Any]) -> Any:
+        """A CLIP ``config.json`` (the full CLIP or its vision model) -> CLIPVisionConfig."""
+        from transformers import CLIPConfig, CLIPVisionConfig
+
+        model_type = config_json.get("model_type")
+        if model_type == "clip":
+            return CLIPConfig.from_dict(copy.deepcopy(dict(config_json))).vision_config
+        if model_type in ("clip_vision_model", None):
+            return CLIPVisionConfig.from_dict(copy.deepcopy(dict(config_json)))
+        raise ValueError(f"expected a CLIP config, found model_type={model_type!r}")
+
+    def from_hf(self, v: Any, image_size: int | None = None) -> VisionConfig:
+        """transformers' CLIPVisionConfig -> VisionConfig (optionally at another image size: the
+        position table is then resized by ``adapt_standalone``)."""
+        activation(v.hidden_act)  # refused by name when not implemented
+        for name in ("image_size", "patch_size"):
+            if not isinstance(getattr(v, name), int):
+                raise ValueError(f"vision_config.{name}={getattr(v, name)!r}: only a square (one int) is supported")
+        return VisionConfig(
+            kind=self.kind,
+            hidden_size=v.hidden_size,
+            intermediate_size=v.intermediate_size,
+            num_layers=v.num_hidden_layers,
+            num_heads=v.num_attention_heads,
+            patch_size=v.patch_size,
+            image_size=image_size or v.image_size,
+            num_channels=v.num_channels,
+            layer_norm_eps=v.layer_norm_eps,
+            attention_dropout=float(v.attention_dropout),
+            hidden_act=v.hidden_act,
+        )
+
+    def to_hf(self, v: VisionConfig) -> dict[str, Any]:
+        activation(v.hidden_act)
+        return {
+            "model_type": "clip_vision_model",
+            "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size,
+            "num_hidden_layers": v.num_layers,
+            "num_attention_heads": v.num_heads,
+            "num_channels": v.num_channels,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "hidden_act": v.hidden_act,
+            "layer_norm_eps": v.layer_norm_eps,
+            "attention_dropout": v.attention_dropout,
+        }
+
+    # -- weights ---------------------------------------------------------------------------
+
+    # A standalone CLIP checkpoint's tensors that the vision tower does not use: the text tower and
+    # the contrastive heads (CLIPModel, CLIPVisionModelWithProjection).
+    standalone_ignored = ("text_model.", "logit_scale", "visual_projection.", "text_projection.")
+
+    def standalone_names(self, names: set[str]) -> tuple[dict[str, str], list[str]]:
+        """A standalone CLIP checkpoint's tensor names (CLIPModel, or CLIPVisionModel with its
+        ``vision_model.`` prefix as the Hub stores it, or without as transformers 5 names it) ->
+        {name relative to the vision model: source name}, and the names left out."""
+        prefix = "vision_model." if any(n.startswith("vision_model.") for n in names) else ""
+        used = {
+            n[len(prefix) :]: n for n in names if n.startswith(prefix) and not n.startswith(self.standalone_ignored)
+        }
+        return used, sorted(n for n in names if n.startswith(self.standalone_ignored))
+
+    def adapt_standalone(self, relative: str, tensor: torch.Tensor, v: VisionConfig) -> torch.Tensor:
+        """A standalone tensor as this model needs it: the position table at its image size."""
+        if relative == "embeddings.position_embedding.weight":
+            return resize_clip_positions(tensor, v.patches_per_side)
+        return tensor
+
+    def rows(self, v: VisionConfig) -> list[Mapping]:
+        """Megatron names relative to the encoder module, HF names relative to the vision model."""
+        qkv = tuple(f"encoder.layers.*.self_attn.{p}_proj" for p in "qkv")
+        heads = Attention(v.num_heads, v.num_heads, v.head_dim)
+        layer = "encoder.layers.*."
+
+        def pair(megatron: str, hf: str, split: Split = Split.REPLICATED, bias_split: Split = Split.REPLICATED) -> list:
+            return [
+                Mapping(f"{megatron}.weight", (f"{hf}.weight",), split),
+                Mapping(f"{megatron}.bias", (f"{hf}.bias",), bias_split),
+            ]
+
+        layers = [
+            *pair(f"{layer}input_layernorm", f"{layer}layer_norm1"),
+            Mapping(
+                f"{layer}self_attention.linear_qkv.weight",
+                tuple(f"{n}.weight" for n in qkv),
+                Split.COLUMN,
+                Fuse.QKV,
+                heads,
+            ),
+            Mapping(
+                f"{layer}self_attention.linear_qkv.bias", tuple(f"{n}.bias" for n in qkv), Split.COLUMN, Fuse.QKV, heads
+            ),
+            *pair(f"{layer}self_attention.linear_proj", f"{layer}self_attn.out_proj", Split.ROW),
+            *pair(f"{layer}pre_mlp_layernorm", f"{layer}layer_norm2"),
+            *pair(f"{layer}mlp.linear_fc1", f"{layer}mlp.fc1", Split.COLUMN, Split.COLUMN),
+            *pair(f"{layer}mlp.linear_fc2", f"{layer}mlp.fc2", Split.ROW),
+        ]
+        return [
+            Mapping("class_embedding", ("embeddings.class_embedding",)),
+            Mapping("patch_embedding.weight", ("embeddings.patch_embedding.weight",)),
+            Mapping("position_embedding.weight", ("embeddings.position_embedding.weight",)),
+            *pair("pre_layernorm", "pre_layrnorm"),  # transformers' spelling
+            *layer_rows(v.num_layers, layers),
+            *pair("post_layernorm", "post_layernorm"),
+        ]
+
+    # -- shapes and counts -----------------------------------------------------------------
+
+    def gemms(self, v: VisionConfig, tensor_parallel: int) -> dict[str, tuple[int, int]]:
+        h = v.hidden_size
+        return common.transformer_layer_gemms(h, 3 * h, h, v.intermediate_size, False, tensor_parallel)
+
+    def fp8_problem(self, v: VisionConfig, tensor_parallel: int) -> str | None:
+        return common.te_fp8_problem(self.gemms(v, tensor_parallel))
+
+    def forward_flops(self, v: VisionConfig, patches: int) -> float:
+        """One image of ``patches`` patches (and its class token) through the encoder."""
+        tokens = self.output_tokens(v, patches)
+        embed = 2 * patches * (v.num_channels * v.patch_size**2) * v.hidden_size
+        layer = common.transformer_layer_forward_flops(tokens, self.gemms(v, 1), tokens * tokens, v.hidden_size)
+        return embed + v.num_layers * layer
+
+    def parameters(self, v: VisionConfig) -> ParameterCount:
+        h, inner = v.hidden_size, v.intermediate_size
+        positions = (v.patches_per_side**2 + 1) * h
+        embeddings = ParameterCount(replicated=v.num_channels * v.patch_size**2 * h + h + positions + 2 * h)
+        # Column-parallel weights and biases split; row-parallel outputs keep a whole bias; norms whole.
+        layer = ParameterCount(
+            sharded=3 * h * h + 3 * h + h * h + h * inner + inner + inner * h, replicated=2 * h + 4 * h
+        )
+        return embeddings + layer * v.num_layers + ParameterCount(replicated=2 * h)
+
+
+RECIPE = register("vision", "clip", ClipRecipe())
