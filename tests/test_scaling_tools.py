@@ -70,6 +70,56 @@ def test_sweep_dry_run_lists_runs_and_skips_with_reasons():
     assert "skip n1x1-tp2-pp1-gb4-mb2: world size 1 is not divisible by TP*PP = 2*1" in text
 
 
+ABLATIONS = sorted((ROOT / "examples" / "ablations").glob("*/*.yaml"))
+
+
+def _sweep_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_tool", ROOT / "tools" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_ablation_expands_into_its_variants():
+    """The paper's comparisons (examples/ablations/{cpu,paper}): every variant of every file is a
+    run config that loads and fits its layout, and the variants differ in what the comparison names."""
+    from megatron_vlm.config import load_run_config
+
+    sweep = _sweep_module()
+    assert {p.parent.name for p in ABLATIONS} == {"cpu", "paper"}
+    assert {p.stem for p in ABLATIONS if p.parent.name == "cpu"} == {
+        p.stem for p in ABLATIONS if p.parent.name == "paper"
+    }
+    compared = {
+        "text_backbone": lambda run: run.model.text.kind,
+        "vision_backbone": lambda run: run.model.vision.kind,
+        "architecture": lambda run: run.model.architecture,
+        "trainable": lambda run: (run.trainable.freeze_language, run.trainable.lora_rank),
+        "pooling": lambda run: (run.model.connector.kind, run.model.connector.num_latents),
+        "resize": lambda run: run.data.mixture,
+        "image_splitting": lambda run: run.data.mixture,
+    }
+    for path in ABLATIONS:
+        points, skipped = sweep.expand(sweep.load_sweep(path))
+        assert not skipped, (path, skipped)
+        variants = {point["variant"] for point in points}
+        assert len(variants) >= 2 and len(points) == len(variants), path
+        seen = {
+            compared[path.stem](load_run_config(ROOT / sweep.load_sweep(path)["config"], p["overrides"]))
+            for p in points
+        }
+        assert len(seen) == len(variants), (path, seen)
+
+
+def test_ablation_dry_run_lists_the_variants():
+    text = run_tool("sweep.py", "examples/ablations/cpu/pooling.yaml", "--out", "/nonexistent", "--dry-run")
+    assert "3 runs, 0 impossible points skipped" in text
+    for name in ("perceiver8", "perceiver16", "no_pooling"):
+        assert f"run  {name}-n1x1-gb4-mb2 (1 ranks)" in text
+
+
 def test_analysis_skips_unreadable_results(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "results.json").write_text("{ truncated")
@@ -83,6 +133,8 @@ def test_analysis_skips_unreadable_results(tmp_path):
     assert "skipped unreadable result" in done.stderr and "no results.json" in done.stderr
 
 
+# A comparison of two variants that is also a scaling line: Mistral at one and two ranks (strong
+# scaling), Llama at TP2 (impossible on one rank: skipped), the cost of three short runs.
 SWEEP = """
 config: examples/tiny_cpu.yaml
 set:
@@ -93,9 +145,11 @@ set:
 slurm: {gpus_per_node: 0, cpus_per_task: 1, time: "00:20:00", exclusive: true}
 grid:
   tasks_per_node: [1, 2]
-  parallel.tensor_parallel: [1, 2]
   training.global_batch_size: [4]
   data.micro_batch_size: [2]
+variants:
+  mistral: {model: tiny}
+  llama: {model: tiny_llama, parallel.tensor_parallel: 2}
 """
 
 
@@ -137,7 +191,9 @@ def test_sweep_on_local_slurm_then_table_and_plots(slurm, data_root, tmp_path):
     manifest = json.loads((out / "sweep.json").read_text())
     assert len(manifest["jobs"]) == 2  # one array per (nodes, tasks per node)
     results = {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/results.json")}
-    assert set(results) == {"n1x1-tp1-gb4-mb2", "n1x2-tp1-gb4-mb2", "n1x2-tp2-gb4-mb2"}
+    assert set(results) == {"mistral-n1x1-gb4-mb2", "mistral-n1x2-gb4-mb2", "llama-n1x2-gb4-mb2"}
+    assert results["llama-n1x2-gb4-mb2"]["config"]["model"]["text"]["kind"] == "llama"
+    assert results["llama-n1x2-gb4-mb2"]["layout"]["tensor_parallel"] == 2
     for result in results.values():
         assert result["slurm_job"] and result["measured_steps"] == 4  # the first window (start-up) left out
         assert result["tokens_per_second"] > 0 and 0 < result["mfu"] < 1
@@ -147,8 +203,13 @@ def test_sweep_on_local_slurm_then_table_and_plots(slurm, data_root, tmp_path):
 
     analysis = run_tool("analyze_scaling.py", str(out))
     table = (out / "scaling.md").read_text()
-    assert analysis.startswith("# Scaling results") and table.count("| n1x") == 3
-    assert "TP1 PP1 mb2, global batch 4 | 2 (vs 1)" in table  # strong scaling: DP2 against one rank
-    for name in ("throughput.png", "mfu.png", "scaling_efficiency.png", "memory.png"):
+    assert analysis.startswith("# Scaling results") and table.count("-gb4-mb2 |") == 3 + 3  # runs, comparison
+    assert "mistral: TP1 PP1 mb2, global batch 4 | 2 (vs 1)" in table  # strong scaling: DP2 against one rank
+    comparison = table[table.index("## Comparison of variants") :]
+    for name, result in results.items():  # each run's final loss, as its results.json says
+        variant = name.split("-")[0]
+        assert f"| {variant} | {name} | 6 | {result['loss']:.4f} |" in comparison
+        assert [step for step, _ in result["loss_history"]] == [2, 4, 6]
+    for name in ("throughput.png", "mfu.png", "scaling_efficiency.png", "memory.png", "loss.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000, name

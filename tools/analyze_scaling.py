@@ -5,7 +5,10 @@ Writes into RESULTS_DIR (or --out): scaling.md (every run, strong and weak scali
 predicted against measured memory), throughput.png and mfu.png (against GPUs, one line per
 model-parallel layout), scaling_efficiency.png (strong: same global batch on more GPUs; weak:
 same batch per data-parallel rank) and memory.png (the memory model's prediction per rank
-against the measured peak, with the +-15% band).
+against the measured peak, with the +-15% band). When the runs compare variants (a sweep's
+``variants``, named in its sweep.json, or else the settings in which the runs' configs differ
+beyond their layout), scaling is grouped per variant and scaling.md gains a comparison (final and
+validation loss, throughput per variant) with loss.png (the training loss curves).
 
     python tools/analyze_scaling.py runs/sweeps/small
 """
@@ -13,6 +16,7 @@ against the measured peak, with the +-15% band).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections import defaultdict
@@ -20,6 +24,51 @@ from collections.abc import Callable
 from pathlib import Path
 
 GIB = 2**30
+
+
+# Settings that describe where and how a run ran, not what it trained: never a variant.
+LAYOUT_SETTINGS = (
+    "parallel.",
+    "data.micro_batch_size",
+    "data.root",
+    "training.global_batch_size",
+    "training.output_dir",
+)
+LAYOUT_SETTINGS += ("training.distributed_optimizer", "training.overlap_grad_reduce", "training.async_save")
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value and not key.endswith("rope_scaling"):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value
+    return flat
+
+
+def label_variants(results: list[dict], directory: Path) -> None:
+    """Set each result's ``variant``: its sweep variant's name (sweep.json), or else the settings in
+    which the configs differ beyond layout (``key=value, ...``); none when all trained the same."""
+    manifest = directory / "sweep.json"
+    named = {}
+    if manifest.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            named = {e["name"]: e["variant"] for e in json.loads(manifest.read_text())["runs"] if "variant" in e}
+    if named:
+        for result in results:
+            result["variant"] = named.get(Path(result["path"]).parent.name, "")
+        return
+    flat = [flatten(r.get("config") or {}) for r in results]
+    keys = sorted({k for f in flat for k in f})
+    differing = [
+        k
+        for k in keys
+        if not k.startswith(LAYOUT_SETTINGS) and len({json.dumps(f.get(k), default=str) for f in flat}) > 1
+    ]
+    for result, values in zip(results, flat, strict=True):
+        shown = [f"{k}={values.get(k)}" for k in differing[:3]] + (["..."] if len(differing) > 3 else [])
+        result["variant"] = ", ".join(shown)
 
 
 def load_results(directory: Path) -> tuple[list[dict], list[str]]:
@@ -34,6 +83,7 @@ def load_results(directory: Path) -> tuple[list[dict], list[str]]:
             continue
         result["path"] = str(path)
         results.append(result)
+    label_variants(results, directory)
     return results, problems
 
 
@@ -48,7 +98,11 @@ def model_parallel_key(result: dict) -> str:
             f" {layout['params_dtype']}" if layout.get("params_dtype", "float32") != "float32" else "",
         ]
     )
-    return f"TP{layout['tensor_parallel']} PP{layout['pipeline_parallel']}{vpp} mb{layout['micro_batch_size']}{extras}"
+    variant = f"{result['variant']}: " if result.get("variant") else ""
+    return (
+        f"{variant}TP{layout['tensor_parallel']} PP{layout['pipeline_parallel']}{vpp} "
+        f"mb{layout['micro_batch_size']}{extras}"
+    )
 
 
 def memory_rows(result: dict) -> list[tuple[int, float, float]]:
@@ -153,9 +207,37 @@ def markdown(results: list[dict], strong: list[dict], weak: list[dict], problems
             f"{len(ratios)} ranks: predicted / measured from {min(ratios):.2f} to {max(ratios):.2f}; "
             f"{within} of {len(ratios)} within 15%.",
         ]
+    lines += comparison(results)
     if problems:
         lines += ["", "## Unreadable results (skipped)", ""] + [f"- {problem}" for problem in problems]
     return "\n".join(lines) + "\n"
+
+
+def comparison(results: list[dict]) -> list[str]:
+    """The variants side by side (markdown lines; none when the runs trained one variant)."""
+    variants = sorted({r.get("variant", "") for r in results})
+    if len(variants) < 2:
+        return []
+    lines = [
+        "",
+        "## Comparison of variants",
+        "",
+        "Final training loss (the last logged step), validation loss (mean over sources at the last evaluation) "
+        "and throughput; one row per run.",
+        "",
+        "| variant | run | steps | final loss | validation loss | tokens/s | images/s | MFU | peak GiB (max rank) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(results, key=lambda r: (r.get("variant", ""), r["world_size"], model_parallel_key(r))):
+        validation = r.get("validation_loss") or {}
+        mean_validation = f"{sum(validation.values()) / len(validation):.4f}" if validation else "-"
+        loss = f"{r['loss']:.4f}" if isinstance(r.get("loss"), float | int) else "-"
+        peak = max((m for _, _, m in memory_rows(r)), default=float("nan"))
+        lines.append(
+            f"| {r.get('variant') or '-'} | {Path(r['path']).parent.name} | {r['steps']} | {loss} | {mean_validation} | "
+            f"{r['tokens_per_second']:,.0f} | {r['images_per_second']:.1f} | {100 * r['mfu']:.1f}% | {peak:.3f} |"
+        )
+    return lines
 
 
 def _gpu_axis(axis: object, results: list[dict]) -> None:
@@ -240,6 +322,22 @@ def plot(results: list[dict], strong: list[dict], weak: list[dict], out: Path) -
     figure.savefig(out / "memory.png", dpi=120)
     plt.close(figure)
     written.append(out / "memory.png")
+
+    curves = [r for r in results if r.get("loss_history")]
+    if len({r.get("variant", "") for r in results}) > 1 and curves:
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        for r in sorted(curves, key=model_parallel_key):
+            steps, losses = zip(*r["loss_history"], strict=True)
+            axis.plot(steps, losses, marker=".", label=f"{model_parallel_key(r)}, {r['world_size']} GPUs")
+        axis.set_xlabel("step")
+        axis.set_ylabel("training loss")
+        axis.set_title("training loss per variant")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=6)
+        figure.tight_layout()
+        figure.savefig(out / "loss.png", dpi=120)
+        plt.close(figure)
+        written.append(out / "loss.png")
     return written
 
 

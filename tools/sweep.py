@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""Submit a scaling sweep: a grid of layouts as Slurm job arrays of slurm/pretrain_idefics2.sh.
+"""Submit a sweep: a grid of layouts, or a comparison of variants, as Slurm job arrays of
+slurm/pretrain_idefics2.sh.
 
-The sweep file (examples/sweeps/*.yaml) names a run config, settings for every run, Slurm
-resources and a grid: ``nodes`` and ``tasks_per_node`` (ranks per node: GPUs, or CPU slots) and
-any ``section.key`` of the run config. Every point of the cartesian product is checked first
+The sweep file (examples/sweeps/*.yaml, examples/ablations/*/*.yaml) names a run config, settings
+for every run, Slurm resources and a grid: ``nodes`` and ``tasks_per_node`` (ranks per node: GPUs,
+or CPU slots) and any ``section.key`` of the run config. A comparison adds ``variants``: named sets
+of settings that change together (a model preset and the image resizing it needs, say), each run at
+every grid point; run names start with the variant's. Every point of the cartesian product is checked first
 (layout, batch divisibility); impossible points are listed with the reason and skipped. Points
 with the same node and task counts form one job array (one array task per run); each run writes
 ``OUT/runs/<name>/results.json``. ``sweep.json`` in OUT records points, skips and job ids.
@@ -50,9 +53,16 @@ def load_sweep(path: Path) -> dict:
             f"sweep file {path} not found; examples: {sorted(p.name for p in (ROOT / 'examples/sweeps').glob('*.yaml'))}"
         )
     sweep = yaml.safe_load(path.read_text()) or {}
-    unknown = set(sweep) - {"config", "set", "slurm", "grid"}
+    unknown = set(sweep) - {"config", "set", "slurm", "grid", "variants"}
     if unknown:
-        raise ValueError(f"{path}: unknown sections {sorted(unknown)}; use config, set, slurm, grid")
+        raise ValueError(f"{path}: unknown sections {sorted(unknown)}; use config, set, slurm, grid, variants")
+    variants = sweep.get("variants")
+    if variants is not None and (
+        not isinstance(variants, dict)
+        or not variants
+        or not all(isinstance(name, str) and isinstance(values, dict) for name, values in variants.items())
+    ):
+        raise ValueError(f"{path}: variants must map each variant's name to its settings ({{key: value}})")
     if "config" not in sweep or "grid" not in sweep:
         raise ValueError(f"{path}: needs 'config' (a run config) and 'grid'")
     for key, values in sweep["grid"].items():
@@ -71,33 +81,42 @@ def run_name(point: dict) -> str:
     return "-".join(str(p).replace("/", "_").replace(" ", "") for p in parts)
 
 
+def _override(key: str, value: object) -> str:
+    compact = json.dumps(value, separators=(",", ":"))  # the task file splits overrides at spaces
+    return f"{key}={'null' if value is None else compact if not isinstance(value, str) else value}"
+
+
 def expand(sweep: dict) -> tuple[list[dict], list[dict]]:
-    """(runnable points, skipped points with reasons)."""
+    """(runnable points, skipped points with reasons): every variant at every grid point."""
     grid = {"nodes": [1], "tasks_per_node": [1], **sweep["grid"]}
     keys = list(grid)
-    fixed = [
-        f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
-        for key, value in (sweep.get("set") or {}).items()
-    ]
+    fixed = [_override(key, value) for key, value in (sweep.get("set") or {}).items()]
+    variants = sweep.get("variants") or {None: {}}
     points, skipped = [], []
-    for values in itertools.product(*(grid[key] for key in keys)):
-        point = dict(zip(keys, values, strict=True))
-        overrides = fixed + [
-            f"{key}={'null' if value is None else value}" for key, value in point.items() if key not in RESOURCE_KEYS
-        ]
-        world = point["nodes"] * point["tasks_per_node"]
-        entry = {"name": run_name(point), "point": point, "world_size": world, "overrides": overrides}
-        try:
-            run = load_run_config(sweep["config"], overrides)
-            problems = layout_problems(run.model, run.parallel, world)
-            if not problems:
-                check_batch_layout(run, world)
-        except ValueError as error:
-            problems = [str(error)]
-        if problems:
-            skipped.append({**entry, "reasons": problems})
-        else:
-            points.append(entry)
+    for variant, settings in variants.items():
+        for values in itertools.product(*(grid[key] for key in keys)):
+            point = dict(zip(keys, values, strict=True))
+            overrides = (
+                fixed
+                + [_override(key, value) for key, value in settings.items()]
+                + [_override(key, value) for key, value in point.items() if key not in RESOURCE_KEYS]
+            )
+            world = point["nodes"] * point["tasks_per_node"]
+            name = run_name(point) if variant is None else f"{variant}-{run_name(point)}"
+            entry = {"name": name, "point": point, "world_size": world, "overrides": overrides}
+            if variant is not None:
+                entry["variant"] = variant
+            try:
+                run = load_run_config(sweep["config"], overrides)
+                problems = layout_problems(run.model, run.parallel, world)
+                if not problems:
+                    check_batch_layout(run, world)
+            except (ValueError, FileNotFoundError) as error:  # a bad value, or a preset that is not there
+                problems = [str(error)]
+            if problems:
+                skipped.append({**entry, "reasons": problems})
+            else:
+                points.append(entry)
     return points, skipped
 
 
