@@ -98,3 +98,70 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny models of each converter family (tests/test_families.py, tests/workers/family_worker.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_idefics2_llama() -> ModelConfig:
+    """Idefics2 with a Llama decoder: no sliding window, Llama-3 RoPE scaling."""
+    config = tiny_config()
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 512,
+    }
+    text = dataclasses.replace(config.text, kind="llama", sliding_window=None, rope_scaling=scaling)
+    return dataclasses.replace(config, text=text)
+
+
+def _tiny_idefics3() -> ModelConfig:
+    """The tiny_idefics3 preset with tiny_config's small vocabulary."""
+    config = load_model_preset("tiny_idefics3")
+    return dataclasses.replace(
+        config,
+        text=dataclasses.replace(config.text, vocab_size=259),
+        fake_image_token_id=256,
+        image_token_id=257,
+        end_of_utterance_token_id=258,
+        make_vocab_size_divisible_by=16,
+    )
+
+
+def _tiny_idefics1() -> ModelConfig:
+    """The tiny_idefics1 preset (cross-attention) with tiny_config's small vocabulary, its three
+    image tokens the additional (separately stored) vocabulary."""
+    config = load_model_preset("tiny_idefics1")
+    return dataclasses.replace(
+        config,
+        text=dataclasses.replace(config.text, vocab_size=259, additional_vocab_size=3),
+        fake_image_token_id=256,
+        image_token_id=257,
+        end_of_utterance_token_id=258,
+        make_vocab_size_divisible_by=16,
+    )
+
+
+# name -> builder of the tiny config (the worker's --family-config).
+TINY_FAMILY_CONFIGS = {"idefics2-llama": _tiny_idefics2_llama, "idefics3": _tiny_idefics3, "idefics1": _tiny_idefics1}
+
+
+def family_config(name: str) -> ModelConfig:
+    if name not in TINY_FAMILY_CONFIGS:
+        raise ValueError(f"unknown family config {name!r}; known: {sorted(TINY_FAMILY_CONFIGS)}")
+    return TINY_FAMILY_CONFIGS[name]()
+
+
+def family_batch(config: ModelConfig, seed: int = 0, images_per_row: list | None = None) -> Batch:
+    """The synthetic parity batch of the config's family: its own maker when its inputs differ from
+    Idefics2's (``synthetic_batch``), else ``make_batch``."""
+    from megatron_vlm.conversion.families import family_of
+
+    maker = getattr(family_of(config), "synthetic_batch", None)
+    if maker is not None:
+        return maker(config, seed=seed, images_per_row=images_per_row)
+    return make_batch(config, seed=seed, images_per_row=images_per_row)

@@ -334,6 +334,8 @@ def save_processor(directory: Path, config: ModelConfig, tokenizer_dir: str | Pa
     if ids["<image>"] != config.image_token_id or len(tokenizer) != config.text.vocab_size:
         raise ValueError(
             f"tokenizer {tokenizer_dir or recipes_of(config)[2].tokenizer} does not fit the model: <image> id "
-            f"{ids['<image>']} vs {config.image_token_id}, {len(tokenizer)} tokens vs vocabulary {config.text.vocab_size}"
+            f"{ids['<image>']} vs {config.image_token_id}, {len(tokenizer)} tokens vs vocabulary "
+            f"{config.text.vocab_size}; give the directory of the model's own tokenizer (--tokenizer DIR), or "
+            "export without tokenizer files"
         )
     family_of(config).processor(config, tokenizer).save_pretrained(str(directory))

@@ -229,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         state = hf.state_dict()
         (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
         load_hf_weights([model], state.__getitem__, set(state), config, 0, 1)
-        batch = make_batch(config, seed=args.seed, seq_len=max(48, 4 + 2 * (config.connector.num_latents + 4)))
+        synthetic = getattr(family_of(config), "synthetic_batch", None)
+        if synthetic is not None:  # a family whose model takes other images (Idefics3: full squares only)
+            batch = synthetic(config, seed=args.seed)
+        else:
+            batch = make_batch(config, seed=args.seed, seq_len=max(48, 4 + 2 * (config.connector.num_latents + 4)))
         reference = hf_logits(hf, batch, config)
         with torch.no_grad(), true_float32():
             logits = model.eval()(**on_model_device([model], megatron_inputs(batch)))

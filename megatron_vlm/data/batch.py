@@ -101,6 +101,27 @@ def micro_batch(
     }
 
 
+def attended_images(input_ids: torch.Tensor, document_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Cross-attention (Idefics1): [b, s] -> the index, among its row's images, of the image each token
+    attends: the latest ``<image>`` at or before it in its own document; -1 for none (its
+    cross-attention output is zeroed). transformers' processor rule
+    (``image_attention_mask_for_packed_input_ids``), with documents in place of its end-of-document token."""
+    is_image = input_ids == image_token_id
+    index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    latest = torch.where(is_image, index, torch.full_like(index, -1)).cummax(dim=1).values
+    starts = torch.ones_like(is_image)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    document_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    seen = (latest >= document_start) & (document_ids >= 0)
+    return torch.where(seen, is_image.long().cumsum(dim=1) - 1, torch.full_like(index, -1))
+
+
+def documents_of_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] positions (restarting at 0 at every document, ``position_ids``) -> document ids: the
+    model's view of the packing (each padding token is then a document of its own)."""
+    return (position_ids == 0).long().cumsum(dim=1) - 1
+
+
 def forward_inputs(batch: MicroBatch) -> MicroBatch:
     """The keys the model's forward takes (no labels: it then returns logits, not a loss)."""
     return {name: batch[name] for name in FORWARD_INPUTS}
@@ -135,13 +156,19 @@ class Batch:
 
 
 def make_batch(
-    config: ModelConfig, seed: int = 0, images_per_row: list[list[tuple[int, int]]] | None = None, seq_len: int = 48
+    config: ModelConfig,
+    seed: int = 0,
+    images_per_row: list[list[tuple[int, int]]] | None = None,
+    seq_len: int = 48,
+    image_seq_len: int | None = None,
 ) -> Batch:
-    """Rows mixing images of several aspect ratios, a text-only row and right padding."""
+    """Rows mixing images of several aspect ratios, a text-only row and right padding.
+    ``image_seq_len``: <image> tokens per image (the connector's ``tokens_per_image``; None: the
+    resampler's latents)."""
     generator = torch.Generator().manual_seed(seed)
     if images_per_row is None:
         images_per_row = [[IMAGE_SIZES[0]], [], [IMAGE_SIZES[1], IMAGE_SIZES[2]], [IMAGE_SIZES[3]]]
-    latents = config.connector.num_latents
+    latents = config.connector.num_latents if image_seq_len is None else image_seq_len
     input_ids = torch.randint(1, 250, (len(images_per_row), seq_len), generator=generator)
     padding = torch.ones_like(input_ids)
     for row, images in enumerate(images_per_row):

@@ -71,8 +71,12 @@ class Idefics2Model(MegatronModule):
         Every trainable parameter then has a (zero) gradient on every data-parallel rank, so
         overlapped gradient reduction never waits on a bucket that this rank would not fill.
         """
-        # The smallest image the encoder takes: one patch for SigLIP, its fixed square for CLIP.
-        side = recipes_of(self.model_config)[0].smallest_image(self.model_config.vision)
+        # The smallest image the encoder and connector take: one patch for SigLIP, the fixed square
+        # of CLIP or of the pixel shuffle's full grid.
+        vision, connector, _ = recipes_of(self.model_config)
+        side = vision.smallest_image(self.model_config.vision)
+        if hasattr(connector, "smallest_image"):  # a connector that needs more than any patch
+            side = max(side, connector.smallest_image(self.model_config))
         pixels = embeddings.new_zeros(1, self.model_config.vision.num_channels, side, side)
         mask = torch.ones(1, side, side, dtype=torch.bool, device=embeddings.device)
         return embeddings + 0.0 * self.encode_images(pixels, mask).sum().to(embeddings.dtype)

@@ -223,6 +223,9 @@ def vision_activations(model: ModelConfig, setup: TrainingSetup, images: int, pa
             scores = 0
         layer = tokens * per_token + scores
     encoder = pixels + v.num_layers * layer + tokens * _norm_bytes(h, e, kernels, rms=False)
+    connector = recipes_of(model)[1]
+    if hasattr(connector, "activation_bytes"):  # a connector that accounts for itself (pixel_shuffle)
+        return encoder + connector.activation_bytes(model, images, patches, e, tp)
     # Projection (SwiGLU, vision width -> text intermediate -> text hidden).
     projection = tokens * (h * e + 5 * t.intermediate_size // tp * e)
     # Resampler: per layer, the normalized context (+ its fp32 copy), [context; latents] as the

@@ -1,6 +1,7 @@
 """Model families the converters read and write (one file each; see ``base.py``).
 
 idefics2.py    Idefics2ForConditionalGeneration
+idefics3.py    Idefics3ForConditionalGeneration (SigLIP, pixel-shuffle connector, Llama-3)
 """
 
 import importlib

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping as MappingType
 from typing import Any
 
-import torch
-
 from megatron_vlm.backbones import recipe_for_hf, recipes_of
 from megatron_vlm.config import ModelConfig
 from megatron_vlm.conversion.families.base import check_round_trip, read_hf_config, register_family
@@ -64,7 +62,6 @@ class Idefics3Family(Idefics2Family):
         vision = recipe_for_hf("vision", hf.vision_config.model_type)
         connector = recipe_for_hf("connector", hf.model_type)
         text = recipe_for_hf("text", hf.text_config.model_type)
-        vocab = hf.text_config.vocab_size
         config = ModelConfig(
             vision=vision.from_hf(hf.vision_config),
             connector=connector.from_hf(hf),
@@ -73,7 +70,7 @@ class Idefics3Family(Idefics2Family):
             # Llama-3's vocabulary; only <image> is in the config (Idefics3-8B: 128257).
             fake_image_token_id=hf.image_token_id - 1,
             image_token_id=hf.image_token_id,
-            end_of_utterance_token_id=min(hf.image_token_id + 1, vocab - 1),
+            end_of_utterance_token_id=hf.image_token_id + 1,
             pad_token_id=getattr(hf.text_config, "pad_token_id", 0) or 0,
             family=self.name,
         )
@@ -104,14 +101,10 @@ class Idefics3Family(Idefics2Family):
             images_per_row = [[size], [], [size, size], [size]]
         tokens = recipes_of(config)[1].tokens_per_image(config)
         most = max(len(images) for images in images_per_row)
-        needed = 3 + most * (tokens + 4) + 5
+        needed = max(48, 3 + most * (tokens + 4) + 5)  # make_batch's default length, longer if the images need it
         return make_batch(
             config, seed=seed, images_per_row=images_per_row, seq_len=seq_len or needed, image_seq_len=tokens
         )
-
-    def hf_inputs(self, batch: Any) -> dict[str, torch.Tensor]:
-        """As Idefics2's: transformers' [batch, max images, ...] layout with all-zero padding images."""
-        return super().hf_inputs(batch)
 
     def processor(self, config: ModelConfig, tokenizer: Any, do_image_splitting: bool = True) -> Any:
         """transformers' Idefics3Processor for this model: images resized to at most 4 x image_size
