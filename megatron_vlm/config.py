@@ -76,6 +76,9 @@ class CrossAttentionConfig:
     interval: int = 4  # transformers' IdeficsConfig.cross_layer_interval
     alpha_type: str = "float"  # float: one gate per block; vector: one per hidden unit
     qk_layer_norms: bool = False  # layer norms on queries and keys (IdeficsConfig.qk_layer_norms)
+    # Images a row may hold. Under pipeline parallelism the image tokens travel with the hidden states
+    # between stages in a tensor of fixed shape: every row's are padded to this many images.
+    max_images_per_row: int = 8
 
 
 @dataclass
@@ -99,6 +102,10 @@ class TextConfig:
     # RoPE scaling as Llama configs carry it (transformers' rope_scaling / rope_parameters without
     # rope_theta): {"rope_type": "linear" | "llama3", "factor": ..., ...}. None: plain RoPE.
     rope_scaling: dict[str, Any] | None = None
+    # Of vocab_size, the last additional_vocab_size tokens (the image tokens Idefics1 added to Llama's
+    # vocabulary) are stored apart in the HF checkpoint (transformers' decoupled embedding and LM
+    # head); here they are rows of the one table.
+    additional_vocab_size: int = 0
 
     @property
     def head_dim(self) -> int:

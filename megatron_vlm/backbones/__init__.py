@@ -5,7 +5,7 @@
     perceiver.py          connector: SwiGLU projection + Perceiver resampler (Idefics2)
     mlp_connector.py      connector: the SwiGLU projection alone, no pooling (a token per vision token)
     pixel_shuffle.py      connector: pixel shuffle + linear projection (Idefics3)
-    idefics_perceiver.py  connector: Idefics1's perceiver resampler (at the vision width)
+    idefics_perceiver.py  connector: Idefics1's perceiver resampler (at the vision width); kind none: no pooling
     mistral.py            text: Mistral decoder (GPTModel)
     llama.py              text: Llama decoder (RoPE scaling: linear, llama3)
 

@@ -32,6 +32,8 @@ class Fuse(enum.Enum):
     NONE = "none"
     QKV = "qkv"  # q, k, v -> Megatron's [groups, (q per group, k, v), head_dim, ...]
     GATE_UP = "gate_up"  # gate, up -> [gate; up]
+    # base, additional vocabulary rows -> one table (Idefics1's decoupled embedding / LM head; with Split.VOCAB)
+    VOCAB_CONCAT = "vocab_concat"
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ def hf_to_megatron(mapping: Mapping, hf_tensors: Sequence[torch.Tensor], config:
         return _fuse_qkv(*hf_tensors, mapping.attention)
     if mapping.fuse is Fuse.GATE_UP:
         return torch.cat(list(hf_tensors), dim=0)
+    if mapping.fuse is Fuse.VOCAB_CONCAT:
+        hf_tensors = [torch.cat(list(hf_tensors), dim=0)]
     (tensor,) = hf_tensors
     if mapping.split is Split.VOCAB and tensor.shape[0] < config.padded_vocab_size:
         padding = tensor.new_zeros(config.padded_vocab_size - tensor.shape[0], *tensor.shape[1:])
@@ -130,6 +134,9 @@ def megatron_to_hf(mapping: Mapping, full: torch.Tensor, config: ModelConfig) ->
         return _split_qkv(full, mapping.attention)
     if mapping.fuse is Fuse.GATE_UP:
         return list(full.chunk(2, dim=0))
+    if mapping.fuse is Fuse.VOCAB_CONCAT:
+        additional = config.text.additional_vocab_size
+        return list(full[: config.text.vocab_size].split([config.text.vocab_size - additional, additional]))
     if mapping.split is Split.VOCAB:
         return [full[: config.text.vocab_size]]
     return [full]

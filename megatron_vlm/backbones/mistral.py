@@ -92,10 +92,19 @@ class MistralRecipe:
         pre_process: bool,
         post_process: bool,
         vp_stage: int | None,
+        layer_module: type | None = None,
+        layer_params: dict[str, Any] | None = None,
     ) -> GPTModel:
+        """``layer_module`` / ``layer_params``: another TransformerLayer class for every layer, built
+        with these extra arguments (the cross-attention decoder's, ``models/cross_attention.py``)."""
+        block = self.block_spec(config, use_te, vp_stage)
+        if layer_module is not None:
+            for spec in block.layer_specs:
+                spec.module = layer_module
+                spec.params = {**(spec.params or {}), **(layer_params or {})}
         return GPTModel(
             config=config,
-            transformer_layer_spec=self.block_spec(config, use_te, vp_stage),
+            transformer_layer_spec=block,
             vocab_size=model.padded_vocab_size,
             max_sequence_length=model.text.max_position_embeddings,
             pre_process=pre_process,
@@ -198,11 +207,17 @@ class MistralRecipe:
             ),
             Mapping(f"{layer}mlp.linear_fc2.weight", ("layers.*.mlp.down_proj.weight",), Split.ROW),
         ]
+        embedding = Mapping("embedding.word_embeddings.weight", ("embed_tokens.weight",), Split.VOCAB)
+        output = Mapping("output_layer.weight", ("/lm_head.weight",), Split.VOCAB)
+        if t.additional_vocab_size:  # stored apart (Idefics1's decoupled embedding and LM head)
+            extra = ("embed_tokens.additional_embedding.weight", "/lm_head.additional_fc.weight")
+            embedding = Mapping(embedding.megatron, (*embedding.hf, extra[0]), Split.VOCAB, Fuse.VOCAB_CONCAT)
+            output = Mapping(output.megatron, (*output.hf, extra[1]), Split.VOCAB, Fuse.VOCAB_CONCAT)
         return [
-            Mapping("embedding.word_embeddings.weight", ("embed_tokens.weight",), Split.VOCAB),
+            embedding,
             *layer_rows(t.num_layers, layers),
             Mapping("decoder.final_layernorm.weight", ("norm.weight",)),
-            Mapping("output_layer.weight", ("/lm_head.weight",), Split.VOCAB),
+            output,
         ]
 
     # -- shapes and counts -----------------------------------------------------------------

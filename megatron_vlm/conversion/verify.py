@@ -133,6 +133,9 @@ def processor_inputs(
     for index, (text, count) in enumerate(PROMPTS):
         images.append([photos[(index + k) % len(photos)] for k in range(count)])
         texts.append(text)
+    own = getattr(family_of(config), "processor_inputs", None)
+    if own is not None:  # a processor with its own prompt format (Idefics1: images inline in the text)
+        return own(config, processor, texts, images)
     hf = dict(processor(text=texts, images=images, padding=True, return_tensors="pt"))
     if int((hf["input_ids"] == config.image_token_id).sum()) == 0:
         raise ValueError("the tokenizer's <image> id does not match the model's image_token_id")

@@ -48,6 +48,13 @@ from megatron_vlm.models.naming import global_parameter_names
 # Backbone linears that take adapters (inside each TransformerLayer of the vision and text stacks).
 LORA_LAYERS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 BACKBONES = {"vision": "vision.encoder.layers.", "language": "language_model.decoder.layers."}
+# Parts new to the model inside a backbone's layers (the cross-attention architecture's gated
+# blocks): they train fully, without adapters, when that backbone is frozen or LoRA-adapted.
+NEW_PARTS = (".gated_cross_attention.",)
+
+
+def _new_part(name: str) -> bool:
+    return any(part in name for part in NEW_PARTS)
 
 
 @dataclass(frozen=True)
@@ -201,7 +208,8 @@ def apply_trainable(chunks: Sequence[nn.Module], trainable: TrainableConfig, see
     """Freeze the parts the config freezes and add LoRA adapters to the targeted backbones.
 
     A backbone with adapters has its base weights frozen; embeddings and the output layer stay
-    trainable unless the language model is frozen (the image tokens are new vocabulary).
+    trainable unless the language model is frozen (the image tokens are new vocabulary). New parts
+    inside the decoder (``NEW_PARTS``: gated cross-attention blocks) always train fully.
     """
     unknown = set(trainable.lora_targets) - set(BACKBONES)
     if unknown:
@@ -220,14 +228,14 @@ def apply_trainable(chunks: Sequence[nn.Module], trainable: TrainableConfig, see
         elif "language" in lora_on:
             frozen_prefixes.append("language_model.decoder.")
         for name, param in chunk.named_parameters():
-            if name.startswith(tuple(frozen_prefixes)):
+            if name.startswith(tuple(frozen_prefixes)) and not _new_part(name):
                 param.requires_grad_(False)
         if not lora_on:
             continue
         global_names = global_parameter_names(chunk)
         for module_name, module in list(chunk.named_modules()):
             targeted = any(module_name.startswith(BACKBONES[b]) for b in lora_on)
-            if not targeted or not module_name.endswith(LORA_LAYERS):
+            if not targeted or not module_name.endswith(LORA_LAYERS) or _new_part(module_name + "."):
                 continue
             kind = linear_kind(type(module))
             if kind is None:

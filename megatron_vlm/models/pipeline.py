@@ -15,6 +15,15 @@ from megatron_vlm.data.batch import MicroBatch
 from megatron_vlm.models.idefics2 import gather_logits
 
 
+def pipeline_tokens(chunk: torch.nn.Module) -> int:
+    """Positions a model chunk (possibly wrapped, e.g. in DDP) sends between pipeline stages besides
+    the text's: the schedules' ``seq_length`` is the text's plus these (the cross-attention model's
+    image tokens; 0 for a fully autoregressive one)."""
+    while not hasattr(chunk, "pipeline_tokens") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return int(getattr(chunk, "pipeline_tokens", 0))
+
+
 def run_forward_only(
     model: Sequence[torch.nn.Module],
     step: Callable[[Any, torch.nn.Module], tuple[torch.Tensor, Any]],
@@ -36,7 +45,7 @@ def run_forward_only(
                 data_iterator=data_iterator,
                 model=list(model),
                 num_microbatches=num_microbatches,
-                seq_length=seq_length,
+                seq_length=seq_length + pipeline_tokens(model[0]),
                 micro_batch_size=micro_batch_size,
                 forward_only=True,
             )

@@ -24,7 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_vlm.data.batch import MicroBatch
 from megatron_vlm.distributed import collective_device
-from megatron_vlm.models.pipeline import run_forward_only
+from megatron_vlm.models.pipeline import pipeline_tokens, run_forward_only
 
 
 def wrap_ddp(
@@ -94,7 +94,7 @@ def forward_backward(
         data_iterator=iterators,
         model=list(model),
         num_microbatches=len(micro_batches),
-        seq_length=input_ids.shape[1],
+        seq_length=input_ids.shape[1] + pipeline_tokens(model[0]),
         micro_batch_size=input_ids.shape[0],
         forward_only=forward_only,
     )

@@ -1,0 +1,366 @@
+"""The cross-attention architecture (Flamingo / Idefics1) on Megatron-Core: vision encoder ->
+connector (a resampler at the vision width) -> a decoder with gated cross-attention blocks.
+
+The decoder is the text recipe's GPTModel whose layers are ``CrossAttentionTransformerLayer``: the
+layers whose global index is a multiple of ``cross_attention.interval`` run a gated cross-attention
+block (transformers' IdeficsGatedCrossAttentionLayer) before themselves. The image tokens reach
+them as TransformerBlock's ``context`` [c, b, width] and ``context_mask`` [b, 1, s, c] (True where
+a token may not attend a key, Megatron's convention). A row's context holds its images one after
+another (``slots`` images of ``latents`` tokens, zero-padded); a token attends the image
+``data.batch.attended_images`` names (the latest ``<image>`` at or before it in its document),
+and a token attending none gets no cross-attention output (transformers' ``cross_attention_gate``).
+
+Pipeline parallelism: vision + connector run on the first stage. Every stage holding
+cross-attention blocks needs the image tokens, so they travel with the hidden states: a stage's
+output is ``[s + c, b, h]`` (hidden states, then the context zero-padded from the vision width to
+the text width), and the next stage splits what it receives. Megatron's P2P tensors have one shape
+per run, so under pipeline parallelism every row's context holds ``cross_attention.max_images_per_row``
+images, and the schedules' ``seq_length`` includes them (``pipeline_tokens``). The gradient of the
+context flows back through the same tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from torch import nn
+
+from megatron_vlm.backbones import recipe, recipes_of
+from megatron_vlm.backbones.common import use_transformer_engine
+from megatron_vlm.backbones.perceiver import RMSNorm, swiglu_mlp
+from megatron_vlm.config import CrossAttentionConfig, ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_vlm.data.batch import attended_images, documents_of_positions
+from megatron_vlm.models.idefics2 import Idefics2Model
+
+ALPHA_TYPES = ("float", "vector")
+
+
+class HeadRMSNorm(RMSNorm):
+    """RMSNorm over ``head_dim`` shared by every head (Idefics' q/k layer norms). A tensor-parallel
+    rank holds some heads only, so its weight gradient is partial: ``copy_to_tensor_model_parallel_region``
+    (identity forward, all-reduce backward) makes it the full sum on every rank."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        dtype = hidden.dtype
+        hidden = hidden.float()
+        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
+        return tensor_parallel.copy_to_tensor_model_parallel_region(self.weight) * hidden.to(dtype)
+
+
+class GatedCrossAttention(MegatronModule):
+    """transformers' IdeficsGatedCrossAttentionLayer: text queries attend the image tokens; the
+    attention and MLP outputs are added through tanh(alpha) gates (zero at initialisation, so a
+    pretrained decoder starts unchanged). Heads and the MLP width are split over tensor parallelism."""
+
+    def __init__(self, config: TransformerConfig, cross: CrossAttentionConfig, vision_width: int) -> None:
+        super().__init__(config=config)
+        if cross.alpha_type not in ALPHA_TYPES:
+            raise ValueError(f"cross_attention.alpha_type={cross.alpha_type!r}: use one of {ALPHA_TYPES}")
+        tp = config.tensor_model_parallel_size
+        if config.num_attention_heads % tp:
+            raise ValueError(f"cross-attention heads ({config.num_attention_heads}) must be divisible by TP {tp}")
+        hidden, eps, dtype = config.hidden_size, config.layernorm_epsilon, config.params_dtype
+        self.heads = config.num_attention_heads // tp
+        self.head_dim = config.kv_channels
+        self.vision_width = vision_width
+        inner = config.num_attention_heads * self.head_dim
+        self.input_norm = RMSNorm(hidden, eps, dtype)
+
+        def column(width: int) -> tensor_parallel.ColumnParallelLinear:
+            return tensor_parallel.ColumnParallelLinear(
+                width, inner, config=config, init_method=config.init_method, bias=False, gather_output=False
+            )
+
+        self.linear_q = column(hidden)
+        self.linear_k = column(vision_width)
+        self.linear_v = column(vision_width)
+        self.linear_proj = tensor_parallel.RowParallelLinear(
+            inner,
+            hidden,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+        )
+        self.q_norm = HeadRMSNorm(self.head_dim, eps, dtype) if cross.qk_layer_norms else None
+        self.k_norm = HeadRMSNorm(self.head_dim, eps, dtype) if cross.qk_layer_norms else None
+        shape = (1,) if cross.alpha_type == "float" else (1, 1, hidden)
+        self.alpha_cross_attn = nn.Parameter(torch.zeros(shape, dtype=dtype))
+        self.alpha_dense = nn.Parameter(torch.zeros(shape, dtype=dtype))
+        self.post_attention_norm = RMSNorm(hidden, eps, dtype)
+        self.mlp = swiglu_mlp(config, hidden, config.ffn_hidden_size)
+
+    def _heads(self, projected: torch.Tensor) -> torch.Tensor:
+        tokens, batch, _ = projected.shape  # -> [b, heads, tokens, head_dim]
+        return projected.view(tokens, batch, self.heads, self.head_dim).permute(1, 2, 0, 3)
+
+    def forward(self, hidden: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        """hidden [s, b, h], context [c, b, >= vision width], context_mask [b, 1, s, c] True where
+        not allowed -> [s, b, h]."""
+        query = self._heads(self.linear_q(self.input_norm(hidden))[0])
+        image = context[..., : self.vision_width]
+        key = self._heads(self.linear_k(image)[0])
+        value = self._heads(self.linear_v(image)[0])
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        # A token attending no image would have no key at all (NaN): it attends every key, and its
+        # output is zeroed below, as transformers' cross_attention_gate.
+        no_image = context_mask.all(dim=-1, keepdim=True)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        with tensor_parallel.get_cuda_rng_tracker().fork():  # dropout differs per TP rank's heads
+            attended = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=~context_mask | no_image, dropout_p=dropout
+            )
+        attended = attended.permute(2, 0, 1, 3).reshape(hidden.shape[0], hidden.shape[1], -1)
+        output = self.linear_proj(attended)[0]
+        output = output.masked_fill(no_image[:, 0].transpose(0, 1), 0.0)  # [s, b, 1]
+        hidden = hidden + torch.tanh(self.alpha_cross_attn) * output
+        return hidden + torch.tanh(self.alpha_dense) * self.mlp(self.post_attention_norm(hidden))[0]
+
+
+class CrossAttentionTransformerLayer(TransformerLayer):
+    """A decoder layer, preceded by a gated cross-attention block when its global index is a
+    multiple of ``cross_attention.interval`` (transformers: block ``idx // interval`` before decoder
+    layer ``idx``). The block reads TransformerBlock's ``context`` and ``context_mask``; the
+    layer's own attention is self-attention only."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: Any,
+        layer_number: int = 1,
+        *,
+        cross_attention: CrossAttentionConfig,
+        vision_width: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(config, submodules, layer_number, **kwargs)
+        self.gated_cross_attention: GatedCrossAttention | None = None
+        self.interval = cross_attention.interval
+        if (self.layer_number - 1) % cross_attention.interval == 0:  # layer_number: global, from 1
+            self.gated_cross_attention = GatedCrossAttention(config, cross_attention, vision_width)
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict[str, Any]:
+        """The layer's entries, and its block's stacked over the blocks: Megatron stacks a layer's
+        tensors along the decoder's layers (offset ``(0, layer, layers)``), which only every
+        ``interval``-th layer has for the block, so the block's go along the blocks instead."""
+        own = f"{prefix}gated_cross_attention."
+        entries = {
+            k: v
+            for k, v in super().sharded_state_dict(prefix, sharded_offsets, metadata).items()
+            if not k.startswith(own)
+        }
+        if self.gated_cross_attention is None:
+            return entries
+        offsets = tuple(sharded_offsets)
+        if offsets:  # homogeneous layers: the last offset is the layer stacking (axis, layer, layers)
+            axis, layer, layers = offsets[-1]
+            offsets = (*offsets[:-1], (axis, layer // self.interval, layers // self.interval))
+        entries.update(self.gated_cross_attention.sharded_state_dict(own, offsets, metadata))
+        return entries
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        context = kwargs.pop("context", None)
+        context_mask = kwargs.pop("context_mask", None)
+        if self.gated_cross_attention is not None:
+            if context is None or context_mask is None:
+                raise ValueError(f"decoder layer {self.layer_number - 1} has cross-attention but got no image context")
+            kwargs["hidden_states"] = self.gated_cross_attention(kwargs["hidden_states"], context, context_mask)
+        output, _ = super().forward(*args, **kwargs)
+        return output, context
+
+
+def check_cross_attention(model_config: ModelConfig, parallel: ParallelConfig) -> None:
+    """Refuse, by name, a cross-attention model or layout this implementation does not run."""
+    cross, text = model_config.cross_attention, model_config.text
+    if cross.interval < 1 or text.num_layers % cross.interval:
+        raise ValueError(
+            f"cross_attention.interval={cross.interval} must divide text.num_layers={text.num_layers} "
+            "(transformers' Idefics builds num_layers // interval blocks)"
+        )
+    if cross.max_images_per_row < 1:
+        raise ValueError(f"cross_attention.max_images_per_row={cross.max_images_per_row} must be at least 1")
+    if parallel.sequence_parallel:
+        raise ValueError(
+            "parallel.sequence_parallel is not implemented for model.architecture=cross_attention "
+            "(the image tokens travel with the hidden states, which sequence parallelism would split)"
+        )
+    if parallel.pipeline_parallel > 1 and model_config.vision.hidden_size > text.hidden_size:
+        raise ValueError(
+            f"vision.hidden_size={model_config.vision.hidden_size} exceeds text.hidden_size={text.hidden_size}: "
+            "under pipeline parallelism the image tokens travel in the text-width hidden states"
+        )
+
+
+class CrossAttentionModel(MegatronModule):
+    """One pipeline chunk of the cross-attention model. ``pre_process`` chunks own vision +
+    connector + embeddings; every chunk's decoder layers may hold cross-attention blocks."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        parallel: ParallelConfig,
+        precision: PrecisionConfig,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: int | None = None,
+        initialize_weights: bool = True,
+    ) -> None:
+        check_cross_attention(model_config, parallel)
+        vision, connector, text = recipes_of(model_config)
+        language_config = text.transformer_config(model_config, parallel, precision, initialize_weights)
+        super().__init__(config=language_config)
+        use_te = use_transformer_engine(precision)
+        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
+        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
+        self.model_config = model_config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.vocab_size = model_config.text.vocab_size
+        self.padded_vocab_size = model_config.padded_vocab_size
+        self.image_tokens = connector.tokens_per_image(model_config)
+        self.pipelined = parallel.pipeline_parallel > 1
+        self.vision: MegatronModule | None = None
+        self.connector: MegatronModule | None = None
+        if pre_process:
+            self.vision = vision.build(model_config.vision, parallel, precision, initialize_weights, use_te)
+            self.connector = connector.build(model_config, parallel, precision, initialize_weights)
+        self.language_model = text.build(
+            model_config,
+            language_config,
+            use_te,
+            pre_process,
+            post_process,
+            vp_stage,
+            layer_module=CrossAttentionTransformerLayer,
+            layer_params={
+                "cross_attention": model_config.cross_attention,
+                "vision_width": model_config.vision.hidden_size,
+            },
+        )
+        self.input_tensor: torch.Tensor | None = None
+
+    @property
+    def pipeline_tokens(self) -> int:
+        """Tokens a stage sends besides the text's: the context of one row, under pipeline parallelism."""
+        return self.model_config.cross_attention.max_images_per_row * self.image_tokens if self.pipelined else 0
+
+    def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
+        if isinstance(input_tensor, list):
+            (input_tensor,) = input_tensor
+        self.input_tensor = input_tensor
+
+    # -- images -----------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> torch.Tensor:
+        """[images, C, H, W] + [images, H, W] -> image tokens [images, tokens, vision width]."""
+        features, lengths = self.vision(pixel_values, pixel_attention_mask)
+        return self.connector(features, lengths).transpose(0, 1)
+
+    def _blank_image(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vision = recipe("vision", self.model_config.vision.kind)
+        v = self.model_config.vision
+        side = vision.smallest_image(v) if hasattr(vision, "smallest_image") else v.patch_size
+        pixels = like.new_zeros(1, v.num_channels, side, side)
+        return pixels, torch.ones(1, side, side, dtype=torch.bool, device=like.device)
+
+    def image_context(
+        self,
+        pixel_values: torch.Tensor | None,
+        pixel_attention_mask: torch.Tensor | None,
+        images_per_row: torch.Tensor,
+        slots: int,
+        like: torch.Tensor,
+    ) -> torch.Tensor:
+        """The rows' images as cross-attention keys: [slots x tokens, b, vision width], each row's
+        images in order, then zeros."""
+        rows, width = images_per_row.numel(), self.model_config.vision.hidden_size
+        context = like.new_zeros(rows, slots, self.image_tokens, width)
+        images = 0 if pixel_values is None else pixel_values.shape[0]
+        if images != int(images_per_row.sum()):
+            raise ValueError(
+                f"{int(images_per_row.sum())} <image> tokens in the batch but {images} images "
+                "(cross-attention: one <image> token per image)"
+            )
+        if images:
+            if pixel_attention_mask is None:
+                pixel_attention_mask = torch.ones_like(pixel_values[:, 0], dtype=torch.bool)
+            tokens = self.encode_images(pixel_values, pixel_attention_mask).to(like.dtype)
+            row = torch.repeat_interleave(torch.arange(rows, device=like.device), images_per_row)
+            first = torch.cumsum(images_per_row, 0) - images_per_row
+            slot = torch.arange(images, device=like.device) - first[row]
+            context = context.index_put((row, slot), tokens)
+        elif torch.is_grad_enabled():
+            # Every trainable parameter gets a (zero) gradient on every data-parallel rank, so
+            # overlapped gradient reduction never waits on a bucket this rank would not fill.
+            context = context + 0.0 * self.encode_images(*self._blank_image(like)).sum().to(like.dtype)
+        return context.view(rows, slots * self.image_tokens, width).transpose(0, 1).contiguous()
+
+    def _transport(self, context: torch.Tensor) -> torch.Tensor:
+        """The context at the text width (zero-padded), to travel in the hidden states."""
+        return F.pad(context, (0, self.config.hidden_size - context.shape[-1]))
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """As ``Idefics2Model.forward``; the text holds one ``<image>`` token per image. Non-last
+        stages return [s + c, b, h]: hidden states, then the image context."""
+        image_token = self.model_config.image_token_id
+        is_image = input_ids == image_token
+        images_per_row = is_image.sum(dim=1)
+        most = self.model_config.cross_attention.max_images_per_row
+        if int(images_per_row.max()) > most:
+            raise ValueError(
+                f"a row holds {int(images_per_row.max())} images, above cross_attention.max_images_per_row={most}"
+            )
+        slots = most if self.pipelined else max(1, int(images_per_row.max()))
+        attended = attended_images(input_ids, documents_of_positions(position_ids), image_token)
+        key_image = torch.arange(slots * self.image_tokens, device=input_ids.device) // self.image_tokens
+        context_mask = (key_image[None, None, :] != attended[:, :, None])[:, None]  # [b, 1, s, c]
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
+            context = self.image_context(pixel_values, pixel_attention_mask, images_per_row, slots, decoder_input)
+            if self.pipelined:
+                context = self._transport(context)
+        else:
+            received = self.input_tensor
+            seq = input_ids.shape[1]
+            if received.shape[0] != seq + slots * self.image_tokens:
+                raise ValueError(
+                    f"received {received.shape[0]} positions from the previous stage; expected {seq} tokens + "
+                    f"{slots * self.image_tokens} image tokens (the schedule's seq_length must include pipeline_tokens)"
+                )
+            self.language_model.set_input_tensor(received[:seq])
+            context = received[seq:]
+        output = self.language_model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            extra_block_kwargs={"context": context, "context_mask": context_mask},
+        )
+        if not self.post_process:
+            return torch.cat([output, context], dim=0)
+        logits = Idefics2Model._mask_padded_vocab(self, output)
+        if labels is None:
+            return logits
+        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
