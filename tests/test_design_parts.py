@@ -484,3 +484,58 @@ def test_preflight_refuses_a_fixed_resolution_model_on_unsquare_data(tmp_path):
         siglip_mlp, ImageConfig(longest_edge=84, resize="square"), "m"
     )
     assert image_size_problem(siglip_mlp, ImageConfig(longest_edge=224, resize="square"), "m") is None
+
+
+def test_pixel_normalization_follows_the_vision_encoder(tmp_path):
+    """A mixture that sets no mean/std takes the encoder's (CLIP's own, SigLIP's 0.5), as the
+    transformers processors of each do; a mixture that sets them keeps its own."""
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    from megatron_vlm.backbones import recipe
+    from megatron_vlm.data.loader import load_data_config
+
+    for kind, processor in (("clip", CLIPImageProcessor()), ("siglip", SiglipImageProcessor())):
+        vision = recipe("vision", kind)
+        config = load_data_config("tiny_square", tmp_path, normalization=(vision.image_mean, vision.image_std))
+        assert config.image.mean == pytest.approx(processor.image_mean) and config.image.std == pytest.approx(
+            processor.image_std
+        )
+    mixture = tmp_path / "own.yaml"
+    mixture.write_text(
+        "image: {resize: square, longest_edge: 84, mean: [0.1, 0.2, 0.3], std: [1, 1, 1]}\n"
+        "sources: [{name: pairs, shards: pairs, weight: 1.0, seq_len: 64}]\n"
+    )
+    clip = recipe("vision", "clip")
+    own = load_data_config(mixture, tmp_path, normalization=(clip.image_mean, clip.image_std))
+    assert tuple(own.image.mean) == (0.1, 0.2, 0.3)
+
+
+def test_preflight_checks_the_cross_attention_model_against_its_data():
+    """Every preset trains on the mixture its comment names without a start-up problem; a mixture
+    packing more images per sequence than the cross-attention context holds, or sequence
+    parallelism with cross-attention, is refused by name before anything is built."""
+    from megatron_vlm.config import load_run_config
+    from megatron_vlm.training.preflight import startup_problems
+
+    def problems(*overrides: str) -> list[str]:
+        return startup_problems(load_run_config(ROOT / "examples" / "tiny_cpu.yaml", list(overrides)), 2)[1]
+
+    for model in ("tiny_idefics1", "tiny_idefics3", "tiny_clip", "tiny_clip_mlp", "tiny_mlp"):
+        assert problems(f"model={model}", "data.mixture=tiny_square") == [], model
+    assert problems("model=tiny_llama", "data.mixture=tiny") == []
+    (refused,) = problems(
+        "model=tiny_idefics1", "data.mixture=tiny_square", "model.cross_attention.max_images_per_row=4"
+    )
+    assert refused == (
+        "the data mixture 'tiny_square' packs up to max_images_per_sequence=6 images per sequence, above "
+        "model.cross_attention.max_images_per_row=4 (the image context of a row has that many slots)"
+    )
+    refused = problems(
+        "model=tiny_idefics1",
+        "data.mixture=tiny_square",
+        "parallel.tensor_parallel=2",
+        "parallel.sequence_parallel=true",
+    )
+    assert any(
+        "parallel.sequence_parallel is not implemented for model.architecture=cross_attention" in p for p in refused
+    )

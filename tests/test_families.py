@@ -104,18 +104,18 @@ def test_pixel_shuffle_refuses_what_it_cannot_shuffle(megatron_single_process):
 
     config = family_config("idefics3")
     shuffle = recipe("connector", "pixel_shuffle")
-    assert shuffle.tokens_per_image(config) == 16  # 112 px / 14 = 8x8 patches, 2x2 blocks
+    assert shuffle.tokens_per_image(config) == 9  # 84 px / 14 = 6x6 patches, 2x2 blocks
     connector = shuffle.build(config, ParallelConfig(), PrecisionConfig(), True)
-    features = torch.randn(64 + 40, config.vision.hidden_size)
-    with pytest.raises(ValueError, match=r"whole 8x8 patch grid .*images of \[40\] patches.*image.resize: square"):
-        connector(features, torch.tensor([64, 40]))
-    assert connector(features[:64], torch.tensor([64])).shape == (16, 1, config.text.hidden_size)
+    features = torch.randn(36 + 20, config.vision.hidden_size)
+    with pytest.raises(ValueError, match=r"whole 6x6 patch grid .*images of \[20\] patches.*image.resize: square"):
+        connector(features, torch.tensor([36, 20]))
+    assert connector(features[:36], torch.tensor([36])).shape == (9, 1, config.text.hidden_size)
 
-    three = dataclasses.replace(config, connector=dataclasses.replace(config.connector, scale_factor=3))
-    with pytest.raises(ValueError, match="scale_factor=3 does not divide the vision patch grid of 8"):
-        shuffle.build(three, ParallelConfig(), PrecisionConfig(), True)
+    four = dataclasses.replace(config, connector=dataclasses.replace(config.connector, scale_factor=4))
+    with pytest.raises(ValueError, match="scale_factor=4 does not divide the vision patch grid of 6"):
+        shuffle.build(four, ParallelConfig(), PrecisionConfig(), True)
     clip = dataclasses.replace(config, vision=dataclasses.replace(config.vision, kind="clip", hidden_act="quick_gelu"))
-    with pytest.raises(ValueError, match="one token per patch of a 8x8 grid; the 'clip' encoder returns 65"):
+    with pytest.raises(ValueError, match="one token per patch of a 6x6 grid; the 'clip' encoder returns 37"):
         shuffle.tokens_per_image(clip)
 
 
@@ -201,7 +201,7 @@ def test_idefics3_round_trip_through_tp2pp2_is_bit_exact_loads_and_verifies(tmp_
 
     model = Idefics3ForConditionalGeneration.from_pretrained(str(exported)).eval()
     processor = AutoProcessor.from_pretrained(str(exported))
-    assert type(processor).__name__ == "Idefics3Processor" and processor.image_seq_len == 16
+    assert type(processor).__name__ == "Idefics3Processor" and processor.image_seq_len == 9
     inputs = processor(text=["<image>A photo of"], images=[[default_photos()[0]]], return_tensors="pt")
     generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 4

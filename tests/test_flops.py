@@ -55,3 +55,29 @@ def test_8b_decoder_count_follows_its_parameters():
     # One 980 x 980 image (70 x 70 patches) costs about as much as ~1,300 text tokens.
     image = vision_forward_flops(config, 70 * 70)
     assert 2e12 < image < 1e13
+
+
+def test_cross_attention_blocks_match_torch_counter(megatron_single_process):
+    """Idefics1's gated cross-attention blocks: the tiny model's forward against torch's counter,
+    the analytic count given what the kernels compute (every row's context padded to the batch's
+    most images, every token scored against all of it)."""
+    from parity import family_batch, family_config
+
+    from megatron_vlm.backbones import recipes_of
+    from megatron_vlm.models.cross_attention import gated_blocks_forward_flops
+
+    config = dataclasses.replace(family_config("idefics1"), make_vocab_size_divisible_by=1)
+    (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
+    batch = family_batch(config)
+    with FlopCounterMode(display=False) as counter:
+        model.eval()(**megatron_inputs(batch))
+    rows, seq = batch.input_ids.shape
+    images = sum(len(row) for row in batch.images_per_row)
+    side = config.vision.image_size // config.vision.patch_size
+    context = max(len(row) for row in batch.images_per_row) * recipes_of(config)[1].tokens_per_image(config)
+    analytic = (
+        images * vision_forward_flops(config, side * side)
+        + decoder_forward_flops(config, rows * seq, rows * seq * seq)
+        + gated_blocks_forward_flops(config, rows * seq, rows * context, rows * seq * context)
+    )
+    assert analytic == pytest.approx(counter.get_total_flops(), rel=0.02)

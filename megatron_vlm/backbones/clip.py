@@ -30,9 +30,8 @@ from torch import nn
 from megatron_vlm.backbones import common
 from megatron_vlm.backbones.attention import packed_seq_params
 from megatron_vlm.backbones.base import ParameterCount, register
-from megatron_vlm.backbones.mapping import Attention, Fuse, Mapping, Split, layer_rows
-from megatron_vlm.backbones.siglip import RECIPE as SIGLIP
-from megatron_vlm.backbones.siglip import resize_position_table
+from megatron_vlm.backbones.mapping import Mapping, layer_rows
+from megatron_vlm.backbones.siglip import SiglipRecipe, resize_position_table, weight_and_bias
 from megatron_vlm.config import ParallelConfig, PrecisionConfig, VisionConfig
 
 
@@ -162,9 +161,11 @@ def resize_clip_positions(table: torch.Tensor, grid: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class ClipRecipe:
+class ClipRecipe(SiglipRecipe):
     """CLIP ViT (transformers' CLIPVisionModel): class token, absolute positions at a fixed square
-    resolution, pre-layernorm, LayerNorm pre-norm layers with biased linears, quick-GELU (or GELU)."""
+    resolution, pre-layernorm, LayerNorm pre-norm layers with biased linears, quick-GELU (or GELU).
+    Its encoder layers are SigLIP's (the same transformers ViT layer): their config, layer spec, rows,
+    GEMMs and counts are inherited."""
 
     part, kind = "vision", "clip"
     # transformers' configs read: CLIP's vision model, the full CLIP (its vision_config), and
@@ -172,37 +173,13 @@ class ClipRecipe:
     hf_model_types = ("clip_vision_model", "clip", "idefics_vision")
     # Every image is squashed to image_size x image_size (training/preflight.py checks the data).
     fixed_resolution = True
+    # Pixel normalization CLIP was trained with (transformers' OPENAI_CLIP_MEAN / _STD; Idefics1's
+    # processor uses the same).
+    image_mean = (0.48145466, 0.4578275, 0.40821073)
+    image_std = (0.26862954, 0.26130258, 0.27577711)
 
-    def transformer_config(
-        self, vision: VisionConfig, parallel: ParallelConfig, precision: PrecisionConfig, initialize: bool = True
-    ) -> TransformerConfig:
-        """It lives whole on pipeline stage 0; its input (whole images) is never split along the sequence."""
-        return TransformerConfig(
-            num_layers=vision.num_layers,
-            hidden_size=vision.hidden_size,
-            ffn_hidden_size=vision.intermediate_size,
-            num_attention_heads=vision.num_heads,
-            kv_channels=vision.head_dim,
-            normalization="LayerNorm",
-            layernorm_epsilon=vision.layer_norm_eps,
-            add_bias_linear=True,
-            add_qkv_bias=True,
-            gated_linear_unit=False,
-            activation_func=activation(vision.hidden_act),
-            pipeline_model_parallel_size=1,
-            **common.transformer_kwargs(
-                parallel,
-                precision,
-                initialize,
-                attention_dropout=vision.attention_dropout,
-                sequence_parallel=False,
-                fp8_problem=self.fp8_problem(vision, parallel.tensor_parallel),
-            ),
-        )
-
-    def layer_spec(self, config: TransformerConfig, use_te: bool) -> ModuleSpec:
-        """SigLIP's: non-causal attention within each packed image sequence (TE or the local spec)."""
-        return SIGLIP.layer_spec(config, use_te)
+    def activation(self, vision: VisionConfig) -> Any:
+        return activation(vision.hidden_act)
 
     def build(
         self,
@@ -292,16 +269,6 @@ class ClipRecipe:
     # the contrastive heads (CLIPModel, CLIPVisionModelWithProjection).
     standalone_ignored = ("text_model.", "logit_scale", "visual_projection.", "text_projection.")
 
-    def standalone_names(self, names: set[str]) -> tuple[dict[str, str], list[str]]:
-        """A standalone CLIP checkpoint's tensor names (CLIPModel, or CLIPVisionModel with its
-        ``vision_model.`` prefix as the Hub stores it, or without as transformers 5 names it) ->
-        {name relative to the vision model: source name}, and the names left out."""
-        prefix = "vision_model." if any(n.startswith("vision_model.") for n in names) else ""
-        used = {
-            n[len(prefix) :]: n for n in names if n.startswith(prefix) and not n.startswith(self.standalone_ignored)
-        }
-        return used, sorted(n for n in names if n.startswith(self.standalone_ignored))
-
     def adapt_standalone(self, relative: str, tensor: torch.Tensor, v: VisionConfig) -> torch.Tensor:
         """A standalone tensor as this model needs it: the position table at its image size."""
         if relative == "embeddings.position_embedding.weight":
@@ -310,50 +277,16 @@ class ClipRecipe:
 
     def rows(self, v: VisionConfig) -> list[Mapping]:
         """Megatron names relative to the encoder module, HF names relative to the vision model."""
-        qkv = tuple(f"encoder.layers.*.self_attn.{p}_proj" for p in "qkv")
-        heads = Attention(v.num_heads, v.num_heads, v.head_dim)
-        layer = "encoder.layers.*."
-
-        def pair(megatron: str, hf: str, split: Split = Split.REPLICATED, bias_split: Split = Split.REPLICATED) -> list:
-            return [
-                Mapping(f"{megatron}.weight", (f"{hf}.weight",), split),
-                Mapping(f"{megatron}.bias", (f"{hf}.bias",), bias_split),
-            ]
-
-        layers = [
-            *pair(f"{layer}input_layernorm", f"{layer}layer_norm1"),
-            Mapping(
-                f"{layer}self_attention.linear_qkv.weight",
-                tuple(f"{n}.weight" for n in qkv),
-                Split.COLUMN,
-                Fuse.QKV,
-                heads,
-            ),
-            Mapping(
-                f"{layer}self_attention.linear_qkv.bias", tuple(f"{n}.bias" for n in qkv), Split.COLUMN, Fuse.QKV, heads
-            ),
-            *pair(f"{layer}self_attention.linear_proj", f"{layer}self_attn.out_proj", Split.ROW),
-            *pair(f"{layer}pre_mlp_layernorm", f"{layer}layer_norm2"),
-            *pair(f"{layer}mlp.linear_fc1", f"{layer}mlp.fc1", Split.COLUMN, Split.COLUMN),
-            *pair(f"{layer}mlp.linear_fc2", f"{layer}mlp.fc2", Split.ROW),
-        ]
         return [
             Mapping("class_embedding", ("embeddings.class_embedding",)),
             Mapping("patch_embedding.weight", ("embeddings.patch_embedding.weight",)),
             Mapping("position_embedding.weight", ("embeddings.position_embedding.weight",)),
-            *pair("pre_layernorm", "pre_layrnorm"),  # transformers' spelling
-            *layer_rows(v.num_layers, layers),
-            *pair("post_layernorm", "post_layernorm"),
+            *weight_and_bias("pre_layernorm", "pre_layrnorm"),  # transformers' spelling
+            *layer_rows(v.num_layers, self.layer_rows(v)),
+            *weight_and_bias("post_layernorm", "post_layernorm"),
         ]
 
     # -- shapes and counts -----------------------------------------------------------------
-
-    def gemms(self, v: VisionConfig, tensor_parallel: int) -> dict[str, tuple[int, int]]:
-        h = v.hidden_size
-        return common.transformer_layer_gemms(h, 3 * h, h, v.intermediate_size, False, tensor_parallel)
-
-    def fp8_problem(self, v: VisionConfig, tensor_parallel: int) -> str | None:
-        return common.te_fp8_problem(self.gemms(v, tensor_parallel))
 
     def forward_flops(self, v: VisionConfig, patches: int) -> float:
         """One image of ``patches`` patches (and its class token) through the encoder."""
@@ -363,14 +296,11 @@ class ClipRecipe:
         return embed + v.num_layers * layer
 
     def parameters(self, v: VisionConfig) -> ParameterCount:
-        h, inner = v.hidden_size, v.intermediate_size
+        h = v.hidden_size
         positions = (v.patches_per_side**2 + 1) * h
+        # Patch embedding (no bias), class token, positions, pre-layernorm; then the layers; post-layernorm.
         embeddings = ParameterCount(replicated=v.num_channels * v.patch_size**2 * h + h + positions + 2 * h)
-        # Column-parallel weights and biases split; row-parallel outputs keep a whole bias; norms whole.
-        layer = ParameterCount(
-            sharded=3 * h * h + 3 * h + h * h + h * inner + inner + inner * h, replicated=2 * h + 4 * h
-        )
-        return embeddings + layer * v.num_layers + ParameterCount(replicated=2 * h)
+        return embeddings + self.layer_parameters(v) * v.num_layers + ParameterCount(replicated=2 * h)
 
 
 RECIPE = register("vision", "clip", ClipRecipe())

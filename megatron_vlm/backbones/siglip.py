@@ -156,15 +156,13 @@ class SiglipRecipe:
     hf_model_types = ("siglip", "siglip_vision_model", "idefics2_vision", "idefics2", "idefics3_vision")
     # Images at native aspect ratio and any size up to image_size (position buckets).
     fixed_resolution = False
+    # Pixel normalization it was trained with (transformers' SiglipImageProcessor, Idefics2's processor).
+    image_mean, image_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
     def transformer_config(
         self, vision: VisionConfig, parallel: ParallelConfig, precision: PrecisionConfig, initialize: bool = True
     ) -> TransformerConfig:
         """It lives whole on pipeline stage 0; its input (whole images) is never split along the sequence."""
-        if vision.hidden_act != self.hidden_act:
-            raise ValueError(
-                f"vision.hidden_act={vision.hidden_act!r}: the siglip recipe implements {self.hidden_act!r}"
-            )
         return TransformerConfig(
             num_layers=vision.num_layers,
             hidden_size=vision.hidden_size,
@@ -176,7 +174,7 @@ class SiglipRecipe:
             add_bias_linear=True,
             add_qkv_bias=True,
             gated_linear_unit=False,
-            activation_func=functools.partial(F.gelu, approximate="tanh"),
+            activation_func=self.activation(vision),
             pipeline_model_parallel_size=1,
             **common.transformer_kwargs(
                 parallel,
@@ -187,6 +185,14 @@ class SiglipRecipe:
                 fp8_problem=self.fp8_problem(vision, parallel.tensor_parallel),
             ),
         )
+
+    def activation(self, vision: VisionConfig) -> Any:
+        """The MLP's activation (gelu-tanh); another ``hidden_act`` is refused by name."""
+        if vision.hidden_act != self.hidden_act:
+            raise ValueError(
+                f"vision.hidden_act={vision.hidden_act!r}: the siglip recipe implements {self.hidden_act!r}"
+            )
+        return functools.partial(F.gelu, approximate="tanh")
 
     def layer_spec(self, config: TransformerConfig, use_te: bool) -> ModuleSpec:
         """Non-causal attention within each image; images arrive as packed sequences (THD, one per
@@ -301,18 +307,22 @@ class SiglipRecipe:
 
     def rows(self, v: VisionConfig) -> list[Mapping]:
         """Megatron names relative to the encoder module, HF names relative to the vision model."""
+        return [
+            Mapping("patch_embedding.weight", ("embeddings.patch_embedding.weight",)),
+            Mapping("patch_embedding.bias", ("embeddings.patch_embedding.bias",)),
+            Mapping("position_embedding.weight", ("embeddings.position_embedding.weight",)),
+            *layer_rows(v.num_layers, self.layer_rows(v)),
+            *weight_and_bias("encoder.final_layernorm", "post_layernorm"),
+        ]
+
+    def layer_rows(self, v: VisionConfig) -> list[Mapping]:
+        """One encoder layer's rows (``encoder.layers.*.``): transformers' ViT layer of SigLIP and CLIP
+        (layer_norm1, q/k/v/out projections with biases, layer_norm2, fc1, fc2)."""
         qkv = tuple(f"encoder.layers.*.self_attn.{p}_proj" for p in "qkv")
         heads = Attention(v.num_heads, v.num_heads, v.head_dim)
         layer = "encoder.layers.*."
-
-        def pair(megatron: str, hf: str, split: Split = Split.REPLICATED, bias_split: Split = Split.REPLICATED) -> list:
-            return [
-                Mapping(f"{layer}{megatron}.weight", (f"{layer}{hf}.weight",), split),
-                Mapping(f"{layer}{megatron}.bias", (f"{layer}{hf}.bias",), bias_split),
-            ]
-
-        layers = [
-            *pair("input_layernorm", "layer_norm1"),
+        return [
+            *weight_and_bias(f"{layer}input_layernorm", f"{layer}layer_norm1"),
             Mapping(
                 f"{layer}self_attention.linear_qkv.weight",
                 tuple(f"{n}.weight" for n in qkv),
@@ -323,18 +333,10 @@ class SiglipRecipe:
             Mapping(
                 f"{layer}self_attention.linear_qkv.bias", tuple(f"{n}.bias" for n in qkv), Split.COLUMN, Fuse.QKV, heads
             ),
-            *pair("self_attention.linear_proj", "self_attn.out_proj", Split.ROW),
-            *pair("pre_mlp_layernorm", "layer_norm2"),
-            *pair("mlp.linear_fc1", "mlp.fc1", Split.COLUMN, Split.COLUMN),
-            *pair("mlp.linear_fc2", "mlp.fc2", Split.ROW),
-        ]
-        return [
-            Mapping("patch_embedding.weight", ("embeddings.patch_embedding.weight",)),
-            Mapping("patch_embedding.bias", ("embeddings.patch_embedding.bias",)),
-            Mapping("position_embedding.weight", ("embeddings.position_embedding.weight",)),
-            *layer_rows(v.num_layers, layers),
-            Mapping("encoder.final_layernorm.weight", ("post_layernorm.weight",)),
-            Mapping("encoder.final_layernorm.bias", ("post_layernorm.bias",)),
+            *weight_and_bias(f"{layer}self_attention.linear_proj", f"{layer}self_attn.out_proj", Split.ROW),
+            *weight_and_bias(f"{layer}pre_mlp_layernorm", f"{layer}layer_norm2"),
+            *weight_and_bias(f"{layer}mlp.linear_fc1", f"{layer}mlp.fc1", Split.COLUMN, Split.COLUMN),
+            *weight_and_bias(f"{layer}mlp.linear_fc2", f"{layer}mlp.fc2", Split.ROW),
         ]
 
     # -- shapes and counts -----------------------------------------------------------------
@@ -353,13 +355,27 @@ class SiglipRecipe:
         return embed + v.num_layers * layer
 
     def parameters(self, v: VisionConfig) -> ParameterCount:
-        h, inner = v.hidden_size, v.intermediate_size
+        h = v.hidden_size
         embeddings = ParameterCount(replicated=v.num_channels * v.patch_size**2 * h + h + v.patches_per_side**2 * h)
-        # Column-parallel weights and biases split; row-parallel outputs keep a whole bias; norms whole.
-        layer = ParameterCount(
+        return embeddings + self.layer_parameters(v) * v.num_layers + ParameterCount(replicated=2 * h)
+
+    def layer_parameters(self, v: VisionConfig) -> ParameterCount:
+        """One encoder layer: column-parallel weights and biases split; row-parallel outputs keep a
+        whole bias; norms whole."""
+        h, inner = v.hidden_size, v.intermediate_size
+        return ParameterCount(
             sharded=3 * h * h + 3 * h + h * h + h * inner + inner + inner * h, replicated=2 * h + 4 * h
         )
-        return embeddings + layer * v.num_layers + ParameterCount(replicated=2 * h)
+
+
+def weight_and_bias(
+    megatron: str, hf: str, split: Split = Split.REPLICATED, bias_split: Split = Split.REPLICATED
+) -> list[Mapping]:
+    """The rows of a layer with a weight and a bias (norms, linears of a ViT)."""
+    return [
+        Mapping(f"{megatron}.weight", (f"{hf}.weight",), split),
+        Mapping(f"{megatron}.bias", (f"{hf}.bias",), bias_split),
+    ]
 
 
 RECIPE = register("vision", "siglip", SiglipRecipe())

@@ -99,8 +99,15 @@ class DataConfig:
         return max(source.seq_len for source in self.sources)
 
 
-def load_data_config(path: str | Path, data_root: str | Path, **overrides: Any) -> DataConfig:
-    """A mixture preset (YAML; shard paths relative to ``data_root``) -> DataConfig."""
+def load_data_config(
+    path: str | Path,
+    data_root: str | Path,
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    **overrides: Any,
+) -> DataConfig:
+    """A mixture preset (YAML; shard paths relative to ``data_root``) -> DataConfig.
+    ``normalization``: the vision encoder's pixel (mean, std), used where the mixture sets none (the
+    normalization belongs to the encoder: SigLIP's 0.5 / 0.5, CLIP's own)."""
     path = Path(path)
     if not path.suffix:
         path = MIXTURES_DIR / f"{path}.yaml"
@@ -120,7 +127,10 @@ def load_data_config(path: str | Path, data_root: str | Path, **overrides: Any) 
         )
         for source in values.pop("sources")
     )
-    image = ImageConfig(**values.pop("image", {}))
+    image_values = values.pop("image", {})
+    if normalization is not None:
+        image_values = {"mean": normalization[0], "std": normalization[1], **image_values}
+    image = ImageConfig(**image_values)
     return DataConfig(sources=sources, image=image, **{**values, **overrides})
 
 

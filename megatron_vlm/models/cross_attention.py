@@ -32,12 +32,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
-from megatron_vlm.backbones import recipe, recipes_of
+from megatron_vlm.backbones import recipes_of
 from megatron_vlm.backbones.common import use_transformer_engine
 from megatron_vlm.backbones.perceiver import RMSNorm, swiglu_mlp
 from megatron_vlm.config import CrossAttentionConfig, ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_vlm.data.batch import attended_images, documents_of_positions
-from megatron_vlm.models.idefics2 import Idefics2Model
+from megatron_vlm.models.idefics2 import mask_padded_vocab, stand_in_image
 
 ALPHA_TYPES = ("float", "vector")
 
@@ -202,6 +202,21 @@ def check_cross_attention(model_config: ModelConfig, parallel: ParallelConfig) -
         )
 
 
+def gated_blocks_forward_flops(model_config: ModelConfig, tokens: int, context: int, attended: int) -> float:
+    """Every gated cross-attention block of the decoder, forward: ``tokens`` text positions,
+    ``context`` image tokens (keys and values are projected for each), ``attended`` the sum over
+    positions of the image tokens each attends to (its latest image's; none before the first)."""
+    text = model_config.text
+    h, f, width = text.hidden_size, text.intermediate_size, model_config.vision.hidden_size
+    block = (
+        2 * tokens * h * h * 2  # queries and the output projection
+        + 2 * context * width * h * 2  # keys and values, from the vision width
+        + 4 * attended * h  # scores and the weighted sum
+        + 2 * tokens * 3 * h * f  # the SwiGLU MLP
+    )
+    return text.num_layers // model_config.cross_attention.interval * block
+
+
 class CrossAttentionModel(MegatronModule):
     """One pipeline chunk of the cross-attention model. ``pre_process`` chunks own vision +
     connector + embeddings; every chunk's decoder layers may hold cross-attention blocks."""
@@ -267,13 +282,6 @@ class CrossAttentionModel(MegatronModule):
         features, lengths = self.vision(pixel_values, pixel_attention_mask)
         return self.connector(features, lengths).transpose(0, 1)
 
-    def _blank_image(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vision = recipe("vision", self.model_config.vision.kind)
-        v = self.model_config.vision
-        side = vision.smallest_image(v) if hasattr(vision, "smallest_image") else v.patch_size
-        pixels = like.new_zeros(1, v.num_channels, side, side)
-        return pixels, torch.ones(1, side, side, dtype=torch.bool, device=like.device)
-
     def image_context(
         self,
         pixel_values: torch.Tensor | None,
@@ -303,7 +311,7 @@ class CrossAttentionModel(MegatronModule):
         elif torch.is_grad_enabled():
             # Every trainable parameter gets a (zero) gradient on every data-parallel rank, so
             # overlapped gradient reduction never waits on a bucket this rank would not fill.
-            context = context + 0.0 * self.encode_images(*self._blank_image(like)).sum().to(like.dtype)
+            context = context + 0.0 * self.encode_images(*stand_in_image(self.model_config, like)).sum().to(like.dtype)
         return context.view(rows, slots * self.image_tokens, width).transpose(0, 1).contiguous()
 
     def _transport(self, context: torch.Tensor) -> torch.Tensor:
@@ -360,7 +368,7 @@ class CrossAttentionModel(MegatronModule):
         )
         if not self.post_process:
             return torch.cat([output, context], dim=0)
-        logits = Idefics2Model._mask_padded_vocab(self, output)
+        logits = mask_padded_vocab(output, self.vocab_size, self.padded_vocab_size)
         if labels is None:
             return logits
         return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)

@@ -66,19 +66,12 @@ class Idefics2Model(MegatronModule):
         return tokens.transpose(0, 1)
 
     def _images_contribute_nothing(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """A batch without images still runs one blank patch through vision + connector, times 0.
+        """A batch without images still runs a blank image through vision + connector, times 0.
 
         Every trainable parameter then has a (zero) gradient on every data-parallel rank, so
         overlapped gradient reduction never waits on a bucket that this rank would not fill.
         """
-        # The smallest image the encoder and connector take: one patch for SigLIP, the fixed square
-        # of CLIP or of the pixel shuffle's full grid.
-        vision, connector, _ = recipes_of(self.model_config)
-        side = vision.smallest_image(self.model_config.vision)
-        if hasattr(connector, "smallest_image"):  # a connector that needs more than any patch
-            side = max(side, connector.smallest_image(self.model_config))
-        pixels = embeddings.new_zeros(1, self.model_config.vision.num_channels, side, side)
-        mask = torch.ones(1, side, side, dtype=torch.bool, device=embeddings.device)
+        pixels, mask = stand_in_image(self.model_config, embeddings)
         return embeddings + 0.0 * self.encode_images(pixels, mask).sum().to(embeddings.dtype)
 
     def splice_images(
@@ -144,12 +137,28 @@ class Idefics2Model(MegatronModule):
         return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
 
     def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.padded_vocab_size == self.vocab_size:
-            return logits
-        shard = logits.shape[-1]
-        first = parallel_state.get_tensor_model_parallel_rank() * shard
-        vocab_index = torch.arange(first, first + shard, device=logits.device)
-        return logits.masked_fill(vocab_index >= self.vocab_size, float("-inf"))
+        return mask_padded_vocab(logits, self.vocab_size, self.padded_vocab_size)
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, padded_vocab_size: int) -> torch.Tensor:
+    """The tensor-parallel logits shard with the padded vocabulary's extra entries at -inf."""
+    if padded_vocab_size == vocab_size:
+        return logits
+    shard = logits.shape[-1]
+    first = parallel_state.get_tensor_model_parallel_rank() * shard
+    vocab_index = torch.arange(first, first + shard, device=logits.device)
+    return logits.masked_fill(vocab_index >= vocab_size, float("-inf"))
+
+
+def stand_in_image(model_config: ModelConfig, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A blank image (pixels, mask) of the smallest size the encoder and connector take: one patch
+    for SigLIP, the fixed square of CLIP or of the pixel shuffle's full grid."""
+    vision, connector, _ = recipes_of(model_config)
+    side = vision.smallest_image(model_config.vision)
+    if hasattr(connector, "smallest_image"):  # a connector that needs more than any patch
+        side = max(side, connector.smallest_image(model_config))
+    pixels = like.new_zeros(1, model_config.vision.num_channels, side, side)
+    return pixels, torch.ones(1, side, side, dtype=torch.bool, device=like.device)
 
 
 def gather_logits(logits_shard: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Analytic FLOP count of Idefics2 (matmuls, 2 FLOPs per multiply-add): vision encoder at native
+"""Analytic FLOP count of the model (matmuls, 2 FLOPs per multiply-add): vision encoder at native
 resolution, projection, resampler and the decoder on packed sequences, each part counted by its
-backbone recipe. Training = 3x forward."""
+backbone recipe, and the gated cross-attention blocks of the cross-attention architecture.
+Training = 3x forward."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 
 from megatron_vlm.backbones import recipes_of
 from megatron_vlm.config import ModelConfig
+from megatron_vlm.data.batch import attended_images, documents_of_positions
+from megatron_vlm.models.cross_attention import gated_blocks_forward_flops
 
 
 def vision_forward_flops(config: ModelConfig, patches: int) -> float:
@@ -47,7 +50,22 @@ def batch_training_flops(config: ModelConfig, batch: dict[str, torch.Tensor]) ->
     allowed = ~batch["attention_mask"]
     tokens = batch["input_ids"].numel()
     flops += decoder_forward_flops(config, tokens, int(allowed.sum()))
+    if config.architecture == "cross_attention":
+        flops += cross_attention_forward_flops(config, batch)
     return 3.0 * flops
+
+
+def cross_attention_forward_flops(config: ModelConfig, batch: dict[str, torch.Tensor]) -> float:
+    """The gated cross-attention blocks of a micro-batch: each row's images give the context (the
+    connector's tokens per image), and a token attends to one image's tokens once one precedes it in
+    its document."""
+    per_image = recipes_of(config)[1].tokens_per_image(config)
+    input_ids = batch["input_ids"]
+    images = int((input_ids == config.image_token_id).sum())
+    attends = attended_images(input_ids, documents_of_positions(batch["position_ids"]), config.image_token_id)
+    return gated_blocks_forward_flops(
+        config, input_ids.numel(), images * per_image, int((attends >= 0).sum()) * per_image
+    )
 
 
 def measured_matmul_tflops(dtype: torch.dtype, device: str, size: int | None = None, seconds: float = 0.5) -> float:

@@ -102,9 +102,11 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(name=recipes_of(run.model)[2].tokenizer)  # the text recipe's choice
     if image_token_ids(tokenizer)["<image>"] != run.model.image_token_id:
         raise ValueError("the tokenizer's <image> id differs from the model's image_token_id")
+    vision = recipes_of(run.model)[0]
     data_config = load_data_config(
         run.data.mixture,
         run.data.root,
+        normalization=(vision.image_mean, vision.image_std),  # the encoder's, unless the mixture says
         micro_batch_size=run.data.micro_batch_size,
         image_backend=run.data.image_backend,
         seed=training.seed,

@@ -17,6 +17,7 @@ from megatron_vlm import backend
 from megatron_vlm.backbones import common, recipes_of
 from megatron_vlm.config import ModelConfig, RunConfig
 from megatron_vlm.distributed import layout_problems
+from megatron_vlm.models.cross_attention import check_cross_attention
 from megatron_vlm.models.fp8 import te_fp8_parts
 from megatron_vlm.models.lora import BACKBONES, linear_kind, unadaptable
 
@@ -136,6 +137,18 @@ def startup_problems(run: RunConfig, world_size: int) -> tuple[StartupPlan, list
     plan.sequence_lengths = lengths
     if problem := image_size_problem(model, data.image, run.data.mixture):
         problems.append(problem)
+    if model.architecture == "cross_attention":
+        try:
+            check_cross_attention(model, parallel)
+        except ValueError as error:
+            problems.append(str(error))
+        most = model.cross_attention.max_images_per_row
+        if data.max_images_per_sequence > most:  # a packed sequence is a row of the micro-batch
+            problems.append(
+                f"the data mixture {run.data.mixture!r} packs up to max_images_per_sequence="
+                f"{data.max_images_per_sequence} images per sequence, above model.cross_attention."
+                f"max_images_per_row={most} (the image context of a row has that many slots)"
+            )
     tp, mbs = parallel.tensor_parallel, run.data.micro_batch_size
 
     # Sequence parallelism splits every micro-batch's sequence over the TP ranks.
