@@ -539,3 +539,45 @@ def test_preflight_checks_the_cross_attention_model_against_its_data():
     assert any(
         "parallel.sequence_parallel is not implemented for model.architecture=cross_attention" in p for p in refused
     )
+
+
+@pytest.mark.parametrize("preset", ["tiny_clip_mlp", "tiny_idefics3", "tiny_idefics1"])
+def test_frozen_and_lora_regimes_on_every_architecture(megatron_single_process, preset):
+    """The paper's training regimes on each new model: with the backbones frozen and LoRA on both,
+    only adapters and the new parts (connector; Idefics1's gated blocks) train, every adapter sits on
+    a vision or decoder linear and gets a gradient, and the frozen weights get none."""
+    from megatron_vlm.backbones import text_tokens_per_image
+    from megatron_vlm.config import TrainableConfig
+    from megatron_vlm.data.batch import make_batch, training_inputs
+    from megatron_vlm.models.idefics2 import build_model_chunks
+    from megatron_vlm.models.lora import apply_trainable
+
+    config = load_model_preset(preset)
+    (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
+    trainable = TrainableConfig(freeze_vision=True, freeze_language=True, lora_rank=4, lora_alpha=8.0)
+    apply_trainable([model], trainable)
+    training = {name for name, p in model.named_parameters() if p.requires_grad}
+    adapters = {name for name in training if ".lora." in name}
+    new_parts = training - adapters
+    assert {n.split(".")[0] for n in adapters} == {"vision", "language_model"}
+    assert new_parts and all(n.startswith("connector.") or ".gated_cross_attention." in n for n in new_parts), sorted(
+        new_parts
+    )
+    assert any(".gated_cross_attention." in n for n in new_parts) == (config.architecture == "cross_attention")
+
+    side = config.vision.image_size
+    batch = make_batch(
+        config, images_per_row=[[(side, side)], [(side, side)]], seq_len=96, image_seq_len=text_tokens_per_image(config)
+    )
+    inputs = training_inputs(batch)
+    loss = model(
+        **{
+            k: inputs[k]
+            for k in ("input_ids", "position_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "labels")
+        }
+    )
+    (loss * inputs["loss_mask"]).sum().backward()
+    for name, parameter in model.named_parameters():
+        if name in adapters and ".lora.B" not in name:  # B starts at zero, so A's gradient is zero at first
+            continue
+        assert (parameter.grad is not None) == (name in training), name
