@@ -32,7 +32,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
-from megatron_vlm.backbones import recipes_of
+from megatron_vlm.backbones import ParameterCount, recipes_of
 from megatron_vlm.backbones.common import use_transformer_engine
 from megatron_vlm.backbones.perceiver import RMSNorm, swiglu_mlp
 from megatron_vlm.config import CrossAttentionConfig, ModelConfig, ParallelConfig, PrecisionConfig
@@ -200,6 +200,30 @@ def check_cross_attention(model_config: ModelConfig, parallel: ParallelConfig) -
             f"vision.hidden_size={model_config.vision.hidden_size} exceeds text.hidden_size={text.hidden_size}: "
             "under pipeline parallelism the image tokens travel in the text-width hidden states"
         )
+
+
+def gated_block_parameters(model_config: ModelConfig) -> ParameterCount:
+    """One gated cross-attention block: q / k / v / output projections and the SwiGLU MLP split over
+    tensor parallelism; its norms, q/k norms and gates whole on every rank."""
+    text, cross = model_config.text, model_config.cross_attention
+    h, f, width, inner = (
+        text.hidden_size,
+        text.intermediate_size,
+        model_config.vision.hidden_size,
+        text.num_heads * text.head_dim,
+    )
+    gates = 2 * (1 if cross.alpha_type == "float" else h)
+    qk_norms = 2 * text.head_dim if cross.qk_layer_norms else 0
+    return ParameterCount(sharded=2 * h * inner + 2 * width * inner + 3 * h * f, replicated=2 * h + qk_norms + gates)
+
+
+def gated_blocks_in(model_config: ModelConfig, first_layer: int, layers: int) -> int:
+    """Gated blocks among decoder layers first_layer .. first_layer + layers - 1 (global indices):
+    one before every layer whose index is a multiple of the interval."""
+    if model_config.architecture != "cross_attention" or layers <= 0:
+        return 0
+    interval = model_config.cross_attention.interval
+    return (first_layer + layers - 1) // interval - (first_layer - 1) // interval
 
 
 def gated_blocks_forward_flops(model_config: ModelConfig, tokens: int, context: int, attended: int) -> float:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from megatron_vlm.backbones import ParameterCount, recipes_of
 from megatron_vlm.config import ModelConfig, ParallelConfig, TrainableConfig
+from megatron_vlm.models.cross_attention import gated_block_parameters, gated_blocks_in
 
 FP32 = 4
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -101,12 +102,19 @@ def decoder_layer_parameters(model: ModelConfig) -> ParameterCount:
 
 def decoder_layers_per_chunk(model: ModelConfig, parallel: ParallelConfig) -> list[list[int]]:
     """Decoder layers of each [stage][virtual chunk], as Megatron-Core places them."""
+    return [[layers for layers, _ in stage] for stage in _decoder_layer_placement(model, parallel)]
+
+
+def _decoder_layer_placement(model: ModelConfig, parallel: ParallelConfig) -> list[list[tuple[int, int]]]:
+    """(layers, global index of the first) of each [stage][virtual chunk]: Megatron-Core's placement
+    (interleaved: chunk v of stage p starts at v x layers/vpp + p x layers/(pp x vpp))."""
     pp, vpp, layers = parallel.pipeline_parallel, parallel.virtual_pipeline or 1, model.text.num_layers
     first = parallel.decoder_layers_in_first_stage
     if first is not None and pp > 1:
         rest = (layers - first) // (pp - 1)
-        return [[first]] + [[rest] for _ in range(pp - 1)]
-    return [[layers // (pp * vpp)] * vpp for _ in range(pp)]
+        return [[(first, 0)]] + [[(rest, first + (p - 1) * rest)] for p in range(1, pp)]
+    per = layers // (pp * vpp)
+    return [[(per, v * layers // vpp + p * per) for v in range(vpp)] for p in range(pp)]
 
 
 @dataclass(frozen=True)
@@ -114,16 +122,20 @@ class ChunkContents:
     decoder_layers: int
     vision: bool  # vision + connector + embeddings (the first chunk of stage 0)
     output: bool  # final norm + output layer + loss (the last chunk of the last stage)
+    gated_blocks: int = 0  # the cross-attention architecture's blocks among its decoder layers
 
 
 def chunks_of_stage(model: ModelConfig, parallel: ParallelConfig, stage: int) -> list[ChunkContents]:
-    per_chunk = decoder_layers_per_chunk(model, parallel)[stage]
+    per_chunk = _decoder_layer_placement(model, parallel)[stage]
     last_stage = parallel.pipeline_parallel - 1
     return [
         ChunkContents(
-            layers, vision=stage == 0 and index == 0, output=stage == last_stage and index == len(per_chunk) - 1
+            layers,
+            vision=stage == 0 and index == 0,
+            output=stage == last_stage and index == len(per_chunk) - 1,
+            gated_blocks=gated_blocks_in(model, first_layer, layers),
         )
-        for index, layers in enumerate(per_chunk)
+        for index, (layers, first_layer) in enumerate(per_chunk)
     ]
 
 
@@ -138,6 +150,9 @@ def chunk_parameters(
     if chunk.output:
         language = language + vocabulary + ParameterCount(replicated=model.text.hidden_size)
     total, train = language, ParameterCount() if trainable.freeze_language else language
+    if chunk.gated_blocks:  # new parts: they train whatever is frozen (models/lora.py)
+        blocks = gated_block_parameters(model) * chunk.gated_blocks
+        total, train = total + blocks, train + blocks
     if chunk.vision:
         vision, connector = vision_parameters(model), connector_parameters(model)
         total = total + vision + connector
@@ -148,7 +163,9 @@ def chunk_parameters(
 
 def model_parameters(model: ModelConfig) -> int:
     """All parameters of the model (every chunk of every stage, unsharded)."""
-    whole = ChunkContents(model.text.num_layers, vision=True, output=True)
+    whole = ChunkContents(
+        model.text.num_layers, vision=True, output=True, gated_blocks=gated_blocks_in(model, 0, model.text.num_layers)
+    )
     total, _ = chunk_parameters(model, whole, TrainableConfig())
     return total.sharded + total.replicated
 
@@ -246,6 +263,29 @@ def output_activations(model: ModelConfig, setup: TrainingSetup, tokens: int) ->
     return tokens * (_norm_bytes(t.hidden_size, e, setup.kernels, rms=True) + t.hidden_size * e + vocab * FP32)
 
 
+def gated_block_activations(model: ModelConfig, setup: TrainingSetup, batch: int, seq: int, context: int) -> float:
+    """Bytes one gated cross-attention block keeps for backward: ``batch`` rows of ``seq`` tokens,
+    each attending a context of ``context`` image tokens."""
+    t, tp, e, kernels = model.text, setup.parallel.tensor_parallel, _bytes(setup), setup.kernels
+    h, inner, f = t.hidden_size, t.num_heads * t.head_dim // tp, t.intermediate_size // tp
+    tokens = batch * seq
+    if setup.parallel.recompute == "full":
+        return 0.0  # recomputed from the layer's input, which the layer keeps
+    per_token = (
+        2 * _norm_bytes(h, e, kernels, rms=True)
+        + 2 * h * e  # the q projection's and the MLP's inputs (the norms' outputs)
+        + 2 * inner * e  # queries, and the attention output (the output projection's input)
+        + 2 * h * e  # the gated outputs (tanh(alpha) x output: alpha's gradient needs them)
+        + 5 * f * e  # SwiGLU: fc1 output (gate|up), silu(gate), their product, fc2 input copy
+    )
+    keys = 2 * batch * context * inner * e  # keys and values (the context itself is the chunk's input)
+    if model.cross_attention.qk_layer_norms:
+        per_token += inner * FP32
+        keys += batch * context * inner * FP32
+    scores = _attention_scores_bytes(batch, t.num_heads // tp, seq, context, e, kernels)
+    return tokens * per_token + keys + scores
+
+
 def chunk_activations(
     model: ModelConfig, setup: TrainingSetup, chunk: ChunkContents, work: Workload, first_stage: bool
 ) -> float:
@@ -253,15 +293,31 @@ def chunk_activations(
     b, s, e = work.micro_batch_size, work.seq_length, _bytes(setup)
     tokens = b * s
     total = chunk.decoder_layers * decoder_layer_activations(model, setup, tokens, b, s)
+    pipelined = setup.parallel.pipeline_parallel > 1
+    context = cross_attention_context(model, work, pipelined)
+    sent = s + (context if pipelined else 0)  # under PP the context travels with the hidden states
+    if chunk.gated_blocks:
+        total += chunk.gated_blocks * gated_block_activations(model, setup, b, s, context)
+        total += b * context * model.vision.hidden_size * e  # the context, every block's key and value input
     if chunk.vision:
         total += vision_activations(model, setup, work.images, work.patches_per_image)
     if chunk.output:
         total += output_activations(model, setup, tokens)
     else:
-        total += tokens * model.text.hidden_size * e  # the output sent downstream, kept until its backward
+        total += b * sent * model.text.hidden_size * e  # the output sent downstream, kept until its backward
     if not first_stage and e != FP32:
-        total += tokens * model.text.hidden_size * e  # the received input (the first norm keeps an fp32 copy)
+        total += b * sent * model.text.hidden_size * e  # the received input (the first norm keeps an fp32 copy)
     return total
+
+
+def cross_attention_context(model: ModelConfig, work: Workload, pipelined: bool) -> int:
+    """Image tokens of a row's cross-attention context: its image slots x tokens per image. Under
+    pipeline parallelism every slot (the P2P shape is fixed); otherwise the most images a row holds,
+    at most all of the micro-batch's."""
+    if model.architecture != "cross_attention":
+        return 0
+    slots = model.cross_attention.max_images_per_row
+    return (slots if pipelined else min(work.images, slots)) * recipes_of(model)[1].tokens_per_image(model)
 
 
 def microbatch_input_bytes(work: Workload, model: ModelConfig) -> float:

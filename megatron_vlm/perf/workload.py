@@ -4,6 +4,7 @@ are ``data/batch.py``'s synthetic ones, laid out by the workload)."""
 
 from __future__ import annotations
 
+from megatron_vlm.backbones import text_tokens_per_image
 from megatron_vlm.config import ModelConfig
 from megatron_vlm.data.batch import MicroBatch, make_batch, training_inputs
 from megatron_vlm.perf.memory_model import Workload
@@ -24,5 +25,8 @@ def synthetic_micro_batch(config: ModelConfig, workload: Workload, seed: int = 0
     rows: list[list[tuple[int, int]]] = [[] for _ in range(workload.micro_batch_size)]
     for index in range(workload.images):
         rows[index % workload.micro_batch_size].append((side, side))
-    inputs = training_inputs(make_batch(config, seed=seed, images_per_row=rows, seq_len=workload.seq_length))
+    batch = make_batch(
+        config, seed=seed, images_per_row=rows, seq_len=workload.seq_length, image_seq_len=text_tokens_per_image(config)
+    )
+    inputs = training_inputs(batch)
     return {name: tensor.to(device) for name, tensor in inputs.items()}
