@@ -12,6 +12,7 @@ both (``models.naming.canonical_name``).
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -52,6 +53,31 @@ _RECOMPUTE = {
     "selective": {"recompute_granularity": "selective"},
     "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
 }
+
+
+def connector_config(
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    initialize: bool,
+    attention_dropout: float = 0.0,
+    **shape: Any,
+) -> TransformerConfig:
+    """The TransformerConfig of a connector: Megatron's own linears (never TE's, so no FP8 through
+    TE), on whole images (no sequence split), whole on the first pipeline stage. A connector without
+    attention still needs a head count TP divides (``num_attention_heads`` defaults to TP)."""
+    shape.setdefault("num_attention_heads", parallel.tensor_parallel)
+    return TransformerConfig(
+        pipeline_model_parallel_size=1,
+        **shape,
+        **transformer_kwargs(
+            parallel,
+            precision,
+            initialize,
+            attention_dropout=attention_dropout,
+            sequence_parallel=False,
+            fp8_problem="the connector's linears are Megatron's own, not Transformer Engine's",
+        ),
+    )
 
 
 def transformer_kwargs(

@@ -156,7 +156,10 @@ class IdeficsPerceiverRecipe:
     ) -> TransformerConfig:
         """At the vision width, MLP 4x that, ReLU, no biases; Megatron's own linears (never TE's)."""
         connector = model.connector
-        return TransformerConfig(
+        return common.connector_config(
+            parallel,
+            precision,
+            initialize,
             num_layers=connector.depth,
             hidden_size=model.vision.hidden_size,
             ffn_hidden_size=4 * model.vision.hidden_size,
@@ -165,15 +168,6 @@ class IdeficsPerceiverRecipe:
             add_bias_linear=False,
             gated_linear_unit=False,
             activation_func=F.relu,
-            pipeline_model_parallel_size=1,
-            **common.transformer_kwargs(
-                parallel,
-                precision,
-                initialize,
-                attention_dropout=0.0,
-                sequence_parallel=False,
-                fp8_problem="the connector's linears are Megatron's own, not Transformer Engine's",
-            ),
         )
 
     def build(

@@ -60,24 +60,16 @@ class MlpConnectorRecipe:
         self, model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, initialize: bool = True
     ) -> TransformerConfig:
         """The projection's SwiGLU at the text widths, no biases, Megatron's own linears (never TE's)."""
-        return TransformerConfig(
+        return common.connector_config(
+            parallel,
+            precision,
+            initialize,
             num_layers=1,
             hidden_size=model.text.hidden_size,
             ffn_hidden_size=model.text.intermediate_size,
-            # There is no attention; TransformerConfig still wants a head count TP divides.
-            num_attention_heads=parallel.tensor_parallel,
             add_bias_linear=False,
             gated_linear_unit=True,
             activation_func=F.silu,
-            pipeline_model_parallel_size=1,
-            **common.transformer_kwargs(
-                parallel,
-                precision,
-                initialize,
-                attention_dropout=0.0,
-                sequence_parallel=False,
-                fp8_problem="the connector's linears are Megatron's own, not Transformer Engine's",
-            ),
         )
 
     def build(

@@ -236,7 +236,11 @@ class PerceiverRecipe:
         """Projection and resampler work at the text width, with SwiGLU MLPs and no biases. Their
         linears are Megatron's own (never TE's): no FP8 through TE, no sequence split."""
         connector = model.connector
-        return TransformerConfig(
+        return common.connector_config(
+            parallel,
+            precision,
+            initialize,
+            attention_dropout=connector.attention_dropout,
             num_layers=connector.depth,
             hidden_size=model.text.hidden_size,
             ffn_hidden_size=model.text.intermediate_size,
@@ -248,15 +252,6 @@ class PerceiverRecipe:
             add_bias_linear=False,
             gated_linear_unit=True,
             activation_func=F.silu,
-            pipeline_model_parallel_size=1,
-            **common.transformer_kwargs(
-                parallel,
-                precision,
-                initialize,
-                attention_dropout=connector.attention_dropout,
-                sequence_parallel=False,
-                fp8_problem="the connector's linears are Megatron's own, not Transformer Engine's",
-            ),
         )
 
     def build(

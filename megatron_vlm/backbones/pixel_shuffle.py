@@ -94,22 +94,14 @@ class PixelShuffleRecipe:
         self, model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, initialize: bool = True
     ) -> TransformerConfig:
         """The projection at the text width, Megatron's own linear (never TE's): no FP8 through TE."""
-        return TransformerConfig(
+        return common.connector_config(
+            parallel,
+            precision,
+            initialize,
             num_layers=1,
             hidden_size=model.text.hidden_size,
-            # There is no attention; TransformerConfig still wants a head count TP divides.
-            num_attention_heads=parallel.tensor_parallel,
             add_bias_linear=False,
             activation_func=F.silu,
-            pipeline_model_parallel_size=1,
-            **common.transformer_kwargs(
-                parallel,
-                precision,
-                initialize,
-                attention_dropout=0.0,
-                sequence_parallel=False,
-                fp8_problem="the connector's linear is Megatron's own, not Transformer Engine's",
-            ),
         )
 
     def build(
