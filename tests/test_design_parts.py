@@ -393,6 +393,7 @@ def test_perceiver_with_12_latents_equals_transformers(megatron_single_process):
     assert (ours - reference)[valid].abs().max() <= TOLERANCE
 
 
+@pytest.mark.first_env_only
 def test_clip_mlp_mistral_at_tp2_equals_the_transformers_composition(tmp_path):
     """The composed CLIP + MLP + Mistral at tensor parallelism 2 (heads, fused QKV, the projection's
     gate/up split over two real processes) against the same transformers composition."""
@@ -420,6 +421,7 @@ def square_reference(size: int, split: bool) -> dict:
     return processor([[Image.open(BytesIO(data)) for data in encoded_photos()]], return_tensors="pt")
 
 
+@pytest.mark.first_env_only
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
 def test_square_resize_pillow_equals_transformers_and_dali_cpu_is_within_the_bound(split):
     from test_dali import MAX_ABS_BOUND, MEAN_ABS_BOUND

@@ -66,6 +66,7 @@ def test_logits_match_transformers_at_tp1(tp1, name):
     assert all(step["updated"] for step in result["steps"]) and losses[-1] < losses[0]
 
 
+@pytest.mark.first_env_only
 @pytest.mark.multiprocess
 def test_tp2pp2_matches_transformers_and_trains_as_tp1(tp2pp2, tp1):
     name, ranks = tp2pp2
@@ -178,6 +179,7 @@ def read_hf_tensors(directory):
     return tensors
 
 
+@pytest.mark.first_env_only
 @pytest.mark.multiprocess
 def test_idefics3_round_trip_through_tp2pp2_is_bit_exact_loads_and_verifies(tmp_path):
     """A tiny Idefics3 (real 32,003-token vocabulary, so the Mistral tokenizer fits) saved by

@@ -133,8 +133,10 @@ def test_analysis_skips_unreadable_results(tmp_path):
     assert "skipped unreadable result" in done.stderr and "no results.json" in done.stderr
 
 
-# A comparison of two variants that is also a scaling line: Mistral at one and two ranks (strong
-# scaling), Llama at TP2 (impossible on one rank: skipped), the cost of three short runs.
+# The paper's architecture comparison (examples/ablations/cpu/architecture.yaml's variants), short,
+# that is also a scaling line: fully autoregressive at one and two ranks (strong scaling), cross-
+# attention (Idefics1) at TP2 (impossible on one rank: skipped): the trainer on the bundled data
+# resized square for CLIP, one <image> token per image for cross-attention, at the cost of three runs.
 SWEEP = """
 config: examples/tiny_cpu.yaml
 set:
@@ -142,14 +144,15 @@ set:
   training.log_interval: 2
   training.warmup_steps: 1
   training.save_interval: 1000
+  data.mixture: tiny_square
 slurm: {gpus_per_node: 0, cpus_per_task: 1, time: "00:20:00", exclusive: true}
 grid:
   tasks_per_node: [1, 2]
   training.global_batch_size: [4]
   data.micro_batch_size: [2]
 variants:
-  mistral: {model: tiny}
-  llama: {model: tiny_llama, parallel.tensor_parallel: 2}
+  fully_autoregressive: {model: tiny_clip, model.text.kind: llama}
+  cross_attention: {model: tiny_idefics1, parallel.tensor_parallel: 2}
 """
 
 
@@ -191,9 +194,14 @@ def test_sweep_on_local_slurm_then_table_and_plots(slurm, data_root, tmp_path):
     manifest = json.loads((out / "sweep.json").read_text())
     assert len(manifest["jobs"]) == 2  # one array per (nodes, tasks per node)
     results = {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/results.json")}
-    assert set(results) == {"mistral-n1x1-gb4-mb2", "mistral-n1x2-gb4-mb2", "llama-n1x2-gb4-mb2"}
-    assert results["llama-n1x2-gb4-mb2"]["config"]["model"]["text"]["kind"] == "llama"
-    assert results["llama-n1x2-gb4-mb2"]["layout"]["tensor_parallel"] == 2
+    assert set(results) == {
+        "fully_autoregressive-n1x1-gb4-mb2",
+        "fully_autoregressive-n1x2-gb4-mb2",
+        "cross_attention-n1x2-gb4-mb2",
+    }
+    crossed = results["cross_attention-n1x2-gb4-mb2"]
+    assert crossed["config"]["model"]["architecture"] == "cross_attention" and crossed["layout"]["tensor_parallel"] == 2
+    assert results["fully_autoregressive-n1x1-gb4-mb2"]["config"]["model"]["text"]["kind"] == "llama"
     for result in results.values():
         assert result["slurm_job"] and result["measured_steps"] == 4  # the first window (start-up) left out
         assert result["tokens_per_second"] > 0 and 0 < result["mfu"] < 1
@@ -204,10 +212,11 @@ def test_sweep_on_local_slurm_then_table_and_plots(slurm, data_root, tmp_path):
     analysis = run_tool("analyze_scaling.py", str(out))
     table = (out / "scaling.md").read_text()
     assert analysis.startswith("# Scaling results") and table.count("-gb4-mb2 |") == 3 + 3  # runs, comparison
-    assert "mistral: TP1 PP1 mb2, global batch 4 | 2 (vs 1)" in table  # strong scaling: DP2 against one rank
+    # strong scaling: DP2 against one rank
+    assert "fully_autoregressive: TP1 PP1 mb2, global batch 4 | 2 (vs 1)" in table
     comparison = table[table.index("## Comparison of variants") :]
     for name, result in results.items():  # each run's final loss, as its results.json says
-        variant = name.split("-")[0]
+        variant = name.split("-")[0]  # the run's name starts with its variant's
         assert f"| {variant} | {name} | 6 | {result['loss']:.4f} |" in comparison
         assert [step for step, _ in result["loss_history"]] == [2, 4, 6]
     for name in ("throughput.png", "mfu.png", "scaling_efficiency.png", "memory.png", "loss.png"):
