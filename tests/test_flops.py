@@ -64,7 +64,7 @@ def test_cross_attention_blocks_match_torch_counter(megatron_single_process):
     from parity import family_batch, family_config
 
     from megatron_vlm.backbones import recipes_of
-    from megatron_vlm.models.cross_attention import gated_blocks_forward_flops
+    from megatron_vlm.models.cross_attention import gated_block_forward_flops, gated_blocks_in
 
     config = dataclasses.replace(family_config("idefics1"), make_vocab_size_divisible_by=1)
     (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
@@ -78,6 +78,7 @@ def test_cross_attention_blocks_match_torch_counter(megatron_single_process):
     analytic = (
         images * vision_forward_flops(config, side * side)
         + decoder_forward_flops(config, rows * seq, rows * seq * seq)
-        + gated_blocks_forward_flops(config, rows * seq, rows * context, rows * seq * context)
+        + gated_blocks_in(config, 0, config.text.num_layers)
+        * gated_block_forward_flops(config, rows * seq, rows * context, rows * seq * context)
     )
     assert analytic == pytest.approx(counter.get_total_flops(), rel=0.02)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_vlm.backbones import recipes_of  # noqa: E402
 from megatron_vlm.config import TrainableConfig, load_model_preset  # noqa: E402
 from megatron_vlm.perf.planner import Cluster, Job, plan  # noqa: E402
 
@@ -33,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--global-batch", type=int, default=1024, help="sequences per optimizer step")
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--images-per-sequence", type=int, default=4)
-    parser.add_argument("--image-size", type=int, default=980, help="longest image side, px (square assumed)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="longest image side, px (square assumed; default: the preset's vision image_size)",
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument(
         "--kernels", default="te", choices=["te", "local"], help="te: TE fused kernels; local: Megatron-Core local spec"
@@ -56,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = frozen - {"vision", "connector", "language"}
     if unknown:
         parser.error(f"--freeze: unknown parts {sorted(unknown)}")
+    vision, connector, _ = recipes_of(model)
+    fixed = getattr(vision, "fixed_resolution", False) or getattr(connector, "fixed_tokens_per_image", False)
+    if args.image_size is None:
+        args.image_size = model.vision.image_size
+    elif fixed and args.image_size != model.vision.image_size:
+        parser.error(
+            f"--image-size {args.image_size}: the {args.preset} model takes every image square at its "
+            f"vision image_size, {model.vision.image_size} px"
+        )
     patches_per_side = args.image_size // model.vision.patch_size
     job = Job(
         model=model,

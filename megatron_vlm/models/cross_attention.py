@@ -226,19 +226,18 @@ def gated_blocks_in(model_config: ModelConfig, first_layer: int, layers: int) ->
     return (first_layer + layers - 1) // interval - (first_layer - 1) // interval
 
 
-def gated_blocks_forward_flops(model_config: ModelConfig, tokens: int, context: int, attended: int) -> float:
-    """Every gated cross-attention block of the decoder, forward: ``tokens`` text positions,
-    ``context`` image tokens (keys and values are projected for each), ``attended`` the sum over
-    positions of the image tokens each attends to (its latest image's; none before the first)."""
+def gated_block_forward_flops(model_config: ModelConfig, tokens: int, context: int, attended: int) -> float:
+    """One gated cross-attention block, forward: ``tokens`` text positions, ``context`` image tokens
+    (keys and values are projected for each), ``attended`` the sum over positions of the image
+    tokens each attends to (its latest image's; none before the first)."""
     text = model_config.text
     h, f, width = text.hidden_size, text.intermediate_size, model_config.vision.hidden_size
-    block = (
+    return (
         2 * tokens * h * h * 2  # queries and the output projection
         + 2 * context * width * h * 2  # keys and values, from the vision width
         + 4 * attended * h  # scores and the weighted sum
         + 2 * tokens * 3 * h * f  # the SwiGLU MLP
     )
-    return text.num_layers // model_config.cross_attention.interval * block
 
 
 class CrossAttentionModel(MegatronModule):

@@ -12,7 +12,7 @@ import torch
 from megatron_vlm.backbones import recipes_of
 from megatron_vlm.config import ModelConfig
 from megatron_vlm.data.batch import attended_images, documents_of_positions
-from megatron_vlm.models.cross_attention import gated_blocks_forward_flops
+from megatron_vlm.models.cross_attention import gated_block_forward_flops, gated_blocks_in
 
 
 def vision_forward_flops(config: ModelConfig, patches: int) -> float:
@@ -63,7 +63,8 @@ def cross_attention_forward_flops(config: ModelConfig, batch: dict[str, torch.Te
     input_ids = batch["input_ids"]
     images = int((input_ids == config.image_token_id).sum())
     attends = attended_images(input_ids, documents_of_positions(batch["position_ids"]), config.image_token_id)
-    return gated_blocks_forward_flops(
+    blocks = gated_blocks_in(config, 0, config.text.num_layers)
+    return blocks * gated_block_forward_flops(
         config, input_ids.numel(), images * per_image, int((attends >= 0).sum()) * per_image
     )
 

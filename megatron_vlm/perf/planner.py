@@ -19,8 +19,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from megatron_vlm.backbones import recipes_of
 from megatron_vlm.config import ModelConfig, ParallelConfig, TrainableConfig
 from megatron_vlm.distributed import layout_problems
+from megatron_vlm.models.cross_attention import gated_block_forward_flops
 from megatron_vlm.perf import flops
 from megatron_vlm.perf.memory_model import (
     TrainingSetup,
@@ -100,6 +102,11 @@ def stage_forward_flops(job: Job, parallel: ParallelConfig, stage: int, micro_ba
     total = 0.0
     for chunk in chunks_of_stage(model, parallel, stage):
         total += chunk.decoder_layers * flops.decoder_layer_forward_flops(model, tokens, attended)
+        if chunk.gated_blocks:  # a sequence's images are every token's context: an upper bound, as ``attended``
+            context = job.images_per_sequence * recipes_of(model)[1].tokens_per_image(model)
+            total += chunk.gated_blocks * gated_block_forward_flops(
+                model, tokens, micro_batch_size * context, tokens * context
+            )
         if chunk.vision:
             images = micro_batch_size * job.images_per_sequence
             total += images * flops.vision_forward_flops(model, job.patches_per_image)
