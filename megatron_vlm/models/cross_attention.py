@@ -26,18 +26,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
-from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
 from megatron_vlm.backbones import ParameterCount, recipes_of
-from megatron_vlm.backbones.common import use_transformer_engine
 from megatron_vlm.backbones.perceiver import RMSNorm, swiglu_mlp
 from megatron_vlm.config import CrossAttentionConfig, ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_vlm.data.batch import attended_images, documents_of_positions
-from megatron_vlm.models.idefics2 import mask_padded_vocab, stand_in_image
+from megatron_vlm.models.idefics2 import Idefics2Model, stand_in_image
 
 ALPHA_TYPES = ("float", "vector")
 
@@ -240,9 +238,10 @@ def gated_block_forward_flops(model_config: ModelConfig, tokens: int, context: i
     )
 
 
-class CrossAttentionModel(MegatronModule):
+class CrossAttentionModel(Idefics2Model):
     """One pipeline chunk of the cross-attention model. ``pre_process`` chunks own vision +
-    connector + embeddings; every chunk's decoder layers may hold cross-attention blocks."""
+    connector + embeddings (as Idefics2's); every chunk's decoder layers may hold cross-attention
+    blocks, and its forward gives them the image tokens instead of splicing them into the text."""
 
     def __init__(
         self,
@@ -255,38 +254,27 @@ class CrossAttentionModel(MegatronModule):
         initialize_weights: bool = True,
     ) -> None:
         check_cross_attention(model_config, parallel)
-        vision, connector, text = recipes_of(model_config)
-        language_config = text.transformer_config(model_config, parallel, precision, initialize_weights)
-        super().__init__(config=language_config)
-        use_te = use_transformer_engine(precision)
-        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
-        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
-        self.model_config = model_config
-        self.pre_process = pre_process
-        self.post_process = post_process
-        self.vocab_size = model_config.text.vocab_size
-        self.padded_vocab_size = model_config.padded_vocab_size
-        self.image_tokens = connector.tokens_per_image(model_config)
+        super().__init__(model_config, parallel, precision, pre_process, post_process, vp_stage, initialize_weights)
+        self.image_tokens = recipes_of(model_config)[1].tokens_per_image(model_config)
         self.pipelined = parallel.pipeline_parallel > 1
-        self.vision: MegatronModule | None = None
-        self.connector: MegatronModule | None = None
-        if pre_process:
-            self.vision = vision.build(model_config.vision, parallel, precision, initialize_weights, use_te)
-            self.connector = connector.build(model_config, parallel, precision, initialize_weights)
-        self.language_model = text.build(
-            model_config,
+        self.input_tensor: torch.Tensor | None = None
+
+    def build_language_model(self, language_config: Any, use_te: bool, vp_stage: int | None) -> MegatronModule:
+        """The text recipe's decoder whose layers are ``CrossAttentionTransformerLayer``."""
+        text = recipes_of(self.model_config)[2]
+        return text.build(
+            self.model_config,
             language_config,
             use_te,
-            pre_process,
-            post_process,
+            self.pre_process,
+            self.post_process,
             vp_stage,
             layer_module=CrossAttentionTransformerLayer,
             layer_params={
-                "cross_attention": model_config.cross_attention,
-                "vision_width": model_config.vision.hidden_size,
+                "cross_attention": self.model_config.cross_attention,
+                "vision_width": self.model_config.vision.hidden_size,
             },
         )
-        self.input_tensor: torch.Tensor | None = None
 
     @property
     def pipeline_tokens(self) -> int:
@@ -299,11 +287,6 @@ class CrossAttentionModel(MegatronModule):
         self.input_tensor = input_tensor
 
     # -- images -----------------------------------------------------------------------------
-
-    def encode_images(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> torch.Tensor:
-        """[images, C, H, W] + [images, H, W] -> image tokens [images, tokens, vision width]."""
-        features, lengths = self.vision(pixel_values, pixel_attention_mask)
-        return self.connector(features, lengths).transpose(0, 1)
 
     def image_context(
         self,
@@ -391,7 +374,7 @@ class CrossAttentionModel(MegatronModule):
         )
         if not self.post_process:
             return torch.cat([output, context], dim=0)
-        logits = mask_padded_vocab(output, self.vocab_size, self.padded_vocab_size)
+        logits = self._mask_padded_vocab(output)
         if labels is None:
             return logits
         return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)

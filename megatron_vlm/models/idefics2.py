@@ -11,6 +11,8 @@ so the loss is that of the real vocabulary.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
@@ -52,7 +54,12 @@ class Idefics2Model(MegatronModule):
         if pre_process:
             self.vision = vision.build(model_config.vision, parallel, precision, initialize_weights, use_te)
             self.connector = connector.build(model_config, parallel, precision, initialize_weights)
-        self.language_model = text.build(model_config, language_config, use_te, pre_process, post_process, vp_stage)
+        self.language_model = self.build_language_model(language_config, use_te, vp_stage)
+
+    def build_language_model(self, language_config: Any, use_te: bool, vp_stage: int | None) -> MegatronModule:
+        """The text recipe's decoder of this chunk (the cross-attention model gives its layers blocks)."""
+        text = recipes_of(self.model_config)[2]
+        return text.build(self.model_config, language_config, use_te, self.pre_process, self.post_process, vp_stage)
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
         self.language_model.set_input_tensor(input_tensor)
