@@ -96,6 +96,9 @@ def test_tiny_run_learns_and_reports_every_metric(data_root, tmp_path):
     rates = scalars(tmp_path / "run" / "tensorboard", "learning_rate")
     assert rates[6] > rates[30] and rates[30] == pytest.approx(2e-4, rel=1e-3)  # warm-up, then cosine down to min
     assert scalars(tmp_path / "run" / "tensorboard", "tokens_per_second")[30] > 0
+    # Packed documents fill most positions; the packed vision tower computes no padded patch.
+    assert 0.3 < scalars(tmp_path / "run" / "tensorboard", "real_token_fraction")[30] <= 1
+    assert set(scalars(tmp_path / "run" / "tensorboard", "real_patch_fraction").values()) == {1.0}
     assert 0 < scalars(tmp_path / "run" / "tensorboard", "mfu")[30] < 1
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "iter_0000030"
 

@@ -38,15 +38,27 @@ def decoder_forward_flops(config: ModelConfig, tokens: int, attended: int) -> fl
     )
 
 
+def real_patches(config: ModelConfig, batch: dict[str, torch.Tensor]) -> list[int]:
+    """The whole patches of each image of a micro-batch (its pixel mask's real rows x columns)."""
+    patch, mask = config.vision.patch_size, batch["pixel_attention_mask"]
+    if not mask.shape[0]:
+        return []
+    rows = (mask[:, :, 0].sum(1) // patch).tolist()
+    cols = (mask[:, 0, :].sum(1) // patch).tolist()
+    return [int(r * c) for r, c in zip(rows, cols, strict=True)]
+
+
+def vision_positions(config: ModelConfig, patches: list[int]) -> int:
+    """Positions the vision encoder computes for images of ``patches`` real patches: each image's
+    tokens (its patches, plus CLIP's class token), packed one image after another. (Under FP8 with
+    Transformer Engine the packed rows are also padded to a multiple of 16: not counted here.)"""
+    vision = recipes_of(config)[0]
+    return sum(vision.output_tokens(config.vision, count) for count in patches)
+
+
 def batch_training_flops(config: ModelConfig, batch: dict[str, torch.Tensor]) -> float:
     """Model FLOPs of one training micro-batch (forward + backward = 3x forward)."""
-    patch = config.vision.patch_size
-    mask = batch["pixel_attention_mask"]
-    flops = 0.0
-    if mask.shape[0]:
-        rows = (mask[:, :, 0].sum(1) // patch).tolist()
-        cols = (mask[:, 0, :].sum(1) // patch).tolist()
-        flops += sum(vision_forward_flops(config, int(r * c)) for r, c in zip(rows, cols, strict=True))
+    flops = sum(vision_forward_flops(config, patches) for patches in real_patches(config, batch))
     allowed = ~batch["attention_mask"]
     tokens = batch["input_ids"].numel()
     flops += decoder_forward_flops(config, tokens, int(allowed.sum()))

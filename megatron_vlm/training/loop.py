@@ -25,7 +25,7 @@ from megatron_vlm.data.tokens import image_token_ids, load_tokenizer
 from megatron_vlm.models.checkpoint_io import load_model, read_metadata, trainable_config_of
 from megatron_vlm.models.idefics2 import build_model_chunks
 from megatron_vlm.models.lora import apply_trainable, merge_lora
-from megatron_vlm.perf.flops import batch_training_flops, measured_matmul_tflops
+from megatron_vlm.perf.flops import batch_training_flops, measured_matmul_tflops, real_patches, vision_positions
 from megatron_vlm.perf.memory import TrainingMemoryMeter
 from megatron_vlm.training import checkpoint, preflight, run_lock
 from megatron_vlm.training.async_save import AsyncCheckpointWriter
@@ -57,6 +57,15 @@ def _placement(tensors: Any) -> str:
 # Written into the run directory by a rank that exits because a peer stopped answering:
 # slurm/pretrain_idefics2.sh then requeues the job.
 PEER_LOST_FILE = "peer_lost.json"
+
+
+# What a logging window sums on each data-parallel rank (then over them): real tokens, images, model
+# FLOPs, decoder positions computed, real patches, vision positions computed.
+WINDOW_SUMS = ("tokens", "images", "flops", "positions", "patches", "vision_positions")
+
+
+def new_window() -> dict[str, float]:
+    return {**dict.fromkeys(WINDOW_SUMS, 0.0), "steps": 0}
 
 
 def pretrain(run: RunConfig) -> dict[str, Any]:
@@ -220,7 +229,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         )
 
     # --- steps
-    skipped_steps, window_start, window = 0, time.perf_counter(), dict(tokens=0.0, images=0.0, flops=0.0, steps=0)
+    skipped_steps, window_start, window = 0, time.perf_counter(), new_window()
     last: dict[str, float] = {}
     validation: dict[str, float] = {}
     first_step = iteration + 1
@@ -279,6 +288,11 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         window["images"] += sum(b["num_images"] for b in batches)
         # Reads the pixel masks: a small sync when they are on the GPU (dali-gpu), after the step.
         window["flops"] += sum(batch_training_flops(run.model, batch) for batch in batches)
+        window["positions"] += sum(b["input_ids"].numel() for b in batches)
+        for batch in batches:
+            patches = real_patches(run.model, batch)
+            window["patches"] += sum(patches)
+            window["vision_positions"] += vision_positions(run.model, patches)
         window["steps"] += 1
 
         if evaluator is not None and (iteration % training.eval_interval == 0 or iteration == training.train_steps):
@@ -299,7 +313,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
 
         if iteration % training.log_interval == 0 or iteration == training.train_steps:
             totals = torch.tensor(
-                [window["tokens"], window["images"], window["flops"]],
+                [window[name] for name in WINDOW_SUMS],
                 dtype=torch.float64,
                 device=distributed.collective_device(),
             )
@@ -317,10 +331,12 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
                 "memory_gib": memory.process_peak_bytes() / 2**30,
                 "skipped_samples": float(sum(loader.skipped.values())),
                 "skipped_steps": float(skipped_steps),
+                "real_token_fraction": totals[0].item() / max(totals[3].item(), 1.0),
+                "real_patch_fraction": totals[4].item() / totals[5].item() if totals[5].item() else 1.0,
             }
             metrics.write(iteration, last)
             results.add_window(
-                *totals.tolist(), seconds=elapsed, steps=window["steps"], step=iteration, loss=step["loss"]
+                *totals[:3].tolist(), seconds=elapsed, steps=window["steps"], step=iteration, loss=step["loss"]
             )
             if reports:
                 seconds_per_step = elapsed / window["steps"]
@@ -335,7 +351,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
                         iteration, training.train_steps, training.eval_interval
                     )
                 logger.info(log_line(iteration, training.train_steps, last, seconds_per_step, evaluation_seconds))
-            window_start, window = time.perf_counter(), dict(tokens=0.0, images=0.0, flops=0.0, steps=0)
+            window_start, window = time.perf_counter(), new_window()
 
         if writer.pending:  # publish the previous save once every rank has written it
             distributed.heartbeat(iteration, "checkpoint finalize", training.checkpoint_timeout_s)

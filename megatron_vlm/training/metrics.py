@@ -19,6 +19,10 @@ TENSORBOARD_METRICS = (
     "memory_gib",
     "skipped_samples",
     "skipped_steps",
+    # Of the decoder positions computed, the real tokens (the rest is padding of the micro-batches);
+    # of the vision encoder positions computed, the real patches (packed images: padding never runs).
+    "real_token_fraction",
+    "real_patch_fraction",
 )
 
 
