@@ -60,15 +60,6 @@ def bucketized_position_ids(patch_mask: torch.Tensor, patches_per_side: int) -> 
     return torch.where(patch_mask.reshape(images, -1), ids, torch.zeros_like(ids))
 
 
-def embed_patches(conv: nn.Conv2d, pixel_values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """``conv`` (kernel = stride = patch) applied to the patches where ``real`` [images, patches] is
-    True, as one matmul: [images, C, H, W] -> [real patches, hidden], row-major within each image."""
-    side = conv.kernel_size[0]
-    pixels = pixel_values.to(conv.weight.dtype).unfold(2, side, side).unfold(3, side, side)  # [i, C, h, w, p, p]
-    patches = pixels.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # [images, h x w, C x p x p]
-    return F.linear(patches[real], conv.weight.flatten(1), conv.bias)
-
-
 class SiglipVisionEncoder(MegatronModule):
     """Patch embedding + bucketized positions + TransformerBlock + post-layernorm, on packed images.
 
@@ -109,12 +100,15 @@ class SiglipVisionEncoder(MegatronModule):
                 f"images {empty} have no complete {self.vision.patch_size}x{self.vision.patch_size} patch "
                 f"(pixel mask smaller than one patch)"
             )
+        # The patch embedding (one convolution) still runs over the padded images: per patch it is
+        # ~0.2% of the 8B encoder's FLOPs (2 x 588 x 1152 against 27 layers at 1152 wide), and the
+        # transformer after it sees the real patches only.
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        embeddings = patches.flatten(2).transpose(1, 2)  # [images, max patches, hidden]
         position_ids = bucketized_position_ids(patch_mask, self.vision.patches_per_side)
         real = patch_mask.flatten(1)
-        # Row-major within each image, images in order: the packed THD sequence. The patch
-        # embedding (a convolution with stride = kernel) runs as one matmul over the real patches
-        # only: a padded image's padding never costs a FLOP.
-        packed = embed_patches(self.patch_embedding, pixel_values, real) + self.position_embedding(position_ids[real])
+        # Row-major within each image, images in order: the packed THD sequence.
+        packed = embeddings[real] + self.position_embedding(position_ids[real])
         return packed, lengths
 
     def forward(
