@@ -78,7 +78,7 @@ def test_round_trip_through_tp2pp2_is_bit_exact_and_loads_in_transformers(conver
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 4
 
 
-@pytest.mark.parametrize(("tp", "pp"), [(1, 1), (2, 2)])
+@pytest.mark.parametrize(("tp", "pp"), [pytest.param(1, 1, marks=pytest.mark.first_env_only), (2, 2)])
 def test_verify_conversion_on_real_photos(converted, tp, pp):
     output = run_tool(
         "verify_conversion.py",
@@ -116,6 +116,7 @@ def verified(hf_dir, megatron_dir):
     return json.loads(output.strip().splitlines()[-1])
 
 
+@pytest.mark.first_env_only
 def test_documented_flow_with_defaults_keeps_fp32_and_verifies(converted, tmp_path):
     """convert_hf_to_megatron.py then verify_conversion.py, every option at its default, on an
     fp32 source (as idefics2-8b is stored): the checkpoint stays fp32 and verifies at 1e-4."""
@@ -129,6 +130,7 @@ def test_documented_flow_with_defaults_keeps_fp32_and_verifies(converted, tmp_pa
     assert read_metadata(tmp_path / "meg")["dtype"] == "float32"
 
 
+@pytest.mark.first_env_only
 def test_bf16_conversion_verifies_against_the_same_bf16_weights(converted, tmp_path):
     """A bf16 checkpoint of an fp32 source is checked against transformers' model loaded in bf16
     (the same rounded weights), so the default tolerance holds: no slack for the rounding."""
@@ -141,6 +143,7 @@ def test_bf16_conversion_verifies_against_the_same_bf16_weights(converted, tmp_p
     assert "in bfloat16 (as asked)" in output
 
 
+@pytest.mark.first_env_only
 def test_verify_fails_on_a_different_model(converted, tmp_path):
     random_hf_model(load_model_preset("tiny"), seed=6).save_pretrained(tmp_path / "other")
     with pytest.raises(RuntimeError, match='"passed": false'):

@@ -23,6 +23,7 @@ def readme_run(run_dir: Path, overrides: str) -> str:
     return done.stdout
 
 
+@pytest.mark.first_env_only
 def test_readme_command_trains_then_resumes(tmp_path):
     common = "training.save_interval=2 training.log_interval=2 training.warmup_steps=1"
     first = readme_run(tmp_path / "run", f"training.train_steps=4 {common}")

@@ -75,6 +75,7 @@ def scalars(tensorboard_dir, name):
     return {event.step: event.value for event in accumulator.Scalars(f"train/{name}")}
 
 
+@pytest.mark.first_env_only
 def test_tiny_run_learns_and_reports_every_metric(data_root, tmp_path):
     output = run(
         train_command(
@@ -207,6 +208,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(data_root, tmp_path):
     assert message.count("update skipped") >= 3
 
 
+@pytest.mark.first_env_only
 @pytest.mark.parametrize(
     ("overrides", "fix"),
     [
