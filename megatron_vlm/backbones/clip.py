@@ -14,8 +14,6 @@ layer spec, the attention backends and the FP8 token padding; here every sequenc
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Mapping as MappingType
 from typing import Any
 
 import torch
@@ -215,16 +213,11 @@ class ClipRecipe(SiglipRecipe):
 
     # -- HF configs ------------------------------------------------------------------------
 
-    def hf_config(self, config_json: MappingType[str, Any]) -> Any:
-        """A CLIP ``config.json`` (the full CLIP or its vision model) -> CLIPVisionConfig."""
-        from transformers import CLIPConfig, CLIPVisionConfig
-
-        model_type = config_json.get("model_type")
-        if model_type == "clip":
-            return CLIPConfig.from_dict(copy.deepcopy(dict(config_json))).vision_config
-        if model_type in ("clip_vision_model", None):
-            return CLIPVisionConfig.from_dict(copy.deepcopy(dict(config_json)))
-        raise ValueError(f"expected a CLIP config, found model_type={model_type!r}")
+    hf_configs = {
+        "clip": ("CLIPConfig", "vision_config"),
+        "clip_vision_model": ("CLIPVisionConfig", None),
+        None: ("CLIPVisionConfig", None),
+    }
 
     def from_hf(self, v: Any, image_size: int | None = None) -> VisionConfig:
         """transformers' CLIPVisionConfig -> VisionConfig (optionally at another image size: the

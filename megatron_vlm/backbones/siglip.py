@@ -240,20 +240,25 @@ class SiglipRecipe:
 
     # -- HF configs ------------------------------------------------------------------------
 
+    # config.json model types read -> (transformers config class, its vision sub-config or None).
+    hf_configs = {
+        "siglip": ("SiglipConfig", "vision_config"),
+        "siglip_vision_model": ("SiglipVisionConfig", None),
+        None: ("SiglipVisionConfig", None),
+        "idefics3_vision": ("Idefics3VisionConfig", None),
+    }
+
     def hf_config(self, config_json: MappingType[str, Any]) -> Any:
-        """A SigLIP ``config.json`` (the full SigLIP or its vision model) -> SiglipVisionConfig."""
-        from transformers import SiglipConfig, SiglipVisionConfig
+        """A ``config.json`` of this encoder (the full model's, or its vision model's) -> transformers'
+        vision config of it (its defaults fill what the file leaves out)."""
+        import transformers
 
         model_type = config_json.get("model_type")
-        if model_type == "siglip":
-            return SiglipConfig.from_dict(copy.deepcopy(dict(config_json))).vision_config
-        if model_type in ("siglip_vision_model", None):
-            return SiglipVisionConfig.from_dict(copy.deepcopy(dict(config_json)))
-        if model_type == "idefics3_vision":
-            from transformers import Idefics3VisionConfig
-
-            return Idefics3VisionConfig.from_dict(copy.deepcopy(dict(config_json)))
-        raise ValueError(f"expected a SigLIP config, found model_type={model_type!r}")
+        if model_type not in self.hf_configs:
+            raise ValueError(f"expected a {self.kind} config, found model_type={model_type!r}")
+        class_name, section = self.hf_configs[model_type]
+        config = getattr(transformers, class_name).from_dict(copy.deepcopy(dict(config_json)))
+        return getattr(config, section) if section else config
 
     def from_hf(self, v: Any, image_size: int | None = None) -> VisionConfig:
         """transformers' SigLIP / Idefics2 vision config -> VisionConfig (optionally at another image size)."""
