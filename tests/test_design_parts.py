@@ -211,6 +211,33 @@ def test_clip_equals_transformers_last_hidden_state(megatron_single_process, hid
     assert (alone - ours[1]).abs().max() <= TOLERANCE
 
 
+def test_clip_under_te_fp8_pads_its_rows_to_16_with_unchanged_output(megatron_single_process):
+    """The FP8 branch (Transformer Engine's GEMMs want row counts that are multiples of 16): 3 images
+    of 37 tokens are padded by a sequence of zeros to 112 rows; every encoder GEMM sees aligned rows
+    and the images' tokens are those of the unpadded run (the padding attends only to itself)."""
+    from megatron_vlm.backbones.common import FP8_TOKEN_MULTIPLE, te_fp8_gemm_problem
+
+    vision = clip_vision(hidden_act="quick_gelu")
+    encoder = clip_encoder(vision, hf_clip(vision))
+    pixels = torch.randn(3, 3, vision.image_size, vision.image_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain, _ = encoder(pixels, full_masks(pixels))
+        encoder.token_multiple = FP8_TOKEN_MULTIPLE
+        rows = []
+        hooks = [
+            m.register_forward_hook(lambda _m, args, _o: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape))
+            for m in encoder.encoder.modules()
+            if type(m).__name__ in ("ColumnParallelLinear", "RowParallelLinear")
+        ]
+        padded, lengths = encoder(pixels, full_masks(pixels))
+        for hook in hooks:
+            hook.remove()
+    assert plain.shape[0] == 3 * 37 and rows and {r for r, _ in rows} == {112}
+    assert all(te_fp8_gemm_problem(r, c, 16) is None for r, c in rows)
+    assert padded.shape == plain.shape and lengths.tolist() == [37] * 3
+    assert (padded - plain).abs().max() <= 1e-5
+
+
 def test_clip_refuses_images_not_at_its_square_naming_the_size(megatron_single_process):
     vision = clip_vision()
     encoder = backbones.recipe("vision", "clip").build(vision, ParallelConfig(), PrecisionConfig(), False, False)

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -26,10 +25,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from megatron_vlm.backbones import common
-from megatron_vlm.backbones.attention import packed_seq_params
 from megatron_vlm.backbones.base import ParameterCount, register
 from megatron_vlm.backbones.mapping import Mapping, layer_rows
-from megatron_vlm.backbones.siglip import SiglipRecipe, resize_position_table, weight_and_bias
+from megatron_vlm.backbones.siglip import SiglipRecipe, resize_position_table, run_packed, weight_and_bias
 from megatron_vlm.config import ParallelConfig, PrecisionConfig, VisionConfig
 
 
@@ -134,15 +132,7 @@ class ClipVisionEncoder(MegatronModule):
         images, per_image, hidden = embeddings.shape
         packed = embeddings.reshape(images * per_image, hidden)
         lengths = torch.full((images,), per_image, dtype=torch.long, device=packed.device)
-        tokens = packed.shape[0]
-        sequence_lengths = lengths
-        extra = -tokens % self.token_multiple
-        if extra:  # an extra sequence of zeros: attends only to itself, dropped below
-            packed = torch.cat([packed, packed.new_zeros(extra, hidden)])
-            sequence_lengths = torch.cat([lengths, lengths.new_tensor([extra])])
-        params: PackedSeqParams = packed_seq_params(sequence_lengths)
-        output = self.encoder(hidden_states=packed[:, None, :], attention_mask=None, packed_seq_params=params)
-        return output[:tokens, 0], lengths
+        return run_packed(self.encoder, packed, lengths, self.token_multiple), lengths
 
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
         """The encoder always starts from pixels on its own stage."""

@@ -60,6 +60,24 @@ def bucketized_position_ids(patch_mask: torch.Tensor, patches_per_side: int) -> 
     return torch.where(patch_mask.reshape(images, -1), ids, torch.zeros_like(ids))
 
 
+def run_packed(
+    encoder: TransformerBlock, packed: torch.Tensor, lengths: torch.Tensor, token_multiple: int = 1
+) -> torch.Tensor:
+    """Images packed end to end ([tokens, hidden], ``lengths`` tokens each) through a ViT encoder
+    block, each image its own sequence (THD). With ``token_multiple`` > 1 (FP8 GEMMs want aligned
+    row counts) the tokens are padded up to a multiple of it by one extra sequence of zeros, which
+    attends only to itself and is dropped from the output."""
+    tokens = packed.shape[0]
+    sequence_lengths = lengths
+    extra = -tokens % token_multiple
+    if extra:
+        packed = torch.cat([packed, packed.new_zeros(extra, packed.shape[1])])
+        sequence_lengths = torch.cat([lengths, lengths.new_tensor([extra])])
+    params: PackedSeqParams = packed_seq_params(sequence_lengths)
+    hidden = encoder(hidden_states=packed[:, None, :], attention_mask=None, packed_seq_params=params)
+    return hidden[:tokens, 0]
+
+
 class SiglipVisionEncoder(MegatronModule):
     """Patch embedding + bucketized positions + TransformerBlock + post-layernorm, on packed images.
 
@@ -118,15 +136,7 @@ class SiglipVisionEncoder(MegatronModule):
         (features [tokens, hidden] of the real patches, image after image; patches per image [images])."""
         patch_mask = patch_attention_mask(pixel_attention_mask.bool(), self.vision.patch_size)
         packed, lengths = self.embed(pixel_values, patch_mask)
-        tokens = packed.shape[0]
-        sequence_lengths = lengths
-        extra = -tokens % self.token_multiple
-        if extra:  # an extra sequence of zeros: attends only to itself, dropped below
-            packed = torch.cat([packed, packed.new_zeros(extra, packed.shape[1])])
-            sequence_lengths = torch.cat([lengths, lengths.new_tensor([extra])])
-        params: PackedSeqParams = packed_seq_params(sequence_lengths)
-        hidden = self.encoder(hidden_states=packed[:, None, :], attention_mask=None, packed_seq_params=params)
-        return hidden[:tokens, 0], lengths
+        return run_packed(self.encoder, packed, lengths, self.token_multiple), lengths
 
     def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
         """The encoder always starts from pixels on its own stage."""
