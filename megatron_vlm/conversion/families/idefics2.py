@@ -63,24 +63,34 @@ class Idefics2Family:
         return self.hf_config(self.to_hf_config_dict(config))
 
     def from_hf_config(self, config_json: MappingType[str, Any] | Any) -> ModelConfig:
-        """Idefics2Config (object or config.json dict) -> ModelConfig, each part read by the recipe
-        for its sub-config's model type; what would change the model but is not modelled is refused."""
+        """The family's config (object or config.json dict) -> ModelConfig, each part read by the
+        recipe for its sub-config's model type; what would change the model but is not modelled is
+        refused by name."""
         hf = self.hf_config(config_json)
         if hf.tie_word_embeddings:
-            raise ValueError("tie_word_embeddings=True is not supported (Idefics2 unties them)")
+            raise ValueError(f"tie_word_embeddings=True is not supported ({self.hf_architecture} unties them)")
+        connector_source = self.connector_hf_config(hf)
         vision = recipe_for_hf("vision", hf.vision_config.model_type)
-        connector = recipe_for_hf("connector", hf.perceiver_config.model_type)
+        connector = recipe_for_hf("connector", connector_source.model_type)
         text = recipe_for_hf("text", hf.text_config.model_type)
         config = ModelConfig(
             vision=vision.from_hf(hf.vision_config),
-            connector=connector.from_hf(hf.perceiver_config),
+            connector=connector.from_hf(connector_source),
             text=text.from_hf(hf.text_config),
-            image_token_id=hf.image_token_id,
+            **self.token_ids(hf),
             pad_token_id=getattr(hf.text_config, "pad_token_id", 0) or 0,
             family=self.name,
         )
         check_round_trip(hf, self.to_hf_config_dict(config), self.sections)
         return config
+
+    def connector_hf_config(self, hf: Any) -> Any:
+        """Where the connector's numbers are in the family's config: Idefics2's perceiver_config."""
+        return hf.perceiver_config
+
+    def token_ids(self, hf: Any) -> dict[str, int]:
+        """The image token ids the config names (Idefics2: <image>; the others are the defaults')."""
+        return {"image_token_id": hf.image_token_id}
 
     # -- the transformers model (the oracle) -----------------------------------------------
 

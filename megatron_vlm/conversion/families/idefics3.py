@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping as MappingType
 from typing import Any
 
-from megatron_vlm.backbones import recipe_for_hf, recipes_of
+from megatron_vlm.backbones import recipes_of
 from megatron_vlm.config import ModelConfig
-from megatron_vlm.conversion.families.base import check_round_trip, read_hf_config, register_family
+from megatron_vlm.conversion.families.base import read_hf_config, register_family
 from megatron_vlm.conversion.families.idefics2 import Idefics2Family
 
 
@@ -53,29 +53,18 @@ class Idefics3Family(Idefics2Family):
 
         return read_hf_config(config_json, Idefics3Config)
 
-    def from_hf_config(self, config_json: MappingType[str, Any] | Any) -> ModelConfig:
-        """Idefics3Config (object or config.json dict) -> ModelConfig, each part read by the recipe
-        for its model type; what would change the model but is not modelled is refused by name."""
-        hf = self.hf_config(config_json)
-        if hf.tie_word_embeddings:
-            raise ValueError("tie_word_embeddings=True is not supported (Idefics3 unties them)")
-        vision = recipe_for_hf("vision", hf.vision_config.model_type)
-        connector = recipe_for_hf("connector", hf.model_type)
-        text = recipe_for_hf("text", hf.text_config.model_type)
-        config = ModelConfig(
-            vision=vision.from_hf(hf.vision_config),
-            connector=connector.from_hf(hf),
-            text=text.from_hf(hf.text_config),
-            # Idefics3's tokenizer adds <fake_token_around_image>, <image>, <end_of_utterance> after
-            # Llama-3's vocabulary; only <image> is in the config (Idefics3-8B: 128257).
-            fake_image_token_id=hf.image_token_id - 1,
-            image_token_id=hf.image_token_id,
-            end_of_utterance_token_id=hf.image_token_id + 1,
-            pad_token_id=getattr(hf.text_config, "pad_token_id", 0) or 0,
-            family=self.name,
-        )
-        check_round_trip(hf, self.to_hf_config_dict(config), self.sections)
-        return config
+    def connector_hf_config(self, hf: Any) -> Any:
+        """The pixel shuffle's scale_factor is on the top-level Idefics3Config."""
+        return hf
+
+    def token_ids(self, hf: Any) -> dict[str, int]:
+        # Idefics3's tokenizer adds <fake_token_around_image>, <image>, <end_of_utterance> after
+        # Llama-3's vocabulary; only <image> is in the config (Idefics3-8B: 128257).
+        return {
+            "fake_image_token_id": hf.image_token_id - 1,
+            "image_token_id": hf.image_token_id,
+            "end_of_utterance_token_id": hf.image_token_id + 1,
+        }
 
     # -- the transformers model (the oracle) -----------------------------------------------
 
