@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check: one command that, on a machine with one GPU (an H100: under 8 minutes), installs
+# The GPU check: one command that, on a machine with one GPU (an H100/H200: under 9 minutes), installs
 # what the machine lacks from wheels beside the checkout, records the machine, builds the bundled
 # data, runs the full trainer as one process (tiny preset in bf16 and in torch FP8, small preset),
-# `pytest -m gpu` and bench/gpu_proxy.py.
+# `pytest -m gpu` and bench/gpu_proxy.py (with its per-part time breakdown and torch.compile variants).
 #
 #   bash bench/gpu_check.sh OUTDIR [--dry-run] [--pack DIR] [--only STEP,...] [--limit SECONDS] [--cpu]
 #
@@ -19,7 +19,7 @@
 # leaves what ran. At a step's limit its processes get SIGUSR2 first: the trainer and pytest dump
 # every thread's Python stack on it (megatron_vlm/train.py, tests/conftest.py), so a hang shows
 # where it hangs; SIGKILL follows 10 s later. The whole script also keeps to a budget
-# (GPU_CHECK_BUDGET, default 480 s): later steps get what is left. A failing step does not stop the
+# (GPU_CHECK_BUDGET, default 540 s): later steps get what is left. A failing step does not stop the
 # ones after it; the exit status is non-zero if any step failed, timed out or was not reached.
 #
 # Environment: PYTHON (default python3: the device machine has no `python`), WHEELS (default
@@ -56,7 +56,7 @@ cd "$ROOT" || exit 2
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-$ROOT/.whl}
 SITE=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
-BUDGET=${GPU_CHECK_BUDGET:-480}
+BUDGET=${GPU_CHECK_BUDGET:-540}
 KILL_AFTER=10
 # Data and run directories: fresh each time, so no run resumes from an older checkpoint.
 if ((DRY_RUN)); then WORK=$(mktemp -u /tmp/gpu_check_work.XXXXXX); else WORK=$(mktemp -d /tmp/gpu_check_work.XXXXXX); fi
@@ -183,8 +183,14 @@ trainer_step train_small 75 model=small precision.params_dtype=bfloat16
 add_step pytest_gpu 210 "stdbuf -oL -eL $PYTHON -m pytest -m gpu -v -s -rs -p no:cacheprovider -o faulthandler_timeout=100 \\
     --continue-on-collection-errors --durations=10 --junitxml=$OUTDIR/pytest_gpu.xml tests"
 
-if ((CPU)); then PROXY_ARGS=--smoke; else PROXY_ARGS=""; fi
-add_step gpu_proxy 90 "stdbuf -oL -eL $PYTHON bench/gpu_proxy.py --out-dir $OUTDIR $PROXY_ARGS"
+# bf16 and FP8, then both again with torch.compile (norms, SwiGLU, the FP8 casts), each with its
+# profiler breakdown. Fewer steps than the script's defaults (5 timed after 2 warm-up, 1 profiled:
+# about 20 s a configuration at 8B widths, plus the first compile's), and a time budget of the
+# step's limit less 15 s: a configuration that would not finish is skipped and reported, and
+# the results are written after each one. --cpu: tiny widths (--smoke), no compile (minutes on CPU).
+if ((CPU)); then PROXY_ARGS=--smoke; else PROXY_ARGS="--compile --steps 5 --warmup 2 --profile-steps 1"; fi
+add_step gpu_proxy 170 "stdbuf -oL -eL $PYTHON bench/gpu_proxy.py --out-dir $OUTDIR $PROXY_ARGS \\
+    --time-budget \$((GPU_CHECK_STEP_LIMIT - 15))"
 
 # Last (the budget goes to the measurements first): the bf16 run resumed to step 30 with the distributed optimizer: the model-space optimizer state
 # (CUDA tensors, NCCL sums) and the data stream load on a GPU, the background saves publish.
@@ -206,6 +212,7 @@ fi
 if ((DRY_RUN)); then
     echo "gpu_check dry run: ${#NAMES[@]} steps, whole-run budget $BUDGET s (a step gets its own limit or what is left of the budget); output $OUTDIR"
     echo "environment: PYTHONPATH=$PYTHONPATH PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 HF_HUB_OFFLINE=1 NCCL_DEBUG=WARN TORCH_NCCL_ASYNC_ERROR_HANDLING=1"
+    echo "each step's own: GPU_CHECK_STEP_LIMIT=its time limit in seconds (what it has after the budget)"
     echo "each step: timeout -s USR2 -k $KILL_AFTER LIMIT bash -c 'trap : USR2; COMMAND' > $OUTDIR/STEP.log 2>&1"
     for i in "${!NAMES[@]}"; do
         selected "${NAMES[i]}" || continue
@@ -273,7 +280,7 @@ for i in "${!NAMES[@]}"; do
     t0=$(date +%s.%N)
     # timeout puts itself and the step in a process group of their own; bash ignores the USR2
     # (trap :) so the step's Python processes, not the shell, answer it.
-    timeout -s USR2 -k "$KILL_AFTER" "$limit" bash -c "trap : USR2; $command" >>"$log" 2>&1 </dev/null &
+    GPU_CHECK_STEP_LIMIT=$limit timeout -s USR2 -k "$KILL_AFTER" "$limit" bash -c "trap : USR2; $command" >>"$log" 2>&1 </dev/null &
     running=$!
     { wait "$running"; } 2>/dev/null  # (quiet: timeout's SIGKILL reaches timeout itself too)
     rc=$?

@@ -179,6 +179,19 @@ class PrecisionConfig:
     # CPU; auto: TE when it imports with an FP8-capable GPU, else torch.
     fp8_backend: str = "auto"
     use_transformer_engine: bool | None = None  # None: use TE when it imports
+    # torch.compile the torch FP8 linears' scaling and casts (models/fp8.py: each cast one fused
+    # reduction and one cast pass instead of op by op). Needs fp8 through the torch backend (TE
+    # fuses its own casts) and torch.compile's kernels on the device (Triton; a C++ compiler on CPU).
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.compile and not self.fp8:
+            raise ValueError("precision.compile=true compiles the FP8 linears' casts: it needs precision.fp8")
+        if self.compile and self.fp8_backend == "te":
+            raise ValueError(
+                "precision.compile=true compiles the torch FP8 linears' casts; Transformer Engine fuses its own: "
+                "use precision.fp8_backend=torch (or auto without TE), or precision.compile=false"
+            )
 
 
 T = TypeVar("T")

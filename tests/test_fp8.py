@@ -1,5 +1,6 @@
-"""Torch-native FP8 linears (models/fp8.py) on CPU: GEMM accuracy, gradients, and a model whose
-transformer linears run in FP8 training like its bf16 twin."""
+"""Torch-native FP8 linears (models/fp8.py) on CPU: GEMM accuracy, gradients, a model whose
+transformer linears run in FP8 training like its bf16 twin, and the compiled casts
+(precision.compile) against the op-by-op ones."""
 
 import dataclasses
 import functools
@@ -10,7 +11,8 @@ from parity import tiny_config
 
 from megatron_vlm import backend
 from megatron_vlm.config import ParallelConfig, PrecisionConfig
-from megatron_vlm.models.fp8 import E4M3, fp8_linear, quantize
+from megatron_vlm.data.batch import FORWARD_INPUTS
+from megatron_vlm.models.fp8 import E4M3, E5M2, EAGER_CASTS, compile_problem, compiled_casts, fp8_linear, quantize
 from megatron_vlm.models.idefics2 import build_model_chunks
 from megatron_vlm.perf.memory_model import Workload
 from megatron_vlm.perf.workload import synthetic_micro_batch
@@ -54,10 +56,7 @@ def test_fp8_model_trains_like_its_bf16_twin(megatron_single_process):
     config = dataclasses.replace(config, text=text)
     assert backend.fp8_backend("auto") == "torch"  # no Transformer Engine here
     batch = synthetic_micro_batch(config, Workload(micro_batch_size=2, seq_length=96, images=2, patches_per_image=16))
-    inputs = {
-        k: batch[k]
-        for k in ("input_ids", "position_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "labels")
-    }
+    inputs = {k: batch[k] for k in (*FORWARD_INPUTS, "labels")}
     losses = {}
     for fp8 in (None, "hybrid"):
         torch.manual_seed(0)
@@ -74,3 +73,48 @@ def test_fp8_model_trains_like_its_bf16_twin(megatron_single_process):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
     assert losses["hybrid"] == pytest.approx(losses[None], rel=0.02)
+
+
+def test_compiled_casts_equal_the_eager_ones_bit_for_bit():
+    """precision.compile's casts (torch.compile'd; inductor's C++ kernels on CPU) give the same FP8
+    bits, layout and scale as the op-by-op casts. One function, as compiling is slow on CPU: the
+    backward's (pad the rows, absolute maximum, scaled e5m2 cast, transposed copy), which runs the
+    other two's code. Two row counts, both padded: the second reuses the first's dynamic-shape
+    kernel (a recompile there would be an error), as every GEMM shape of a model does on a GPU."""
+    generator = torch.Generator().manual_seed(0)
+    casts = compiled_casts()
+    for index, rows in enumerate((37, 50)):
+        matrix = (torch.randn(rows, 48, generator=generator) * 3.0).bfloat16()
+        eager = EAGER_CASTS.rows_transposed(matrix, E5M2)
+        with torch._dynamo.config.patch(error_on_recompile=index > 0):
+            compiled = casts.rows_transposed(matrix, E5M2)
+        padded = -(-rows // 16) * 16
+        assert [t.shape for t in eager] == [(padded, 48), (48, padded), ()]
+        for reference, value in zip(eager, compiled, strict=True):
+            assert value.dtype == reference.dtype and value.shape == reference.shape
+            assert value.stride() == reference.stride()
+            bits = torch.uint8 if value.dtype == E5M2 else value.dtype
+            assert torch.equal(value.view(bits), reference.view(bits))
+
+
+def test_precision_compile_refused_where_it_cannot_work():
+    with pytest.raises(ValueError, match=r"precision.compile=true .* needs precision.fp8"):
+        PrecisionConfig(params_dtype="bfloat16", compile=True)
+    with pytest.raises(ValueError, match=r"Transformer Engine fuses its own: use precision.fp8_backend=torch"):
+        PrecisionConfig(params_dtype="bfloat16", fp8="hybrid", fp8_backend="te", compile=True)
+    assert compile_problem(torch.device("cpu")) is None  # g++ is here
+    assert "not supported on meta" in compile_problem(torch.device("meta"))
+
+
+def test_precision_compile_reaches_the_fp8_linears(megatron_single_process):
+    """build_model_chunks passes precision.compile on: every switched linear casts through the
+    compiled functions (nothing is compiled until a forward runs)."""
+    config = tiny_config()
+    config = dataclasses.replace(config, text=dataclasses.replace(config.text, intermediate_size=192))
+    for compile, expected in ((False, EAGER_CASTS), (True, compiled_casts())):
+        precision = PrecisionConfig(params_dtype="bfloat16", fp8="hybrid", fp8_backend="torch", compile=compile)
+        (model,) = build_model_chunks(config, ParallelConfig(), precision)
+        impls = [
+            m._forward_impl for m in model.modules() if isinstance(getattr(m, "_forward_impl", None), functools.partial)
+        ]
+        assert impls and all(impl.args == ("hybrid", expected) for impl in impls)

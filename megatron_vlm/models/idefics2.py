@@ -206,5 +206,10 @@ def build_model_chunks(
     for chunk in chunks:
         chunk.to(device=device, dtype=dtype)
     if precision.fp8 and backend.fp8_backend(precision.fp8_backend) == "torch":
-        use_torch_fp8(chunks, precision.fp8)
+        use_torch_fp8(chunks, precision.fp8, compile=precision.compile)
+    elif precision.compile:  # fp8_backend=auto chose Transformer Engine here
+        raise ValueError(
+            "precision.compile=true compiles the torch FP8 linears' casts; FP8 runs through Transformer Engine "
+            "here: set precision.compile=false"
+        )
     return chunks
