@@ -237,6 +237,9 @@ def load_model_preset(name_or_path: str | Path) -> ModelConfig:
         return from_dict(ModelConfig, yaml.safe_load(handle))
 
 
+DATA_LOADING = ("broadcast", "every_rank")
+
+
 @dataclass
 class DataSection:
     mixture: str = "tiny"  # a preset name under examples/data_mixtures/ or a YAML path
@@ -246,6 +249,21 @@ class DataSection:
     # Write what each step consumed (step, lane, source, sample positions per micro-batch) to
     # OUTPUT/data_trace/rankNNNNN.jsonl (one writer per data-parallel rank): an audit of the data order.
     trace: bool = False
+    # Steps of micro-batches read, decoded and packed ahead in a background thread while the current
+    # step trains (training/data_feed.py); 0: each step's are made when it starts. Checkpoints hold the
+    # data stream's position after the last step trained, not after what was prefetched.
+    prefetch: int = 2
+    # Who reads and decodes a data-parallel rank's micro-batches. broadcast: only tensor-parallel rank 0
+    # of the first pipeline stage; it sends them to its tensor-parallel peers, and everything but the
+    # pixels (which only the first stage's vision tower reads) to the later pipeline stages.
+    # every_rank: each rank of the model-parallel group loads the same micro-batches itself.
+    loading: str = "broadcast"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefetch, int) or isinstance(self.prefetch, bool) or self.prefetch < 0:
+            raise ValueError(f"data.prefetch={self.prefetch!r}: give the steps to prefetch, 0 or more (0: none)")
+        if self.loading not in DATA_LOADING:
+            raise ValueError(f"data.loading={self.loading!r} is not one of {DATA_LOADING}")
 
 
 @dataclass

@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -475,3 +476,65 @@ def stop_watching() -> None:
         _watch.stopped.set()
         _watch = None
     _on_lost.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# One rank loads, the others receive (the trainer's per-rank loading)
+# --------------------------------------------------------------------------------------------
+
+
+def broadcast_tensors(
+    tensors: dict[str, torch.Tensor] | None,
+    meta: Any,
+    src: int,
+    group: Any,
+    device: torch.device | str,
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """Collective over ``group``: the ``src`` rank's named tensors, of any shapes and dtypes (which
+    the others do not know in advance: a micro-batch's ``[images, 3, H, W]`` varies), and its
+    JSON-able ``meta`` reach every rank of the group. Other ranks pass ``tensors=None, meta=None``.
+
+    Megatron-LM's ``broadcast_data`` sends a fixed key set of one dtype with sizes it can size in
+    advance; here a header (names, dtypes, shapes and ``meta``, as JSON) goes first, then one flat
+    buffer per dtype. Tensors arrive on ``device`` (the collectives' device: CUDA for NCCL), bit
+    for bit; bool travels as uint8. Returns (tensors, meta) on every rank (``src``'s own, moved to
+    ``device``)."""
+    sending = dist.get_rank() == src
+    if sending:
+        if tensors is None:
+            raise ValueError(f"rank {src} broadcasts but was given no tensors")
+        moved = {name: tensor.to(device, non_blocking=True) for name, tensor in tensors.items()}
+        described = [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in moved.items()]
+        header = json.dumps({"meta": meta, "tensors": described}).encode()
+        length = torch.tensor([len(header)], dtype=torch.int64, device=device)
+    else:
+        length = torch.zeros(1, dtype=torch.int64, device=device)
+    dist.broadcast(length, src, group=group)
+    if sending:
+        payload = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device)
+    else:
+        payload = torch.empty(int(length[0]), dtype=torch.uint8, device=device)
+    dist.broadcast(payload, src, group=group)
+    # The sender decodes its own header too: every rank returns the same (JSON round-tripped) meta.
+    decoded = json.loads(header) if sending else json.loads(payload.cpu().numpy().tobytes())
+    meta, described = decoded["meta"], decoded["tensors"]
+    by_dtype: dict[str, list[list[Any]]] = {}
+    for entry in described:
+        by_dtype.setdefault(entry[1], []).append(entry)
+    out: dict[str, torch.Tensor] = {}
+    for dtype_name, entries in sorted(by_dtype.items()):
+        dtype = getattr(torch, dtype_name)
+        wire = torch.uint8 if dtype == torch.bool else dtype
+        sizes = [math.prod(shape) for _, _, shape in entries]
+        if sending:
+            parts = [moved[name].reshape(-1).view(wire) for name, _, _ in entries]
+            buffer = torch.cat(parts) if parts else torch.empty(0, dtype=wire, device=device)
+        else:
+            buffer = torch.empty(sum(sizes), dtype=wire, device=device)
+        if sum(sizes):
+            dist.broadcast(buffer, src, group=group)
+        if sending:
+            continue
+        for (name, _, shape), piece in zip(entries, buffer.split(sizes), strict=True):
+            out[name] = piece.view(dtype).reshape(shape)
+    return (moved if sending else out), meta

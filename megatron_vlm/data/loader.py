@@ -33,6 +33,7 @@ resume at another (TP, PP, DP) layout with no sample repeated or skipped:
 from __future__ import annotations
 
 import logging
+import threading
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -199,6 +200,11 @@ class MultimodalLoader:
         self.tokenizer = tokenizer
         self.image_seq_len = image_seq_len
         self.images = image_processor(config.image, config.image_backend)
+        # The training stream may be read in a prefetch thread while the evaluator encodes validation
+        # documents in the training thread: the tokenizer and the image processor (DALI pipelines
+        # included) are not safe to call from two threads at once, so documents are encoded one at a time.
+        self._encoding = threading.RLock()
+        self.decoded_images = 0  # images decoded by this loader: what per-rank loading saves (tests count it)
         self.streams = {s.name: SourceStream(s, config.seed) for s in config.sources}
         for source in config.sources:  # a held-out sample is never trained on
             if source.validation is None:
@@ -252,11 +258,13 @@ class MultimodalLoader:
     def encode(self, sample: Sample, source: str, position: int) -> Document:
         """Sample -> tokens ([BOS] text with image placeholders [EOS]) and processed images
         (float32 [3, h, w] tensors on the decoding device)."""
-        try:
-            images = [crop for crops in self.images(sample.images) for crop in crops]
-        except CorruptSample as error:
-            raise CorruptSample(error.reason, f"{sample.key}: {error}") from error
-        tokens = self.tokens(sample, source)
+        with self._encoding:
+            self.decoded_images += len(sample.images)
+            try:
+                images = [crop for crops in self.images(sample.images) for crop in crops]
+            except CorruptSample as error:
+                raise CorruptSample(error.reason, f"{sample.key}: {error}") from error
+            tokens = self.tokens(sample, source)
         image_token_id = self.packing[source].image_token_id
         if len(image_runs(tokens, image_token_id)) != len(images):
             raise CorruptSample("missing_field", f"{sample.key}: the text itself contains image tokens")
@@ -274,7 +282,8 @@ class MultimodalLoader:
                     pieces.append("\n\n")
                 pieces.append(segment)
         text = expand_image_placeholders("".join(pieces), self.image_seq_len, self.config.image.split)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with self._encoding:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         tokens = [self.tokenizer.bos_token_id, *ids, self.tokenizer.eos_token_id]
         expected = len(sample.images) * self.config.image.images_per_image
         if len(image_runs(tokens, self.packing[source].image_token_id)) != expected:
@@ -344,8 +353,18 @@ class MultimodalLoader:
             },
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``: it must be of this stream (lanes, seed, sources) and hold this rank's lanes."""
+    def own_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's lanes of a whole-stream ``state`` (:func:`merge_states`), checked but not
+        loaded (nothing is read or decoded): the state of a rank that receives its micro-batches
+        from another one (the trainer's per-rank loading) until its first step."""
+        self._check_state(state)
+        return {
+            "lanes": state["lanes"],
+            "seed": state["seed"],
+            "lane_states": {str(lane.index): state["lane_states"][str(lane.index)] for lane in self.lanes},
+        }
+
+    def _check_state(self, state: dict[str, Any]) -> None:
         if "lane_states" not in state:
             raise ValueError(
                 "the loader state predates the global data stream (one stream per data-parallel rank): "
@@ -357,7 +376,6 @@ class MultimodalLoader:
                 f"{self.num_lanes} and {self.config.seed}: keep global_batch_size / micro_batch_size and the data "
                 "seed when resuming (the data parallel size may change)"
             )
-        lanes = []
         for lane in self.lanes:
             saved = state["lane_states"].get(str(lane.index))
             if saved is None:
@@ -365,6 +383,13 @@ class MultimodalLoader:
             missing = set(self.streams) - set(saved["sources"])
             if missing:
                 raise ValueError(f"loader state has no entry for sources {sorted(missing)}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: it must be of this stream (lanes, seed, sources) and hold this rank's lanes."""
+        self._check_state(state)
+        lanes = []
+        for lane in self.lanes:
+            saved = state["lane_states"][str(lane.index)]
             restored = self._new_lane(lane.index)
             restored.step = saved["step"]
             restored.skipped = Counter(saved["skipped"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -19,16 +20,16 @@ from megatron_vlm import backend, distributed
 from megatron_vlm.backbones import recipes_of, text_tokens_per_image
 from megatron_vlm.backbones.common import torch_dtype
 from megatron_vlm.config import RunConfig, to_dict
-from megatron_vlm.data.batch import MODEL_INPUTS
 from megatron_vlm.data.loader import MultimodalLoader, load_data_config
 from megatron_vlm.data.tokens import image_token_ids, load_tokenizer
 from megatron_vlm.models.checkpoint_io import load_model, read_metadata, trainable_config_of
 from megatron_vlm.models.idefics2 import build_model_chunks
 from megatron_vlm.models.lora import apply_trainable, merge_lora
-from megatron_vlm.perf.flops import batch_training_flops, measured_matmul_tflops, real_patches, vision_positions
+from megatron_vlm.perf.flops import measured_matmul_tflops
 from megatron_vlm.perf.memory import TrainingMemoryMeter
 from megatron_vlm.training import checkpoint, preflight, run_lock
 from megatron_vlm.training.async_save import AsyncCheckpointWriter
+from megatron_vlm.training.data_feed import DataFeed
 from megatron_vlm.training.evaluation import Evaluator, evaluations_left
 from megatron_vlm.training.metrics import Metrics, log_line, logger, validation_line
 from megatron_vlm.training.preemption import PreemptionHandler
@@ -69,6 +70,11 @@ def new_window() -> dict[str, float]:
 
 
 def pretrain(run: RunConfig) -> dict[str, Any]:
+    with contextlib.ExitStack() as cleanup:  # on every way out: the end, preemption, an error
+        return _pretrain(run, cleanup)
+
+
+def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     training = run.training
     # Start-up stages are logged as they begin, so a run that stalls shows where (with the stacks
     # that SIGUSR2 prints, see megatron_vlm/train.py).
@@ -195,12 +201,16 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
     )
 
     # --- resume
+    # Micro-batches made ahead in a thread (data.prefetch) by one rank per model-parallel group
+    # (data.loading); its state_dict() is the stream's position after the steps trained.
+    feed = DataFeed(loader, micro_batches_per_step, run.model, run.data.prefetch, run.data.loading, device=device)
+    cleanup.callback(feed.close)  # the prefetch thread stops however the run ends
     iteration = 0
     if resume_from is not None:
         iteration, loader_state = checkpoint.load_training_checkpoint(
             resume_from, chunks, optimizer, scheduler, run.model, run.trainable, training.seed
         )
-        loader.load_state_dict(loader_state)
+        feed.load_state_dict(loader_state)
         if env.rank == 0:
             logger.info("resumed from %s at step %d", resume_from, iteration)
 
@@ -250,14 +260,14 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
         trace = open(output / "data_trace" / f"rank{env.rank:05d}.jsonl", "a")  # noqa: SIM115 - open for the run
     while iteration < training.train_steps:
         distributed.heartbeat(iteration + 1, "training step", training.collective_timeout_s)
-        batches = [next(loader) for _ in range(micro_batches_per_step)]
+        data = feed.next_step()
+        inputs, batches = data.inputs, data.meta
         if trace is not None:
             for batch in batches:
                 line = {k: batch[k] for k in ("lane", "source", "positions")}
                 trace.write(json.dumps({"step": iteration + 1, **line}) + "\n")
             trace.flush()
-        inputs = [{k: b[k].to(device, non_blocking=True) for k in MODEL_INPUTS} for b in batches]
-        results.observe(batches)
+        results.observe(inputs)
         if iteration + 1 == first_step and env.rank == 0:
             step_started = time.perf_counter()
             fp8 = run.precision.fp8
@@ -284,15 +294,13 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
                     f"{training.max_nonfinite_steps}): lower the learning rate or check the data"
                 )
         iteration += 1
+        # Counted where the micro-batches were made (the pixel masks are on the first stage only).
         window["tokens"] += sum(b["num_tokens"] for b in batches)
         window["images"] += sum(b["num_images"] for b in batches)
-        # Reads the pixel masks: a small sync when they are on the GPU (dali-gpu), after the step.
-        window["flops"] += sum(batch_training_flops(run.model, batch) for batch in batches)
-        window["positions"] += sum(b["input_ids"].numel() for b in batches)
-        for batch in batches:
-            patches = real_patches(run.model, batch)
-            window["patches"] += sum(patches)
-            window["vision_positions"] += vision_positions(run.model, patches)
+        window["flops"] += sum(b["flops"] for b in batches)
+        window["positions"] += sum(b["input_ids"].numel() for b in inputs)
+        window["patches"] += sum(b["patches"] for b in batches)
+        window["vision_positions"] += sum(b["vision_positions"] for b in batches)
         window["steps"] += 1
 
         if evaluator is not None and (iteration % training.eval_interval == 0 or iteration == training.train_steps):
@@ -329,7 +337,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
                 "tflops_per_second": achieved,
                 "mfu": achieved / (peak_tflops * env.world_size),
                 "memory_gib": memory.process_peak_bytes() / 2**30,
-                "skipped_samples": float(sum(loader.skipped.values())),
+                "skipped_samples": float(sum(feed.skipped.values())),
                 "skipped_steps": float(skipped_steps),
                 "real_token_fraction": totals[0].item() / max(totals[3].item(), 1.0),
                 "real_patch_fraction": totals[4].item() / totals[5].item() if totals[5].item() else 1.0,
@@ -365,7 +373,7 @@ def pretrain(run: RunConfig) -> dict[str, Any]:
                 chunks,
                 optimizer,
                 scheduler,
-                loader.state_dict(),
+                feed.state_dict(),
                 run.model,
                 run.trainable,
                 training.keep_last,
