@@ -12,19 +12,18 @@ from; none stands in for a library in production code.
   ``cu_seqlens``; Megatron's ``TEDotProductAttention`` turns ``no_mask`` into ``padding`` and
   ``causal`` into ``padding_causal`` there (megatron/core/extensions/transformer_engine.py). An
   explicit mask is applied as given only with the ``arbitrary`` type.
-* ``fused_softmax_kernels``: Megatron-Core's ``FusedScaleMaskSoftmax`` with its CUDA extensions
-  present. ``is_kernel_available`` (megatron/core/fusions/fused_softmax.py) asks the extension for
-  ``get_batch_per_block``, whose formula is in scaled_masked_softmax.h; ``causal`` runs
-  ``ScaledUpperTriangMaskedSoftmax``, which takes no mask at all; ``padding`` runs
-  ``ScaledMaskedSoftmax`` (mask ``[1 or b, 1, sq, sk]``, checked by the kernel, masked scores set
-  to -10000) or ``ScaledSoftmax`` without a mask.
+  With ``thd`` and a causal type, the config's ``window_size`` (left, right) keeps the keys
+  ``i - left <= j <= i + right`` of query ``i`` (TE's sliding-window rule, ``get_full_mask`` /
+  ``window_size`` in transformer_engine/pytorch/attention/dot_product_attention/utils.py).
+* ``varlen_attention_rules``: torch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA only): query,
+  key, value ``[t, heads, d]`` attend within ``cu_seq_q`` / ``cu_seq_k`` (int32), ``window_size``
+  (left, right) with -1 for unbounded ((-1, 0) is causal), ``enable_gqa`` for fewer key/value heads,
+  ``scale`` (its docstring, torch/nn/attention/varlen.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 from megatron.core.transformer.enums import AttnMaskType
@@ -65,11 +64,12 @@ class TeAttentionRules(MegatronModule):
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             self.calls.append("thd")
             causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+            window = getattr(self.config, "window_size", None) if causal else None
             bounds = packed_seq_params.cu_seqlens_q.tolist()
             out = torch.zeros_like(query)
             for start, end in zip(bounds[:-1], bounds[1:], strict=True):
                 n = end - start
-                allowed = torch.ones(n, n, dtype=torch.bool).tril() if causal else None
+                allowed = _window(n, (-1, 0) if window is None else window) if causal else None
                 out[start:end] = _attend(query[start:end], key[start:end], value[start:end], allowed)
             return out.reshape(query.shape[0], -1)
         # sbhd: [s, b, h, d]
@@ -94,59 +94,50 @@ class TeAttentionRules(MegatronModule):
         return out.reshape(seq, batch, -1)
 
 
-def batch_per_block(sq: int, sk: int, b: int, np: int) -> int:
-    """``get_batch_per_block`` of scaled_masked_softmax.h: 128 threads per block, warps of
-    min(32, next power of two >= sk) threads, 2 rows per warp up to 128 keys."""
-    next_power_of_two = 1 << max(0, math.ceil(math.log2(sk)))
-    warp_size = min(next_power_of_two, 32)
-    batches_per_warp = 2 if next_power_of_two <= 128 else 1
-    return (128 // warp_size) * batches_per_warp
+def _window(n: int, window_size: tuple[int, int]) -> torch.Tensor:
+    """[n, n] allowed: key j for query i when i - left <= j <= i + right (-1: unbounded)."""
+    left, right = window_size
+    behind = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    allowed = torch.ones(n, n, dtype=torch.bool)
+    if left >= 0:
+        allowed &= behind <= left
+    if right >= 0:
+        allowed &= -behind <= right
+    return allowed
 
 
-def _masked_softmax_kernel(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    b, _, sq, sk = scores.shape
-    # The kernel's own shape checks (TORCH_CHECK in scaled_masked_softmax.cpp).
-    if not (mask.dim() == 4 and mask.shape[0] in (1, b) and mask.shape[1] == 1):
-        raise RuntimeError(f"ScaledMaskedSoftmax: mask of shape {tuple(mask.shape)} for scores {tuple(scores.shape)}")
-    if mask.shape[2] != sq or mask.shape[3] != sk:
-        raise RuntimeError(f"ScaledMaskedSoftmax: mask of shape {tuple(mask.shape)} for scores {tuple(scores.shape)}")
-    filled = (scores.float() * scale).masked_fill(mask.bool(), -10000.0)
-    return torch.softmax(filled, dim=-1).to(scores.dtype)
+def varlen_attention_rules(calls: list[dict]) -> object:
+    """A CPU stand-in for ``torch.nn.attention.varlen.varlen_attn`` with its documented semantics;
+    each call's arguments are appended to ``calls``."""
 
+    def varlen_attn(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cu_seq_q: torch.Tensor,
+        cu_seq_k: torch.Tensor | None,
+        max_q: int,
+        max_k: int,
+        *,
+        scale: float | None = None,
+        window_size: tuple[int, int] = (-1, -1),
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        calls.append({"cu_dtype": cu_seq_q.dtype, "max_q": max_q, "window_size": window_size, "gqa": enable_gqa})
+        if cu_seq_q.dtype != torch.int32 or (cu_seq_k is not None and cu_seq_k.dtype != torch.int32):
+            raise RuntimeError("cu_seq_q and cu_seq_k must be int32")
+        if key.shape[1] != query.shape[1]:
+            if not enable_gqa:
+                raise RuntimeError("fewer key/value heads than query heads need enable_gqa=True")
+            groups = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        bounds = cu_seq_q.tolist()
+        if max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)) > max_q:
+            raise RuntimeError("a sequence is longer than max_q")
+        out = torch.zeros_like(query)
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            q = query[start:end] * (scale * math.sqrt(query.shape[-1]) if scale is not None else 1.0)
+            out[start:end] = _attend(q, key[start:end], value[start:end], _window(end - start, window_size))
+        return out
 
-def _upper_triangular_kernel(scores: torch.Tensor, scale: float) -> torch.Tensor:
-    sq, sk = scores.shape[-2:]
-    if sq != sk:
-        raise RuntimeError("causal mask is only for self attention")
-    future = torch.ones(sq, sk, dtype=torch.bool).triu(1)
-    return torch.softmax((scores.float() * scale).masked_fill(future, float("-inf")), dim=-1).to(scores.dtype)
-
-
-@contextlib.contextmanager
-def fused_softmax_kernels(record: list[str]) -> Iterator[None]:
-    """Within the block, ``FusedScaleMaskSoftmax`` behaves as with its CUDA extensions installed:
-    the same dispatch (its own ``is_kernel_available``), with the kernels emulated on CPU. Which
-    kernel ran is appended to ``record``."""
-    from megatron.core.fusions import fused_softmax
-
-    cls = fused_softmax.FusedScaleMaskSoftmax
-    saved = cls.get_batch_per_block, cls.forward_fused_softmax
-
-    def forward_fused_softmax(self: object, input: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        scale = self.scale if self.scale is not None else 1.0
-        if self.attn_mask_type == AttnMaskType.causal:
-            record.append("upper_triangular(mask ignored)")
-            return _upper_triangular_kernel(input, scale)
-        if mask is not None:
-            record.append("masked")
-            return _masked_softmax_kernel(input, mask, scale)
-        record.append("unmasked")
-        return torch.softmax(input.float() * scale, dim=-1).to(input.dtype)
-
-    cls.get_batch_per_block = staticmethod(batch_per_block)
-    cls.forward_fused_softmax = forward_fused_softmax
-    try:
-        yield
-    finally:
-        cls.get_batch_per_block = staticmethod(saved[0])
-        cls.forward_fused_softmax = saved[1]
+    return varlen_attn

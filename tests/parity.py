@@ -17,13 +17,48 @@ from megatron_vlm.conversion.verify import hf_inputs, hf_logits, random_hf_model
 from megatron_vlm.data.batch import (  # noqa: E402, F401  (re-exported for tests and workers)
     IMAGE_SIZES,
     Batch,
+    forward_inputs,
     make_batch,
     megatron_inputs,
+    micro_batch,
     training_inputs,
 )
 from megatron_vlm.distributed import free_port  # noqa: E402, F401
 
 hf_model = random_hf_model
+
+# make_batch's four rows as documents, two per packed row.
+DOCUMENT_PAIRS = ((0, 1), (2, 3))
+
+
+def packed_documents(documents: Batch) -> tuple[dict, list[int]]:
+    """The rows of a right-padded batch as documents packed two per row (``DOCUMENT_PAIRS``), the
+    images kept in batch-major order -> (the model's forward inputs, each document's length)."""
+    import torch
+
+    lengths = documents.padding.sum(dim=1).tolist()
+    seq = max(lengths[a] + lengths[b] for a, b in DOCUMENT_PAIRS)
+    input_ids = torch.zeros(len(DOCUMENT_PAIRS), seq, dtype=torch.long)
+    document_ids = torch.full((len(DOCUMENT_PAIRS), seq), -1)
+    for row, (a, b) in enumerate(DOCUMENT_PAIRS):
+        tokens = torch.cat([documents.input_ids[a, : lengths[a]], documents.input_ids[b, : lengths[b]]])
+        input_ids[row, : tokens.numel()] = tokens
+        document_ids[row, : lengths[a]] = 0
+        document_ids[row, lengths[a] : tokens.numel()] = 1
+    packed = micro_batch(
+        input_ids, document_ids, documents.pixel_values, documents.pixel_mask, documents.image_token_id
+    )
+    return forward_inputs(packed), lengths
+
+
+def document_errors(packed_logits, reference, lengths: list[int]) -> list[float]:
+    """Max |difference| of each document's logits, packed vs its own row of ``reference``."""
+    errors = []
+    for row, (a, b) in enumerate(DOCUMENT_PAIRS):
+        errors.append(float((packed_logits[row, : lengths[a]] - reference[a, : lengths[a]]).abs().max()))
+        span = slice(lengths[a], lengths[a] + lengths[b])
+        errors.append(float((packed_logits[row, span] - reference[b, : lengths[b]]).abs().max()))
+    return errors
 
 
 def tiny_config(**text_overrides: int) -> ModelConfig:

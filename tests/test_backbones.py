@@ -31,7 +31,9 @@ def test_unknown_kinds_and_model_types_are_refused_by_name():
 
 def test_model_checkpoint_written_before_the_redesign_loads_unchanged(megatron_single_process):
     """Same parameter names, metadata without the parts' ``kind`` (read as the defaults): the
-    checkpoint loads and gives the logits it gave when it was written."""
+    checkpoint loads and gives the logits it gave when it was written: bit for bit until the decoder
+    moved to packed per-document attention (#16), within bf16 rounding since (a randomly initialised
+    model is far off)."""
     from safetensors.torch import load_file
 
     metadata = read_metadata(FIXTURE / "checkpoint")
@@ -43,8 +45,13 @@ def test_model_checkpoint_written_before_the_redesign_loads_unchanged(megatron_s
     with torch.no_grad():
         logits = gather_logits(model.eval()(**megatron_inputs(batch)), config.text.vocab_size)
     expected = load_file(str(FIXTURE / "logits.safetensors"))["logits"]
-    valid = batch.padding.bool()  # padded positions are masked differently since (they reach no loss)
-    assert torch.equal(logits.float()[valid], expected[valid])
+    valid = batch.padding.bool()  # padded positions are not computed since (they reach no loss)
+    scale = float(expected[valid].abs().max())
+    assert float((logits.float() - expected)[valid].abs().max()) <= 2e-2 * scale
+    (fresh,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig(params_dtype="bfloat16"))
+    with torch.no_grad():
+        unloaded = gather_logits(fresh.eval()(**megatron_inputs(batch)), config.text.vocab_size)
+    assert float((unloaded.float() - expected)[valid].abs().max()) > 0.2 * scale
 
 
 def test_converter_exports_a_checkpoint_written_before_the_redesign(megatron_single_process, tmp_path):

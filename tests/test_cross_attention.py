@@ -138,7 +138,7 @@ def test_recomputed_activations_give_the_same_loss_and_gradients(loaded, recompu
     config, hf, _ = loaded
     state = hf.state_dict()
     batch = training_inputs(family_batch(config))
-    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask", "pixel_values", "labels")}
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "document_ids", "pixel_values", "labels")}
     grads = []
     for mode in ("none", recompute):
         (chunk,) = build_model_chunks(config, ParallelConfig(recompute=mode), PrecisionConfig())

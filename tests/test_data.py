@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_vlm.data.batch import MODEL_INPUTS
+from megatron_vlm.data.batch import MODEL_INPUTS, attention_mask
 from megatron_vlm.data.images import ImageConfig
 from megatron_vlm.data.loader import DataConfig, MultimodalLoader, SourceConfig, merge_states
 from megatron_vlm.data.packing import Document, Packer, PackingConfig, collate
@@ -129,7 +129,8 @@ def test_packing_masks_positions_and_labels_respect_documents():
     assert first.positions == [0, 1, 2] and len(first.images) == 2
     batch = collate([first], config)
     docs = torch.tensor(first.document_ids + [-1] * (40 - len(first.tokens)))
-    mask = batch["attention_mask"][0, 0]
+    assert torch.equal(batch["document_ids"][0], docs)
+    mask = attention_mask(batch["document_ids"])[0, 0]  # the rule the decoder's packed attention follows
     for q in range(len(first.tokens)):
         for k in range(len(first.tokens)):
             allowed = docs[q] == docs[k] and k <= q

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 from parity import make_batch, megatron_inputs, tiny_config
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_vlm.config import ParallelConfig, PrecisionConfig, load_model_preset
@@ -29,14 +30,15 @@ def test_forward_flops_match_torch_counter(megatron_single_process, factor):
     (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
     side = 70  # equal image sizes: no padded patches, so computed and real patches agree
     batch = make_batch(config, images_per_row=[[(side, side)], [], [(side, side), (side, side)]], seq_len=40)
-    with FlopCounterMode(display=False) as counter:  # grad mode on: its module tracker needs it
+    # The math kernel: torch's counter has no formula for the CPU flash kernel's op.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # grad mode on: the tracker needs it
         model.eval()(**megatron_inputs(batch))
     measured = counter.get_total_flops()
     patches = (side // config.vision.patch_size) ** 2
-    tokens = batch.input_ids.numel()
-    # The kernels compute the full score matrix (masked), so count every (query, key) pair here.
+    lengths = batch.padding.sum(dim=1).tolist()  # one document per row; padding is not computed
+    # The counter counts a causal kernel's whole score matrix: every (query, key) pair of a document.
     analytic = 3 * vision_forward_flops(config, patches) + decoder_forward_flops(
-        config, tokens, batch.input_ids.shape[0] * batch.input_ids.shape[1] ** 2
+        config, sum(lengths), sum(n * n for n in lengths)
     )
     assert analytic == pytest.approx(measured, rel=0.02)
 
@@ -69,17 +71,20 @@ def test_cross_attention_blocks_match_torch_counter(megatron_single_process):
     config = dataclasses.replace(family_config("idefics1"), make_vocab_size_divisible_by=1)
     (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
     batch = family_batch(config)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         model.eval()(**megatron_inputs(batch))
-    rows, seq = batch.input_ids.shape
+    rows = batch.input_ids.shape[0]
+    lengths = batch.padding.sum(dim=1).tolist()  # one document per row; padding is not computed
+    tokens = sum(lengths)
     images = sum(len(row) for row in batch.images_per_row)
     side = config.vision.image_size // config.vision.patch_size
     context = max(len(row) for row in batch.images_per_row) * recipes_of(config)[1].tokens_per_image(config)
+    # The blocks score every packed token against every row's context (masked to its own image).
     analytic = (
         images * vision_forward_flops(config, side * side)
-        + decoder_forward_flops(config, rows * seq, rows * seq * seq)
+        + decoder_forward_flops(config, tokens, sum(n * n for n in lengths))
         + gated_blocks_in(config, 0, config.text.num_layers)
-        * gated_block_forward_flops(config, rows * seq, rows * context, rows * seq * context)
+        * gated_block_forward_flops(config, tokens, rows * context, tokens * rows * context)
     )
     assert analytic == pytest.approx(counter.get_total_flops(), rel=0.02)
 
@@ -91,7 +96,6 @@ def test_vision_computes_no_padding_on_mixed_image_sizes(megatron_single_process
     is the real patches (real_patch_fraction 1); only the patch embedding (one convolution, ~0.2% of
     the 8B encoder per patch) runs over the padded grid."""
     from parity import IMAGE_SIZES
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from megatron_vlm.perf.flops import real_patches, vision_positions
 

@@ -82,23 +82,38 @@ def test_lora_on_te_linears_merges_exactly_and_matches_the_local_spec(tiny):
     assert (outputs[True] - outputs[False]).abs().max() <= 2e-3 * outputs[False].abs().max()
 
 
-@pytest.mark.skipif(not backend.has_fused_softmax(), reason="Megatron's fused softmax extensions are not installed")
-def test_decoder_mask_with_the_real_fused_softmax_kernels(tiny, monkeypatch):
-    """With the extensions present the decoder's bf16 attention runs ScaledMaskedSoftmax and
-    packed documents stay apart: the same logits as with the fusion off."""
-    from test_gpu_paths import _packed_documents
+def test_decoder_documents_through_torchs_varlen_kernel(megatron_single_process):
+    """The local spec's decoder on a GPU, bf16: packed documents through torch's varlen flash kernel
+    (one call per layer, sliding window binding) give transformers' logits document by document."""
+    from parity import document_errors, packed_documents
 
-    config, hf = tiny
-    precision = PrecisionConfig(params_dtype="bfloat16", use_transformer_engine=False)
-    fused = _model(config, hf, precision)
-    assert fused.language_model.decoder.layers[0].self_attention.core_attention.config.masked_softmax_fusion
-    monkeypatch.setattr(backend, "has_fused_softmax", lambda: False)
-    unfused = _model(config, hf, precision)
-    inputs = _on_gpu(_packed_documents(config))
-    with torch.no_grad():
-        got = gather_logits(fused(**inputs), config.text.vocab_size).float()
-        expected = gather_logits(unfused(**inputs), config.text.vocab_size).float()
-    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+    from megatron_vlm.backbones import attention
+
+    if attention._varlen_attention() is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    config = tiny_config(sliding_window=8)
+    hf = hf_model(config)
+    model = _model(config, hf, PrecisionConfig(params_dtype="bfloat16", use_transformer_engine=False))
+    documents = make_batch(config)
+    inputs, lengths = packed_documents(documents)
+    calls = []
+    varlen, accepts = attention._varlen_attention()
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("window_size"))
+        return varlen(*args, **kwargs)
+
+    attention._varlen_attention.cache_clear()
+    original = attention._varlen_attention
+    attention._varlen_attention = lambda: (counted, accepts)
+    try:
+        with torch.no_grad():
+            ours = gather_logits(model(**_on_gpu(inputs)), config.text.vocab_size).float().cpu()
+    finally:
+        attention._varlen_attention = original
+    reference = hf_logits(hf, documents)
+    assert len(calls) == config.text.num_layers
+    assert max(document_errors(ours, reference, lengths)) <= 3e-2 * float(reference.abs().max())
 
 
 @pytest.mark.skipif(not backend.has_fp8(), reason="FP8 through Transformer Engine needs TE on a GPU of compute >= 8.9")

@@ -5,20 +5,20 @@ capability check, and fails on the code before the fix.
 """
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
-from emulated_kernels import TeAttentionRules, batch_per_block, fused_softmax_kernels
+from emulated_kernels import TeAttentionRules, varlen_attention_rules
 from megatron.core.transformer.enums import AttnMaskType
-from parity import hf_logits, hf_model, make_batch, megatron_inputs, tiny_config
+from parity import document_errors, hf_logits, hf_model, make_batch, megatron_inputs, packed_documents, tiny_config
 
 from megatron_vlm import backend
-from megatron_vlm.backbones import recipe, recipes_of
+from megatron_vlm.backbones import recipes_of
 from megatron_vlm.backbones.common import FP8_TOKEN_MULTIPLE, te_fp8_gemm_problem
 from megatron_vlm.config import ParallelConfig, PrecisionConfig, load_model_preset
 from megatron_vlm.conversion.mapping import load_hf_weights
-from megatron_vlm.data.packing import PackedSequence, PackingConfig, collate
-from megatron_vlm.models.idefics2 import build_model_chunks, gather_logits
+from megatron_vlm.models.idefics2 import build_model_chunks, decoder_token_multiple, gather_logits
 
 
 def _model(config, hf, precision=None):
@@ -62,70 +62,70 @@ def test_vision_attention_is_exact_under_transformer_engine_rules(tiny):
     assert all(call == "thd" for e in emulators for call in e.calls) and emulators[0].calls
 
 
-# --- defect 2: Megatron's fused softmax on the local spec ---------------------------------------
+# --- the decoder's packed documents on Transformer Engine and on torch's varlen flash kernel -----
 
 
-def _packed_documents(config, rows: int = 2, seq_len: int = 48):
-    """Rows of two documents each (text only): attention must stop at the document boundary."""
-    generator = torch.Generator().manual_seed(5)
-    sequences = []
-    for _ in range(rows):
-        first, second = 20, seq_len - 20
-        tokens = torch.randint(1, 250, (seq_len,), generator=generator).tolist()
-        sequences.append(PackedSequence(tokens, [0] * first + [1] * second, [], [0, 1]))
-    packing = PackingConfig(seq_len=seq_len, image_token_id=config.image_token_id, image_seq_len=8)
-    batch = collate(sequences, packing)
-    return {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask")}
+@pytest.fixture(scope="module")
+def windowed(megatron_single_process):
+    """A tiny model whose 8-token sliding window binds inside make_batch's 43-48-token documents."""
+    config = tiny_config(sliding_window=8)
+    return config, hf_model(config)
 
 
-def test_decoder_mask_survives_megatrons_fused_softmax(tiny, monkeypatch):
-    """With the fused-softmax extensions present (NGC containers), bf16 attention goes through
-    Megatron's kernels. The causal kernel ignores the explicit mask, so packed documents would
-    attend across their boundary; the decoder's mask type must select a kernel that applies it."""
-    config, hf = tiny
-    precision = PrecisionConfig(params_dtype="bfloat16", use_transformer_engine=False)
-    reference = _model(config, hf, precision)
-    monkeypatch.setattr(backend, "has_fused_softmax", lambda: True)  # the capability, forced
-    fused = _model(config, hf, precision)
-    assert fused.language_model.decoder.layers[
-        0
-    ].self_attention.core_attention.scale_mask_softmax.scaled_masked_softmax_fusion
-    inputs = _packed_documents(config)
-    kernels: list[str] = []
+def test_decoder_documents_are_exact_under_transformer_engine_rules(windowed):
+    """Under TE the decoder's attention is TE's THD kernel: Megatron turns ``causal`` into
+    ``padding_causal`` and TE keeps the config's ``window_size`` band. Documents packed two per row
+    with padding after them equal transformers running each document alone."""
+    config, hf = windowed
+    model = _model(config, hf)
+    emulators = []
+    for layer in model.language_model.decoder.layers:
+        attention = layer.self_attention
+        emulators.append(TeAttentionRules(attention.config, AttnMaskType.causal))
+        attention.core_attention = emulators[-1]
+    assert model.language_model.decoder.layers[0].self_attention.config.window_size == (7, 0)
+    documents = make_batch(config)
+    inputs, lengths = packed_documents(documents)
     with torch.no_grad():
-        expected = gather_logits(reference(**inputs), config.text.vocab_size).float()
-        with fused_softmax_kernels(kernels):
-            got = gather_logits(fused(**inputs), config.text.vocab_size).float()
-    assert kernels, "the fused kernels were not taken: the test would prove nothing"
-    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
-    assert set(kernels) == {"masked"}
+        ours = gather_logits(model(**inputs), config.text.vocab_size)
+    assert max(document_errors(ours, hf_logits(hf, documents), lengths)) <= 1e-4
+    assert all(call == "thd" for e in emulators for call in e.calls) and emulators[0].calls
 
 
-def test_decoder_mask_type_selects_a_mask_honouring_kernel_at_training_shapes():
-    """The dispatch rule itself, at the 8B decoder's shapes: 2048 tokens, bf16, 32 heads / TP."""
-    from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
-    from megatron.core.transformer.utils import attention_mask_func
+def test_decoder_documents_are_exact_under_torchs_varlen_kernel_rules(windowed, monkeypatch):
+    """On a GPU without TE, the local spec's causal attention is one call of torch's varlen flash
+    kernel per layer: int32 ``cu_seqlens``, the window as (left, 0), GQA by ``enable_gqa``. With the
+    kernel's documented rules emulated, packed documents equal transformers document by document."""
+    from megatron_vlm.backbones import attention as packed_attention
 
-    kernels: list[str] = []
-    for use_te, tp in ((False, 1), (False, 4)):
-        softmax = FusedScaleMaskSoftmax(
-            input_in_fp16=False,
-            input_in_bf16=True,
-            attn_mask_type=recipe("text", "mistral").mask_type(use_te),
-            scaled_masked_softmax_fusion=True,
-            mask_func=attention_mask_func,
-            softmax_in_fp32=True,
-            scale=None,
-        )
-        mask = torch.ones(1, 1, 2048, 2048, dtype=torch.bool).triu(1)
-        with fused_softmax_kernels(kernels):
-            assert softmax.is_kernel_available(mask, 1, 32 // tp, 2048, 2048)
-            scores = torch.randn(1, 32 // tp, 2048, 2048, dtype=torch.bfloat16)
-            probs = softmax(scores, mask)
-        assert probs[0, 0, 0, 1:].float().abs().max() == 0  # the first token sees only itself
-    assert kernels == ["masked", "masked"]
-    assert recipe("text", "mistral").mask_type(True) == AttnMaskType.arbitrary  # TE applies explicit masks only so
-    assert batch_per_block(2048, 2048, 1, 32) == 4
+    config, hf = windowed
+    model = _model(config, hf)
+    calls: list[dict] = []
+    rules = varlen_attention_rules(calls)
+    signature = frozenset(inspect.signature(rules).parameters)
+    monkeypatch.setattr(packed_attention, "_varlen_attention", lambda: (rules, signature))
+    monkeypatch.setattr(packed_attention, "use_varlen_kernel", lambda query, dropout, window: True)
+    documents = make_batch(config)
+    inputs, lengths = packed_documents(documents)
+    with torch.no_grad():
+        ours = gather_logits(model(**inputs), config.text.vocab_size)
+    assert max(document_errors(ours, hf_logits(hf, documents), lengths)) <= 1e-4
+    assert len(calls) == config.text.num_layers
+    assert {(c["cu_dtype"], c["window_size"], c["gqa"]) for c in calls} == {(torch.int32, (7, 0), True)}
+    assert calls[0]["max_q"] == 48
+
+
+def test_varlen_kernel_only_where_it_runs():
+    """torch's varlen kernel: CUDA, 16-bit, no dropout; elsewhere the per-sequence SDPA path."""
+    from megatron_vlm.backbones.attention import _varlen_attention, use_varlen_kernel
+
+    cpu = torch.zeros(4, 2, 8, dtype=torch.bfloat16)
+    assert not use_varlen_kernel(cpu, 0.0, None)
+    if _varlen_attention() is not None and torch.cuda.is_available():
+        gpu = cpu.cuda()
+        assert use_varlen_kernel(gpu, 0.0, None)
+        assert not use_varlen_kernel(gpu.float(), 0.0, None)
+        assert not use_varlen_kernel(gpu, 0.1, None)
 
 
 # --- defect 4: FP8 GEMM shapes under Transformer Engine -----------------------------------------
@@ -268,7 +268,6 @@ def test_startup_checks_name_every_problem(monkeypatch):
         check_run(run, world_size=48)
     message = str(error.value)
     assert "TP=3 must divide the text attention heads" in message
-    assert "sequence length 2048 of the data mixture is not divisible by tensor_parallel=3" in message
     monkeypatch.setattr(backend, "fp8_backend", lambda requested: "torch")
     run = load_run_config(
         EXAMPLES_DIR / "tiny_cpu.yaml",
@@ -278,26 +277,44 @@ def test_startup_checks_name_every_problem(monkeypatch):
         check_run(run, world_size=2)
 
 
-def test_te_decoder_rows_must_suit_fp8(monkeypatch, tmp_path):
-    """A 100-token source gives 100-row decoder GEMMs: TE FP8 would stop at step 0."""
+def test_decoder_tokens_are_padded_for_te_fp8_and_sequence_parallelism(tiny, monkeypatch):
+    """A 100-token source under TE FP8 and TP4 sequence parallelism: TE's FP8 GEMMs need aligned rows
+    and sequence parallelism an even split, so the packed decoder sequence is padded to a multiple of
+    4 x 16 by a filler sequence of its own; the start-up checks accept any sequence length."""
     from megatron_vlm.config import EXAMPLES_DIR, load_run_config
     from megatron_vlm.training.preflight import startup_problems
 
+    config, hf = tiny
+    monkeypatch.setattr(backend, "fp8_backend", lambda requested: "te")
+    text = recipes_of(load_model_preset("idefics2-8b"))[2]
+    fp8 = PrecisionConfig(params_dtype="bfloat16", fp8="hybrid")
+    for sequence_parallel, multiple in ((True, 64), (False, 16)):
+        parallel = ParallelConfig(tensor_parallel=4, sequence_parallel=sequence_parallel)
+        language = text.transformer_config(load_model_preset("idefics2-8b"), parallel, fp8, False)
+        assert decoder_token_multiple(language) == multiple
+    monkeypatch.undo()
+    model = _model(config, hf)
+    model.token_multiple = 64
+    batch = make_batch(config, seq_len=100)
+    layout = model.layout(megatron_inputs(batch)["document_ids"])
+    assert layout.real_tokens == int(batch.padding.sum()) and layout.total % 64 == 0
+    assert layout.params.bounds[-2] == layout.real_tokens  # the filler is a sequence of its own
+    with torch.no_grad():
+        padded = gather_logits(model(**megatron_inputs(batch)), config.text.vocab_size)
+        model.token_multiple = 1
+        plain = gather_logits(model(**megatron_inputs(batch)), config.text.vocab_size)
+    assert (padded - plain)[batch.padding.bool()].abs().max() <= 1e-5
     _machine_with_te(monkeypatch)
-    mixture = tmp_path / "odd.yaml"
-    mixture.write_text("sources:\n  - {name: pairs, shards: pairs, weight: 1.0, seq_len: 100}\n")
     run = load_run_config(
-        EXAMPLES_DIR / "tiny_cpu.yaml", ["precision.fp8=hybrid", "data.micro_batch_size=1", f"data.mixture={mixture}"]
+        EXAMPLES_DIR / "tiny_cpu.yaml",
+        [
+            "precision.fp8=hybrid",
+            "data.micro_batch_size=1",
+            "parallel.tensor_parallel=2",
+            "parallel.sequence_parallel=true",
+        ],
     )
-    _, problems = startup_problems(run, world_size=1)
-    assert problems == [
-        "FP8 (Transformer Engine): decoder GEMMs of a 100-token micro-batch of 1 (100 rows per rank): "
-        "100 rows (tokens) not a multiple of 8; use sequence lengths that make it a multiple"
-    ]
-    run = load_run_config(
-        EXAMPLES_DIR / "tiny_cpu.yaml", ["precision.fp8=hybrid", "data.micro_batch_size=2", f"data.mixture={mixture}"]
-    )
-    assert startup_problems(run, world_size=1)[1] == []
+    assert startup_problems(run, world_size=2)[1] == []
 
 
 def test_lora_reads_every_linear_return_structure():

@@ -29,7 +29,7 @@ def test_saved_activations_match_the_formula(megatron_single_process):
     batch = synthetic_micro_batch(config, work)
     inputs = {
         k: batch[k]
-        for k in ("input_ids", "position_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "labels")
+        for k in ("input_ids", "position_ids", "document_ids", "pixel_values", "pixel_attention_mask", "labels")
     }
     owner, saved = ["other"], {}
 
@@ -158,7 +158,7 @@ def test_cross_attention_saved_activations_match_the_formula(megatron_single_pro
     batch = synthetic_micro_batch(config, work)
     inputs = {
         k: batch[k]
-        for k in ("input_ids", "position_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "labels")
+        for k in ("input_ids", "position_ids", "document_ids", "pixel_values", "pixel_attention_mask", "labels")
     }
     inside, saved = [False], {}
 

@@ -4,7 +4,16 @@ import dataclasses
 
 import pytest
 import torch
-from parity import IMAGE_SIZES, hf_logits, hf_model, make_batch, megatron_inputs, tiny_config
+from parity import (
+    IMAGE_SIZES,
+    document_errors,
+    hf_logits,
+    hf_model,
+    make_batch,
+    megatron_inputs,
+    packed_documents,
+    tiny_config,
+)
 
 from megatron_vlm.config import ParallelConfig, PrecisionConfig
 from megatron_vlm.conversion.mapping import load_hf_weights
@@ -122,8 +131,29 @@ def test_sliding_window_matches_hf(megatron_single_process):
     reference = hf_logits(hf, batch)
     valid = batch.padding.bool()
     # The window changes transformers' logits: the test would see a model that ignores it.
-    full = dataclasses.replace(batch, sliding_window=None)
+    unwindowed = megatron_model(
+        dataclasses.replace(config, text=dataclasses.replace(config.text, sliding_window=None)), hf
+    )
     hf.config.text_config.sliding_window = None
     assert (hf_logits(hf, batch) - reference)[valid].abs().max() > 1e-2
-    assert (megatron_logits(model, full) - reference)[valid].abs().max() > 1e-2
+    assert (megatron_logits(unwindowed, batch) - reference)[valid].abs().max() > 1e-2
     assert (megatron_logits(model, batch) - reference)[valid].abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_packed_documents_match_hf_document_by_document(megatron_single_process, window):
+    """Two documents per row, padding after them, images in some: the decoder runs each document
+    as its own causal sequence (RoPE positions restarting in each; with an 8-token window, its
+    band), so every real position equals transformers running that document alone."""
+    config = tiny_config(sliding_window=window)
+    hf = hf_model(config)
+    model = megatron_model(config, hf)
+    documents = make_batch(config)  # four documents (rows): 48, 43 (padded), 48, 48 tokens
+    inputs, lengths = packed_documents(documents)
+    assert lengths == [48, 43, 48, 48]
+    with torch.no_grad():
+        ours = gather_logits(model(**inputs), config.text.vocab_size)
+    reference = hf_logits(hf, documents)
+    assert max(document_errors(ours, reference, lengths)) <= TOLERANCE
+    assert (ours[0, lengths[0] + lengths[1] :] == 0).all()  # padding is not computed
+    assert reference.abs().max() > 0.1

@@ -6,8 +6,6 @@ import torch
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
 from megatron_vlm.data.batch import attention_mask, one_document_per_row
-from megatron_vlm.data.images import ImageConfig
-from megatron_vlm.data.loader import DataConfig, MultimodalLoader, SourceConfig
 from megatron_vlm.data.packing import Document, Packer, PackingConfig, collate
 
 IMAGE_TOKEN = 32001
@@ -44,38 +42,16 @@ def document(position: int, length: int) -> Document:
 
 @pytest.mark.parametrize("window", [None, 3])
 def test_collate_masks_each_document_with_the_window(window):
-    config = PackingConfig(seq_len=32, image_token_id=IMAGE_TOKEN, image_seq_len=4, sliding_window=window)
+    config = PackingConfig(seq_len=32, image_token_id=IMAGE_TOKEN, image_seq_len=4)
     packer = Packer(config)
     for position, length in enumerate([7, 5, 9, 40]):
         packer.add(document(position, length))
     sequence = packer.pop()
     assert len(sequence.positions) == 3
-    mask = collate([sequence], config)["attention_mask"][0, 0]
+    mask = attention_mask(collate([sequence], config)["document_ids"], window)[0, 0]
     start = 0
     for length in (7, 5, 9):  # each document as transformers would see it alone
         end = start + length
         assert torch.equal(~mask[start:end, start:end], transformers_allowed(length, window))
         assert mask[start:end, :start].all() and mask[start:end, end:].all()
         start = end
-
-
-def test_loader_masks_carry_the_window(tmp_path):
-    from pathlib import Path
-
-    from megatron_vlm.data.preprocess import preprocess
-    from megatron_vlm.data.tokens import load_tokenizer
-
-    data = Path(__file__).resolve().parents[1] / "examples" / "data"
-    preprocess([data / "pairs.jsonl"], tmp_path / "pairs", samples_per_shard=4, progress=False)
-    config = DataConfig(
-        sources=(SourceConfig("pairs", str(tmp_path / "pairs"), 1.0, 128),),
-        image=ImageConfig(longest_edge=56, shortest_edge=28),
-        micro_batch_size=1,
-        image_backend="pillow",
-    )
-    loader = MultimodalLoader(config, load_tokenizer(), image_seq_len=8, image_token_id=IMAGE_TOKEN, sliding_window=5)
-    batch = next(loader)
-    mask = batch["attention_mask"][0, 0]
-    q, kv = torch.arange(mask.shape[0])[:, None], torch.arange(mask.shape[0])[None, :]
-    assert mask[q - kv >= 5].all()  # nothing 5 or more tokens back
-    assert not mask[(q - kv < 5) & (q >= kv)].all()  # yet something within it is visible

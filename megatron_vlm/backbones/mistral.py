@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vlm.backbones import common
+from megatron_vlm.backbones.attention import PackedSequenceAttention
 from megatron_vlm.backbones.base import ParameterCount, register
 from megatron_vlm.backbones.mapping import Attention, Fuse, Mapping, Split, layer_rows
 from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig, TextConfig
@@ -45,6 +46,14 @@ class MistralRecipe:
             pipeline_model_parallel_size=parallel.pipeline_parallel,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
             num_layers_in_first_pipeline_stage=parallel.decoder_layers_in_first_stage,
+            # transformers' window: the query and sliding_window - 1 keys before it (TE's (left, right)).
+            window_size=None if text.sliding_window is None else (text.sliding_window - 1, 0),
+            # Each micro-batch's packed length is its own (padding dropped): the pipeline sends shapes.
+            # Megatron-Core 0.16's interleaved schedule pairs its shape exchanges wrongly (it hangs),
+            # so with virtual stages the packed length is fixed (``Idefics2Model.pipeline_shape``).
+            variable_seq_lengths=parallel.pipeline_parallel > 1 and not parallel.virtual_pipeline,
+            # No MoE here; Megatron refuses variable lengths beside its default MoE dispatcher's name.
+            moe_token_dispatcher_type="alltoall",
             **common.transformer_kwargs(
                 parallel,
                 precision,
@@ -55,26 +64,20 @@ class MistralRecipe:
             ),
         )
 
-    def mask_type(self, use_te: bool) -> AttnMaskType:
-        """The decoder's attention always gets an explicit mask (causal, per packed document, padded
-        keys, sliding window), and its kernels must apply it:
-
-        * TE honours an explicit mask only with the ``arbitrary`` type (``causal`` / ``padding`` are
-          turned into sequence lengths by its fused and flash backends).
-        * Megatron's local core attention hands the mask to ``FusedScaleMaskSoftmax``. When its fused
-          kernels are available, ``causal`` runs the upper-triangular kernel, which ignores the mask
-          (documents would attend across their boundaries); ``padding`` runs ``ScaledMaskedSoftmax``,
-          which applies the mask as given. Without the kernels both types apply the mask.
-        """
-        return AttnMaskType.arbitrary if use_te else AttnMaskType.padding
-
     def block_spec(
         self, config: TransformerConfig, use_te: bool, vp_stage: int | None = None
     ) -> TransformerBlockSubmodules:
         """The decoder block of this pipeline chunk: its layers and the final norm (TE's, or
-        ``TorchNorm``, so that sequence parallelism works without apex)."""
+        ``TorchNorm``, so that sequence parallelism works without apex).
+
+        The decoder runs each micro-batch as packed documents (THD, ``attention.DocumentLayout``),
+        each its own causal sequence: TE attends within ``cu_seqlens`` (Megatron turns ``causal``
+        into TE's ``padding_causal`` for THD) with the sliding window as ``window_size``; the local
+        spec uses ``PackedSequenceAttention`` (Megatron's local core attention refuses THD)."""
         spec = common.te_layer_spec() if use_te else common.local_layer_spec(config)
-        spec.submodules.self_attention.params = {"attn_mask_type": self.mask_type(use_te)}
+        if not use_te:
+            spec.submodules.self_attention.submodules.core_attention = PackedSequenceAttention
+        spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.causal}
         if use_te:
             from megatron.core.extensions.transformer_engine import TENorm
 

@@ -148,7 +148,6 @@ def processor_inputs(
         flat_pixels[real],
         flat_mask[real],
         config.image_token_id,
-        config.text.sliding_window,
     )
     return hf, forward_inputs(megatron)
 

@@ -8,7 +8,12 @@ positions restart at every document; a token's label is the next token of its do
 ``<image>`` placeholder. A right-padded batch is the case of one document per row
 (``one_document_per_row``). Masks follow Megatron's convention: True where attention is NOT allowed.
 
-Keys (``MODEL_INPUTS``): input_ids [b, s], position_ids [b, s], attention_mask [b, 1, s, s] bool,
+No dense attention mask travels with a micro-batch: the model reads the documents from
+``document_ids`` and runs them as packed variable-length sequences (``backbones.attention``), padding
+dropped. ``attention_mask`` below is the same rule written as a dense mask, the reference the
+packed path is tested against.
+
+Keys (``MODEL_INPUTS``): input_ids [b, s], position_ids [b, s], document_ids [b, s] (-1 padding),
 labels [b, s], loss_mask [b, s] float, pixel_values [images, 3, H, W] (batch-major, zero padded
 bottom/right) and pixel_attention_mask [images, H, W] (True on real pixels).
 """
@@ -25,7 +30,7 @@ from megatron_vlm.data.images import pad_images
 MicroBatch = dict[str, torch.Tensor]
 
 # What the model's forward takes, then what its loss takes: the keys a trainer moves to the device.
-FORWARD_INPUTS = ("input_ids", "position_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
+FORWARD_INPUTS = ("input_ids", "position_ids", "document_ids", "pixel_values", "pixel_attention_mask")
 MODEL_INPUTS = (*FORWARD_INPUTS, "labels", "loss_mask")
 
 
@@ -81,10 +86,10 @@ def micro_batch(
     pixel_values: torch.Tensor,
     pixel_attention_mask: torch.Tensor,
     image_token_id: int,
-    sliding_window: int | None = None,
 ) -> MicroBatch:
     """Tokens [b, s] and their document ids [b, s] (-1 padding), with the batch's images already
-    padded (``images.pad_images``) -> the micro-batch every model input, label and mask comes from."""
+    padded (``images.pad_images``) -> the micro-batch every model input, label and mask comes from.
+    (The decoder's sliding window is the model's: ``TextConfig.sliding_window``.)"""
     if input_ids.shape != document_ids.shape or input_ids.dim() != 2:
         raise ValueError(
             f"input_ids {tuple(input_ids.shape)} and document_ids {tuple(document_ids.shape)} must be one [b, s] shape"
@@ -93,7 +98,7 @@ def micro_batch(
     return {
         "input_ids": input_ids,
         "position_ids": position_ids(document_ids),
-        "attention_mask": attention_mask(document_ids, sliding_window),
+        "document_ids": document_ids,
         "labels": labels,
         "loss_mask": loss_mask,
         "pixel_values": pixel_values,
@@ -114,12 +119,6 @@ def attended_images(input_ids: torch.Tensor, document_ids: torch.Tensor, image_t
     document_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
     seen = (latest >= document_start) & (document_ids >= 0)
     return torch.where(seen, is_image.long().cumsum(dim=1) - 1, torch.full_like(index, -1))
-
-
-def documents_of_positions(position_ids: torch.Tensor) -> torch.Tensor:
-    """[b, s] positions (restarting at 0 at every document, ``position_ids``) -> document ids: the
-    model's view of the packing (each padding token is then a document of its own)."""
-    return (position_ids == 0).long().cumsum(dim=1) - 1
 
 
 def forward_inputs(batch: MicroBatch) -> MicroBatch:
@@ -152,7 +151,6 @@ class Batch:
     pixel_values: torch.Tensor  # [images, 3, H, W] batch-major
     pixel_mask: torch.Tensor  # [images, H, W]
     image_token_id: int
-    sliding_window: int | None = None  # the decoder's (TextConfig.sliding_window), for the mask
 
 
 def make_batch(
@@ -185,20 +183,13 @@ def make_batch(
         input_ids[padded_row, -5:] = 0
     sizes = [size for images in images_per_row for size in images]
     pixel_values, pixel_mask = pad_images([torch.randn(3, h, w, generator=generator) for h, w in sizes])
-    return Batch(
-        input_ids, padding, images_per_row, pixel_values, pixel_mask, config.image_token_id, config.text.sliding_window
-    )
+    return Batch(input_ids, padding, images_per_row, pixel_values, pixel_mask, config.image_token_id)
 
 
 def training_inputs(batch: Batch) -> MicroBatch:
     """A synthetic batch -> its micro-batch (model inputs, labels and loss mask)."""
     return micro_batch(
-        batch.input_ids,
-        one_document_per_row(batch.padding),
-        batch.pixel_values,
-        batch.pixel_mask,
-        batch.image_token_id,
-        batch.sliding_window,
+        batch.input_ids, one_document_per_row(batch.padding), batch.pixel_values, batch.pixel_mask, batch.image_token_id
     )
 
 

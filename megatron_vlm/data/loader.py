@@ -188,7 +188,6 @@ class MultimodalLoader:
         image_token_id: int,
         dp_rank: int = 0,
         dp_size: int = 1,
-        sliding_window: int | None = None,  # the decoder's (TextConfig.sliding_window), for the masks
         lanes: int | None = None,
     ) -> None:
         if not config.sources:
@@ -224,7 +223,6 @@ class MultimodalLoader:
                 max_images_per_sequence=config.max_images_per_sequence,
                 pad_token_id=tokenizer.pad_token_id or 0,
                 pack=config.pack,
-                sliding_window=sliding_window,
             )
             for s in config.sources
         }

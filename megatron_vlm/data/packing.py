@@ -1,6 +1,6 @@
 """Documents -> fixed-length training sequences: packing and truncation at image boundaries;
-``collate`` turns them into micro-batches of ``batch.py``'s format (document-aware attention
-masks, position ids and loss masks).
+``collate`` turns them into micro-batches of ``batch.py``'s format (document ids, which the
+model's attention follows, position ids and loss masks).
 
 A document is a token sequence whose ``<image>`` placeholder runs each stand for one processed
 image (64 latents by default; a split image is 5 runs). Several documents share a sequence
@@ -34,8 +34,6 @@ class PackingConfig:
     max_images_per_sequence: int = 32
     pad_token_id: int = 0
     pack: bool = True  # False: one document per sequence, padded
-    # The decoder's sliding attention window (TextConfig.sliding_window); None: full causal.
-    sliding_window: int | None = None
 
 
 def image_runs(tokens: list[int], image_token_id: int) -> list[tuple[int, int]]:
@@ -144,4 +142,4 @@ def collate(sequences: list[PackedSequence], config: PackingConfig, seq_len: int
         input_ids[row, : len(sequence.tokens)] = torch.tensor(sequence.tokens)
         documents[row, : len(sequence.document_ids)] = torch.tensor(sequence.document_ids)
     pixel_values, pixel_mask = pad_images([image for s in sequences for image in s.images])
-    return micro_batch(input_ids, documents, pixel_values, pixel_mask, config.image_token_id, config.sliding_window)
+    return micro_batch(input_ids, documents, pixel_values, pixel_mask, config.image_token_id)

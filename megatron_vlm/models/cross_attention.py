@@ -4,19 +4,21 @@ connector (a resampler at the vision width) -> a decoder with gated cross-attent
 The decoder is the text recipe's GPTModel whose layers are ``CrossAttentionTransformerLayer``: the
 layers whose global index is a multiple of ``cross_attention.interval`` run a gated cross-attention
 block (transformers' IdeficsGatedCrossAttentionLayer) before themselves. The image tokens reach
-them as TransformerBlock's ``context`` [c, b, width] and ``context_mask`` [b, 1, s, c] (True where
-a token may not attend a key, Megatron's convention). A row's context holds its images one after
-another (``slots`` images of ``latents`` tokens, zero-padded); a token attends the image
-``data.batch.attended_images`` names (the latest ``<image>`` at or before it in its document),
-and a token attending none gets no cross-attention output (transformers' ``cross_attention_gate``).
+them as TransformerBlock's ``context`` [c, 1, width] and ``context_mask`` [1, 1, t, c] (True where
+a token may not attend a key, Megatron's convention), the text being the decoder's packed sequence
+of ``t`` tokens (``attention.DocumentLayout``, as the fully autoregressive model's). The context holds
+the rows' images one row after another (``slots`` images of ``latents`` tokens per row,
+zero-padded); a token attends the image of its row that ``data.batch.attended_images`` names (the
+latest ``<image>`` at or before it in its document), and a token attending none gets no
+cross-attention output (transformers' ``cross_attention_gate``).
 
 Pipeline parallelism: vision + connector run on the first stage. Every stage holding
 cross-attention blocks needs the image tokens, so they travel with the hidden states: a stage's
-output is ``[s + c, b, h]`` (hidden states, then the context zero-padded from the vision width to
-the text width), and the next stage splits what it receives. Megatron's P2P tensors have one shape
-per run, so under pipeline parallelism every row's context holds ``cross_attention.max_images_per_row``
-images, and the schedules' ``seq_length`` includes them (``pipeline_tokens``). The gradient of the
-context flows back through the same tensors.
+output is ``[t + c, 1, h]`` (hidden states, then the context zero-padded from the vision width to
+the text width), and the next stage splits what it receives (the pipeline sends each micro-batch's
+shape). Under pipeline parallelism every row's context holds ``cross_attention.max_images_per_row``
+images, so the split point does not depend on the images. The gradient of the context flows back
+through the same tensors.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import nn
 from megatron_vlm.backbones import ParameterCount, recipes_of
 from megatron_vlm.backbones.perceiver import RMSNorm, swiglu_mlp
 from megatron_vlm.config import CrossAttentionConfig, ModelConfig, ParallelConfig, PrecisionConfig
-from megatron_vlm.data.batch import attended_images, documents_of_positions
+from megatron_vlm.data.batch import attended_images
 from megatron_vlm.models.idefics2 import Idefics2Model, stand_in_image
 
 ALPHA_TYPES = ("float", "vector")
@@ -276,10 +278,11 @@ class CrossAttentionModel(Idefics2Model):
             },
         )
 
-    @property
-    def pipeline_tokens(self) -> int:
-        """Tokens a stage sends besides the text's: the context of one row, under pipeline parallelism."""
-        return self.model_config.cross_attention.max_images_per_row * self.image_tokens if self.pipelined else 0
+    def pipeline_shape(self, micro_batch_size: int, seq_length: int) -> tuple[int, int]:
+        """The packed text and, under pipeline parallelism, every row's image context slots."""
+        tokens, rows = super().pipeline_shape(micro_batch_size, seq_length)
+        most = self.model_config.cross_attention.max_images_per_row
+        return tokens + (micro_batch_size * most * self.image_tokens if self.pipelined else 0), rows
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
         if isinstance(input_tensor, list):
@@ -296,8 +299,8 @@ class CrossAttentionModel(Idefics2Model):
         slots: int,
         like: torch.Tensor,
     ) -> torch.Tensor:
-        """The rows' images as cross-attention keys: [slots x tokens, b, vision width], each row's
-        images in order, then zeros."""
+        """The rows' images as cross-attention keys: [rows x slots x tokens, 1, vision width], each
+        row's images in order, then zeros."""
         rows, width = images_per_row.numel(), self.model_config.vision.hidden_size
         context = like.new_zeros(rows, slots, self.image_tokens, width)
         images = 0 if pixel_values is None else pixel_values.shape[0]
@@ -318,7 +321,7 @@ class CrossAttentionModel(Idefics2Model):
             # Every trainable parameter gets a (zero) gradient on every data-parallel rank, so
             # overlapped gradient reduction never waits on a bucket this rank would not fill.
             context = context + 0.0 * self.encode_images(*stand_in_image(self.model_config, like)).sum().to(like.dtype)
-        return context.view(rows, slots * self.image_tokens, width).transpose(0, 1).contiguous()
+        return context.view(rows * slots * self.image_tokens, 1, width)
 
     def _transport(self, context: torch.Tensor) -> torch.Tensor:
         """The context at the text width (zero-padded), to travel in the hidden states."""
@@ -330,13 +333,14 @@ class CrossAttentionModel(Idefics2Model):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        document_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """As ``Idefics2Model.forward``; the text holds one ``<image>`` token per image. Non-last
-        stages return [s + c, b, h]: hidden states, then the image context."""
+        stages return [t + c, 1, h]: packed hidden states, then the image context."""
+        layout = self.layout(document_ids)
         image_token = self.model_config.image_token_id
         is_image = input_ids == image_token
         images_per_row = is_image.sum(dim=1)
@@ -346,35 +350,37 @@ class CrossAttentionModel(Idefics2Model):
                 f"a row holds {int(images_per_row.max())} images, above cross_attention.max_images_per_row={most}"
             )
         slots = most if self.pipelined else max(1, int(images_per_row.max()))
-        attended = attended_images(input_ids, documents_of_positions(position_ids), image_token)
-        key_image = torch.arange(slots * self.image_tokens, device=input_ids.device) // self.image_tokens
-        context_mask = (key_image[None, None, :] != attended[:, :, None])[:, None]  # [b, 1, s, c]
+        rows = input_ids.shape[0]
+        attended = attended_images(input_ids, document_ids, image_token)
+        row = torch.arange(rows, device=input_ids.device)[:, None]
+        # Each packed token's image among all the context's (-1: none; the filler attends none).
+        token_image = layout.pack(torch.where(attended >= 0, row * slots + attended + 1, 0)) - 1
+        key_image = torch.arange(rows * slots * self.image_tokens, device=input_ids.device) // self.image_tokens
+        context_mask = (key_image[None, :] != token_image[:, None])[None, None]  # [1, 1, t, c]
         decoder_input = None
         if self.pre_process:
-            decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
-            context = self.image_context(pixel_values, pixel_attention_mask, images_per_row, slots, decoder_input)
+            embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
+            context = self.image_context(pixel_values, pixel_attention_mask, images_per_row, slots, embeddings)
             if self.pipelined:
                 context = self._transport(context)
+            decoder_input = self.pack(layout, embeddings)
         else:
             received = self.input_tensor
-            seq = input_ids.shape[1]
-            if received.shape[0] != seq + slots * self.image_tokens:
+            if received.shape[0] != layout.total + key_image.numel():
                 raise ValueError(
-                    f"received {received.shape[0]} positions from the previous stage; expected {seq} tokens + "
-                    f"{slots * self.image_tokens} image tokens (the schedule's seq_length must include pipeline_tokens)"
+                    f"received {received.shape[0]} positions from the previous stage; expected {layout.total} packed "
+                    f"tokens + {key_image.numel()} image tokens"
                 )
-            self.language_model.set_input_tensor(received[:seq])
-            context = received[seq:]
+            self.language_model.set_input_tensor(received[: layout.total])
+            context = received[layout.total :]
         output = self.language_model(
             input_ids=input_ids,
             position_ids=position_ids,
-            attention_mask=attention_mask,
+            attention_mask=None,
             decoder_input=decoder_input,
+            packed_seq_params=layout.params,
             extra_block_kwargs={"context": context, "context_mask": context_mask},
         )
         if not self.post_process:
             return torch.cat([output, context], dim=0)
-        logits = self._mask_padded_vocab(output)
-        if labels is None:
-            return logits
-        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+        return self.finish(layout, output, labels)

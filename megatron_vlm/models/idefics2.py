@@ -7,6 +7,11 @@ virtual chunk), before its share of decoder layers; ``ParallelConfig.decoder_lay
 lightens that stage. Resampled image tokens replace the text embeddings at ``<image>`` positions
 (batch-major order, as transformers' ``inputs_merger``); logits of the padded vocabulary are masked
 so the loss is that of the real vocabulary.
+
+The decoder sees a micro-batch [b, s] as one packed sequence of its real tokens (``DocumentLayout``:
+each document its own causal sequence, RoPE positions restarting in each, padding dropped), so no
+FLOP is spent on padding and no dense mask is built; the pipeline sends each micro-batch's own length.
+Outputs come back batch-major [b, s, ...], zero at padding.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_vlm import backend
-from megatron_vlm.backbones import recipes_of
+from megatron_vlm.backbones import common, recipes_of
+from megatron_vlm.backbones.attention import DocumentLayout
 from megatron_vlm.backbones.common import torch_dtype, use_transformer_engine
 from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_vlm.models.fp8 import use_torch_fp8
@@ -55,6 +61,21 @@ class Idefics2Model(MegatronModule):
             self.vision = vision.build(model_config.vision, parallel, precision, initialize_weights, use_te)
             self.connector = connector.build(model_config, parallel, precision, initialize_weights)
         self.language_model = self.build_language_model(language_config, use_te, vp_stage)
+        self.token_multiple = decoder_token_multiple(language_config)
+        # The pipeline sends each micro-batch's own shape, except between virtual stages (see the
+        # text recipe's variable_seq_lengths): there the packed length is fixed.
+        self.fixed_length = parallel.pipeline_parallel > 1 and not language_config.variable_seq_lengths
+
+    def layout(self, document_ids: torch.Tensor) -> DocumentLayout:
+        """How this micro-batch's tokens are packed for the decoder."""
+        return DocumentLayout.of(document_ids, self.token_multiple, fixed=self.fixed_length)
+
+    def pipeline_shape(self, micro_batch_size: int, seq_length: int) -> tuple[int, int]:
+        """(seq_length, micro_batch_size) of the tensors the pipeline schedule sends between stages
+        for micro-batches of this size: the fixed packed length, one row. (With variable lengths
+        the schedule ignores them.)"""
+        tokens = micro_batch_size * seq_length
+        return -(-tokens // self.token_multiple) * self.token_multiple, 1
 
     def build_language_model(self, language_config: Any, use_te: bool, vp_stage: int | None) -> MegatronModule:
         """The text recipe's decoder of this chunk (the cross-attention model gives its layers blocks)."""
@@ -103,17 +124,19 @@ class Idefics2Model(MegatronModule):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        document_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids [b, s]; attention_mask [b, 1, s, s] True where masked; pixel_values
+        """input_ids [b, s]; document_ids [b, s] (-1 padding; ``data.batch``); pixel_values
         [images, C, H, W] padded with pixel_attention_mask [images, H, W].
 
         Returns per-token loss [b, s] when labels are given on the last stage, the
-        tensor-parallel logits shard [b, s, V/tp] otherwise, and hidden states on other stages.
+        tensor-parallel logits shard [b, s, V/tp] otherwise (zeros at padding), and the packed
+        hidden states [tokens, 1, h] on other stages.
         """
+        layout = self.layout(document_ids)
         decoder_input = None
         if self.pre_process:
             embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
@@ -125,26 +148,47 @@ class Idefics2Model(MegatronModule):
                 embeddings = self.splice_images(embeddings, input_ids, image_tokens)
             elif torch.is_grad_enabled():
                 embeddings = self._images_contribute_nothing(embeddings)
-            if self.config.sequence_parallel:
-                # Each TP rank keeps its slice of the sequence; backward all-gathers the
-                # gradient, so the (replicated) vision tower gets the same gradient on every rank.
-                embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
-            decoder_input = embeddings
+            decoder_input = self.pack(layout, embeddings)
         output = self.language_model(
             input_ids=input_ids,
             position_ids=position_ids,
-            attention_mask=attention_mask,
+            attention_mask=None,
             decoder_input=decoder_input,
+            packed_seq_params=layout.params,
         )
+        return self.finish(layout, output, labels)
+
+    def pack(self, layout: DocumentLayout, embeddings: torch.Tensor) -> torch.Tensor:
+        """Embeddings [s, b, h] -> the decoder's packed input [tokens, 1, h] (this TP rank's slice
+        of it under sequence parallelism)."""
+        packed = layout.pack(embeddings.transpose(0, 1))[:, None]
+        if self.config.sequence_parallel:
+            # Each TP rank keeps its slice of the sequence; backward all-gathers the
+            # gradient, so the (replicated) vision tower gets the same gradient on every rank.
+            packed = tensor_parallel.scatter_to_sequence_parallel_region(packed)
+        return packed
+
+    def finish(self, layout: DocumentLayout, output: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's output -> hidden states (not the last stage), or batch-major logits
+        [b, s, V/tp] / per-token loss [b, s] (last stage)."""
         if not self.post_process:
             return output
-        logits = self._mask_padded_vocab(output)
+        logits = self._mask_padded_vocab(output[0])  # GPTModel returns [1, tokens, V/tp] for THD
         if labels is None:
-            return logits
-        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+            return layout.unpack(logits)
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float()[:, None], layout.pack(labels)[:, None])
+        return layout.unpack(loss[:, 0])
 
     def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         return mask_padded_vocab(logits, self.vocab_size, self.padded_vocab_size)
+
+
+def decoder_token_multiple(config: Any) -> int:
+    """What the packed decoder sequence's length is padded up to: an even split over the TP ranks
+    under sequence parallelism, and rows aligned for TE's FP8 GEMMs (``common.FP8_TOKEN_MULTIPLE``)
+    in each rank's shard, which is what TE casts to FP8 before gathering it."""
+    multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    return multiple * common.FP8_TOKEN_MULTIPLE if config.fp8 else multiple
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, padded_vocab_size: int) -> torch.Tensor:

@@ -15,13 +15,12 @@ from megatron_vlm.data.batch import MicroBatch
 from megatron_vlm.models.idefics2 import gather_logits
 
 
-def pipeline_tokens(chunk: torch.nn.Module) -> int:
-    """Positions a model chunk (possibly wrapped, e.g. in DDP) sends between pipeline stages besides
-    the text's: the schedules' ``seq_length`` is the text's plus these (the cross-attention model's
-    image tokens; 0 for a fully autoregressive one)."""
-    while not hasattr(chunk, "pipeline_tokens") and hasattr(chunk, "module"):
+def pipeline_shape(chunk: torch.nn.Module, micro_batch_size: int, seq_length: int) -> tuple[int, int]:
+    """(seq_length, micro_batch_size) the pipeline schedules are given for micro-batches of this size:
+    the model chunk's (possibly wrapped, e.g. in DDP) packed layout, one row of packed tokens."""
+    while not hasattr(chunk, "pipeline_shape") and hasattr(chunk, "module"):
         chunk = chunk.module
-    return int(getattr(chunk, "pipeline_tokens", 0))
+    return chunk.pipeline_shape(micro_batch_size, seq_length)
 
 
 def run_forward_only(
@@ -36,6 +35,7 @@ def run_forward_only(
     grad; each chunk's training mode is restored afterwards, whatever happens. Returns the
     schedule's per-micro-batch reports (last pipeline stage; [] elsewhere)."""
     training = [chunk.training for chunk in model]
+    sent_length, sent_rows = pipeline_shape(model[0], micro_batch_size, seq_length)
     for chunk in model:
         chunk.eval()
     try:
@@ -45,8 +45,8 @@ def run_forward_only(
                 data_iterator=data_iterator,
                 model=list(model),
                 num_microbatches=num_microbatches,
-                seq_length=seq_length + pipeline_tokens(model[0]),
-                micro_batch_size=micro_batch_size,
+                seq_length=sent_length,
+                micro_batch_size=sent_rows,
                 forward_only=True,
             )
     finally:

@@ -11,7 +11,7 @@ import torch
 
 from megatron_vlm.backbones import recipes_of
 from megatron_vlm.config import ModelConfig
-from megatron_vlm.data.batch import attended_images, documents_of_positions
+from megatron_vlm.data.batch import attended_images
 from megatron_vlm.models.cross_attention import gated_block_forward_flops, gated_blocks_in
 
 
@@ -56,12 +56,36 @@ def vision_positions(config: ModelConfig, patches: list[int]) -> int:
     return sum(vision.output_tokens(config.vision, count) for count in patches)
 
 
+def document_lengths(document_ids: torch.Tensor) -> list[int]:
+    """The tokens of each document of a micro-batch (``document_ids`` [b, s], -1 padding)."""
+    lengths = []
+    for row in document_ids.tolist():
+        previous = None
+        for document in row:
+            if document < 0:
+                previous = None
+                continue
+            if document != previous:
+                lengths.append(0)
+                previous = document
+            lengths[-1] += 1
+    return lengths
+
+
+def attended_keys(length: int, sliding_window: int | None = None) -> int:
+    """Keys summed over a causal document's queries: query i sees i + 1 keys, at most the window."""
+    if sliding_window is None or sliding_window >= length:
+        return length * (length + 1) // 2
+    return sliding_window * (sliding_window + 1) // 2 + (length - sliding_window) * sliding_window
+
+
 def batch_training_flops(config: ModelConfig, batch: dict[str, torch.Tensor]) -> float:
-    """Model FLOPs of one training micro-batch (forward + backward = 3x forward)."""
+    """Model FLOPs of one training micro-batch (forward + backward = 3x forward): its real patches
+    and real tokens (the decoder runs the documents packed, padding dropped)."""
     flops = sum(vision_forward_flops(config, patches) for patches in real_patches(config, batch))
-    allowed = ~batch["attention_mask"]
-    tokens = batch["input_ids"].numel()
-    flops += decoder_forward_flops(config, tokens, int(allowed.sum()))
+    lengths = document_lengths(batch["document_ids"])
+    attended = sum(attended_keys(length, config.text.sliding_window) for length in lengths)
+    flops += decoder_forward_flops(config, sum(lengths), attended)
     if config.architecture == "cross_attention":
         flops += cross_attention_forward_flops(config, batch)
     return 3.0 * flops
@@ -74,10 +98,10 @@ def cross_attention_forward_flops(config: ModelConfig, batch: dict[str, torch.Te
     per_image = recipes_of(config)[1].tokens_per_image(config)
     input_ids = batch["input_ids"]
     images = int((input_ids == config.image_token_id).sum())
-    attends = attended_images(input_ids, documents_of_positions(batch["position_ids"]), config.image_token_id)
+    attends = attended_images(input_ids, batch["document_ids"], config.image_token_id)
     blocks = gated_blocks_in(config, 0, config.text.num_layers)
     return blocks * gated_block_forward_flops(
-        config, input_ids.numel(), images * per_image, int((attends >= 0).sum()) * per_image
+        config, int((batch["document_ids"] >= 0).sum()), images * per_image, int((attends >= 0).sum()) * per_image
     )
 
 

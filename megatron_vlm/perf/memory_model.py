@@ -190,7 +190,8 @@ def _norm_bytes(width: int, e: int, kernels: str, rms: bool) -> float:
 
 
 def decoder_layer_activations(model: ModelConfig, setup: TrainingSetup, tokens: int, batch: int, seq: int) -> float:
-    """Bytes one decoder layer keeps for backward for ``tokens`` = batch x seq positions."""
+    """Bytes one decoder layer keeps for backward for ``tokens`` positions in ``batch`` documents of
+    ``seq`` tokens (the micro-batch's real tokens, packed: padding is not computed)."""
     t, tp, e, kernels = model.text, setup.parallel.tensor_parallel, _bytes(setup), setup.kernels
     h, q, kv, inner = (
         t.hidden_size,
@@ -207,10 +208,19 @@ def decoder_layer_activations(model: ModelConfig, setup: TrainingSetup, tokens: 
         attention_inputs = (q + 2 * kv) * e + q * e  # q, k, v and the attention output
         mlp = 2 * inner * e + inner * e
     else:
-        attention_inputs = 3 * q * e + q * e  # q, and k, v expanded to every query head; proj input
+        # PackedSequenceAttention: q, and k, v expanded to every query head, per document; the
+        # kernel's output (its backward reads it); the output projection's input (their concatenation).
+        attention_inputs = 3 * q * e + q * e + q * e
         mlp = 5 * inner * e  # fc1 output (gate|up), silu(gate), silu(gate) * up, fc2 input copy
-    rope = 4 * seq * t.head_dim * e  # cos/sin tables of q and k
-    scores = _attention_scores_bytes(batch, heads, seq, seq, e, kernels)
+    # RoPE over packed documents (Megatron's THD path) keeps per-token cos/sin of q and k.
+    rope = 4 * tokens * t.head_dim * e
+    # The documents run through flash-style kernels (TE's, torch's varlen / SDPA flash), which keep
+    # one log-sum-exp per query and head; a sliding window shorter than a document makes the local
+    # spec pass its band as a mask, and that kernel keeps the document's scores.
+    if kernels == "local" and t.sliding_window is not None and t.sliding_window < seq:
+        scores = _attention_scores_bytes(batch, heads, seq, seq, e, kernels)
+    else:
+        scores = tokens * heads * FP32
     if setup.parallel.recompute == "selective":  # attention core recomputed: its q, k, v inputs remain
         attention_inputs, scores = (q + 2 * kv) * e + q * e, 0
     return tokens * (norms + linear_inputs + attention_inputs + mlp) + rope + scores
@@ -400,9 +410,8 @@ def predict_stage_memory(model: ModelConfig, setup: TrainingSetup, work: Workloa
     # (Megatron's global memory buffer), kept between steps.
     buffers = 0.0
     if setup.kernels == "local":
-        t, v = model.text, model.vision
-        if has_layers:
-            buffers = work.micro_batch_size * t.num_heads // tp * work.seq_length**2 * e
+        v = model.vision
+        # (The decoder's packed attention uses no such buffer.)
         if chunks[0].vision and work.images:
             buffers = max(buffers, work.images * v.num_heads // tp * work.patches_per_image**2 * e)
     return StageMemory(

@@ -133,7 +133,6 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         run.model.image_token_id,
         parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(),
-        sliding_window=run.model.text.sliding_window,
         # One lane per micro-batch of the global batch: the stream does not depend on the DP size.
         lanes=training.global_batch_size // run.data.micro_batch_size,
     )
@@ -298,7 +297,8 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         window["tokens"] += sum(b["num_tokens"] for b in batches)
         window["images"] += sum(b["num_images"] for b in batches)
         window["flops"] += sum(b["flops"] for b in batches)
-        window["positions"] += sum(b["input_ids"].numel() for b in inputs)
+        # The decoder computes each micro-batch's packed length (real tokens, padded up to its multiple).
+        window["positions"] += sum(chunks[0].layout(b["document_ids"]).total for b in inputs)
         window["patches"] += sum(b["patches"] for b in batches)
         window["vision_positions"] += sum(b["vision_positions"] for b in batches)
         window["steps"] += 1

@@ -149,17 +149,9 @@ def startup_problems(run: RunConfig, world_size: int) -> tuple[StartupPlan, list
                 f"{data.max_images_per_sequence} images per sequence, above model.cross_attention."
                 f"max_images_per_row={most} (the image context of a row has that many slots)"
             )
-    tp, mbs = parallel.tensor_parallel, run.data.micro_batch_size
 
-    # Sequence parallelism splits every micro-batch's sequence over the TP ranks.
-    if parallel.sequence_parallel:
-        for length in lengths:
-            if length % tp:
-                problems.append(
-                    f"sequence_parallel: sequence length {length} of the data mixture is not divisible by "
-                    f"tensor_parallel={tp}"
-                )
-
+    # Sequence parallelism and TE's FP8 GEMMs need no particular sequence length: the decoder pads
+    # each micro-batch's packed tokens to the multiple they need (models.idefics2.token_multiple).
     if fp8 == "torch" and parallel.sequence_parallel:
         problems.append(
             "FP8 through torch (_scaled_mm) does not support sequence parallelism: turn sequence_parallel off "
@@ -167,15 +159,6 @@ def startup_problems(run: RunConfig, world_size: int) -> tuple[StartupPlan, list
         )
     if fp8 == "te":
         plan.fp8_parts = te_fp8_parts(model, parallel)
-        if plan.fp8_parts["text"] is None:
-            text = model.text
-            for length in lengths:  # every micro-batch of a source is padded to its length
-                rows = length * mbs // (tp if parallel.sequence_parallel else 1)
-                if problem := common.te_fp8_gemm_problem(rows, text.hidden_size, text.hidden_size):
-                    problems.append(
-                        f"FP8 (Transformer Engine): decoder GEMMs of a {length}-token micro-batch of "
-                        f"{mbs} ({rows} rows per rank): {problem}; use sequence lengths that make it a multiple"
-                    )
 
     if run.trainable.lora_rank > 0:
         unknown = sorted(set(run.trainable.lora_targets) - set(BACKBONES))

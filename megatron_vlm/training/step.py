@@ -24,7 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_vlm.data.batch import MicroBatch
 from megatron_vlm.distributed import collective_device
-from megatron_vlm.models.pipeline import pipeline_tokens, run_forward_only
+from megatron_vlm.models.pipeline import pipeline_shape, run_forward_only
 
 
 def wrap_ddp(
@@ -73,7 +73,7 @@ def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tens
     output = model(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
-        attention_mask=batch["attention_mask"],
+        document_ids=batch["document_ids"],
         pixel_values=batch.get("pixel_values"),
         pixel_attention_mask=batch.get("pixel_attention_mask"),
         labels=batch["labels"],
@@ -87,15 +87,16 @@ def forward_backward(
     forward_only: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Run the pipeline schedule over the micro-batches; loss dicts come back on the last stage."""
-    input_ids = micro_batches[0]["input_ids"]
+    rows, seq = micro_batches[0]["input_ids"].shape
     iterators = [iter(micro_batches) for _ in model] if len(model) > 1 else iter(micro_batches)
+    seq_length, micro_batch_size = pipeline_shape(model[0], rows, seq)
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iterators,
         model=list(model),
         num_microbatches=len(micro_batches),
-        seq_length=input_ids.shape[1] + pipeline_tokens(model[0]),
-        micro_batch_size=input_ids.shape[0],
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
 
