@@ -9,10 +9,11 @@ sequence per image, ``backbones/siglip.py``) its transformer layers run on the r
 (the patch embedding, one convolution, still sees each padded image). Reported: the share of the
 encoder + connector FLOPs (the 8B preset's, ``perf/flops.py``) spent on padded patches, both ways.
 
-Decoder. The loader's micro-batches of the bundled data (the tiny mixture, packed documents, each
-source padded to its sequence length): the share of decoder positions that are padding, and of the
-decoder's FLOPs with dense attention (every row's full score matrix, as the fused-softmax kernels
-compute it) against those of the real tokens with causal, document-aware attention.
+Decoder. The loader's micro-batches of the bundled data (the tiny mixture, packed documents): the
+share of decoder positions that are padding, and of the decoder's FLOPs against those of the real
+tokens with causal, document-aware attention: before, each source padded to its sequence length
+with dense attention (every row's full score matrix, as the fused-softmax kernels computed it);
+now, the documents packed with padding dropped (``attention.DocumentLayout``).
 
     python bench/padding.py                 # prints the table, writes bench/results/padding.{md,json}
 """
@@ -106,11 +107,16 @@ def vision_padding(sizes: list[tuple[int, int]], images_per_batch: int, image: I
     }
 
 
-def decoder_padding(micro_batches: int = 48) -> dict:
-    """Decoder padding of the loader's micro-batches of the bundled data (the tiny mixture)."""
+def decoder_padding(micro_batches: int = 48, multiple: int = 8) -> dict:
+    """Decoder padding of the loader's micro-batches of the bundled data (the tiny mixture): before,
+    every row padded to its source's sequence length under a dense mask (every row's full score
+    matrix computed); now, the documents packed (``attention.DocumentLayout``), padding dropped, only
+    a filler up to ``multiple`` tokens (TP8 with sequence parallelism), each document's causal pairs."""
+    from megatron_vlm.backbones.attention import DocumentLayout
     from megatron_vlm.data.loader import MultimodalLoader, load_data_config
     from megatron_vlm.data.preprocess import preprocess
     from megatron_vlm.data.tokens import load_tokenizer
+    from megatron_vlm.perf.flops import attended_keys, document_lengths
 
     config = load_model_preset("idefics2-8b")
     with tempfile.TemporaryDirectory() as root:
@@ -120,20 +126,27 @@ def decoder_padding(micro_batches: int = 48) -> dict:
             )
         data = load_data_config("tiny", root, micro_batch_size=2, image_backend="pillow")
         loader = MultimodalLoader(data, load_tokenizer(), 64, config.image_token_id)
-        positions = tokens = 0
-        computed = real = 0.0
+        positions = tokens = packed = 0
+        before = real = now = 0.0
         for _ in range(micro_batches):
             batch = next(loader)
             rows, seq = batch["input_ids"].shape
-            allowed = int((~batch["attention_mask"]).sum())  # real pairs (padded queries see only themselves)
+            lengths = document_lengths(batch["document_ids"])
+            attended = sum(attended_keys(n, config.text.sliding_window) for n in lengths)
+            total = DocumentLayout.of(batch["document_ids"], multiple).total
             positions += rows * seq
-            tokens += batch["num_tokens"]
-            computed += decoder_forward_flops(config, rows * seq, rows * seq * seq)
-            real += decoder_forward_flops(config, batch["num_tokens"], allowed - (rows * seq - batch["num_tokens"]))
+            tokens += sum(lengths)
+            packed += total
+            before += decoder_forward_flops(config, rows * seq, rows * seq * seq)
+            real += decoder_forward_flops(config, sum(lengths), attended)
+            now += decoder_forward_flops(config, total, attended + (total - sum(lengths)) ** 2)
     return {
         "micro_batches": micro_batches,
         "padded_position_share": 1 - tokens / positions,
-        "padded_flop_share_dense_attention": 1 - real / computed,
+        "padded_flop_share_dense_attention": 1 - real / before,
+        "packed_multiple": multiple,
+        "padded_position_share_packed": 1 - tokens / packed,
+        "padded_flop_share_packed": 1 - real / now,
     }
 
 
@@ -174,11 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         "",
         f"Decoder: {decoder['micro_batches']} micro-batches of 2 from the loader on the bundled data (tiny "
-        "mixture: packed documents, each source padded to its sequence length); idefics2-8b decoder FLOPs.",
+        "mixture: packed documents); idefics2-8b decoder FLOPs. Before: each source padded to its sequence "
+        "length under a dense mask (every row's full score matrix computed). Now: the documents packed "
+        "(`attention.DocumentLayout`), padding dropped, each document's causal pairs, a filler sequence up to "
+        f"a multiple of {decoder['packed_multiple']} tokens (TP{decoder['packed_multiple']} with sequence "
+        "parallelism; none at TP1).",
         "",
-        "| padded positions | padding FLOPs (dense attention: every row's full score matrix) |",
-        "| --- | --- |",
-        f"| {100 * decoder['padded_position_share']:.1f}% | {100 * decoder['padded_flop_share_dense_attention']:.1f}% |",
+        "| padded positions (before) | padding FLOPs (before) | padded positions (now) | padding FLOPs (now) |",
+        "| --- | --- | --- | --- |",
+        f"| {100 * decoder['padded_position_share']:.1f}% | {100 * decoder['padded_flop_share_dense_attention']:.1f}% "
+        f"| {100 * decoder['padded_position_share_packed']:.2f}% | {100 * decoder['padded_flop_share_packed']:.2f}% |",
     ]
     table = "\n".join(lines) + "\n"
     print(table)
