@@ -93,9 +93,10 @@ def test_decoder_documents_are_exact_under_transformer_engine_rules(windowed):
 
 
 def test_decoder_documents_are_exact_under_torchs_varlen_kernel_rules(windowed, monkeypatch):
-    """On a GPU without TE, the local spec's causal attention is one call of torch's varlen flash
-    kernel per layer: int32 ``cu_seqlens``, the window as (left, 0), GQA by ``enable_gqa``. With the
-    kernel's documented rules emulated, packed documents equal transformers document by document."""
+    """On a GPU without TE, the local spec's attention is one call of torch's varlen flash kernel per
+    layer: the decoder's causal with int32 ``cu_seqlens``, the window as (left, 0), GQA by
+    ``enable_gqa``; the vision encoder's per image without a mask, (-1, -1). With the kernel's
+    documented rules emulated, packed documents equal transformers document by document."""
     from megatron_vlm.backbones import attention as packed_attention
 
     config, hf = windowed
@@ -110,9 +111,12 @@ def test_decoder_documents_are_exact_under_torchs_varlen_kernel_rules(windowed, 
     with torch.no_grad():
         ours = gather_logits(model(**inputs), config.text.vocab_size)
     assert max(document_errors(ours, hf_logits(hf, documents), lengths)) <= 1e-4
-    assert len(calls) == config.text.num_layers
-    assert {(c["cu_dtype"], c["window_size"], c["gqa"]) for c in calls} == {(torch.int32, (7, 0), True)}
-    assert calls[0]["max_q"] == 48
+    assert len(calls) == config.vision.num_layers + config.text.num_layers
+    assert {(c["cu_dtype"], c["window_size"], c["gqa"]) for c in calls} == {
+        (torch.int32, (-1, -1), False),  # the vision encoder: images of its own heads, no mask
+        (torch.int32, (7, 0), True),
+    }
+    assert calls[-1]["max_q"] == 48
 
 
 def test_varlen_kernel_only_where_it_runs():

@@ -182,7 +182,7 @@ class PackedSequenceAttention(MegatronModule):
         if attention_mask is not None or attention_bias is not None:
             raise ValueError("packed sequences carry their boundaries in cu_seqlens: no mask or bias")
         dropout = self.dropout if self.training else 0.0
-        if self.causal and use_varlen_kernel(query, dropout, self.window):
+        if use_varlen_kernel(query, dropout, self.window):
             return self._varlen(query, key, value, packed_seq_params)
         bounds = getattr(packed_seq_params, "bounds", ()) or tuple(packed_seq_params.cu_seqlens_q.tolist())
         outputs = []
@@ -214,7 +214,7 @@ class PackedSequenceAttention(MegatronModule):
     def _varlen(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params: PackedSeqParams
     ) -> torch.Tensor:
-        """All sequences in one flash-attention call (torch's varlen kernel), causal, windowed."""
+        """All sequences in one flash-attention call (torch's varlen kernel): causal (and windowed) or not."""
         varlen_attn, accepts = _varlen_attention()  # type: ignore[misc]
         kwargs: dict[str, Any] = {"scale": self.softmax_scale}
         if self.groups != self.heads:
@@ -223,10 +223,10 @@ class PackedSequenceAttention(MegatronModule):
             else:
                 key = key.repeat_interleave(self.heads // self.groups, dim=1)
                 value = value.repeat_interleave(self.heads // self.groups, dim=1)
-        if "window_size" in accepts:  # (left, right): (-1, 0) is plain causal
-            kwargs["window_size"] = (-1 if self.window is None else self.window, 0)
+        if "window_size" in accepts:  # (left, right): (-1, 0) is plain causal, (-1, -1) no mask
+            kwargs["window_size"] = (-1 if self.window is None else self.window, 0 if self.causal else -1)
         else:  # an older signature: causal by flag (use_varlen_kernel refused a window)
-            kwargs["is_causal"] = True
+            kwargs["is_causal"] = self.causal
         cu = params.cu_seqlens_q.to(torch.int32)
         longest = int(params.max_seqlen_q)
         attended = varlen_attn(query, key, value, cu, cu, longest, longest, **kwargs)
