@@ -287,6 +287,9 @@ class TrainingConfig:
     load_weights: str | None = None  # a converted checkpoint to start from (when not resuming)
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
+    # Distributed optimizer: all-gather each updated parameter shard during the next forward (one
+    # bucket ahead) instead of right after the optimizer step (training/step.py wrap_ddp).
+    overlap_param_gather: bool = False
     max_nonfinite_steps: int = 10  # skipped NaN/Inf steps tolerated before stopping
     # Checkpoints written in the background (training/async_save.py): the state is copied to host
     # memory at the save step and published at a later step; false: each save completes in place.

@@ -16,7 +16,9 @@ LAYOUTS = {
     "tp2pp2-sp": (4, ["--tp", "2", "--pp", "2", "--first-stage-layers", "1", "--sequence-parallel"]),
     "pp2vpp2": (2, ["--tp", "1", "--pp", "2", "--vpp", "2"]),
     # One data-parallel rank has images, the other none: overlapped reduction must not wait forever.
-    "dp2-skewed": (2, ["--dp-split", "--distributed-optimizer", "--overlap-grad-reduce"]),
+    # The distributed optimizer with both overlaps: gradient reduce in backward, and each updated
+    # parameter shard all-gathered in the next forward (step 2 reads what step 1's gather brought).
+    "dp2-skewed": (2, ["--dp-split", "--distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]),
     # Activation recompute changes memory, not math.
     "tp1pp1-full-recompute": (1, ["--recompute", "full"]),
     "tp2pp2-selective-recompute": (4, ["--tp", "2", "--pp", "2", "--recompute", "selective"]),
@@ -102,6 +104,13 @@ def test_training_steps_match_single_process(results, layout, reference_layout):
             assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
     # The second step sees the first update: equal losses there mean equal parameter updates.
     assert reference[1]["loss"] != reference[0]["loss"]
+    if layout == "dp2-skewed":  # step 2's parameters came through the forward's all-gather
+        ranks = results[layout]
+        assert all(rank["param_gather_in_forward"] for rank in ranks)
+        # After the last step each rank holds its own shard's update only, until the weights are read
+        # through parameters_gathered (checkpoints, evaluation): then every rank has them all.
+        assert ranks[0]["checksum_after_step"] != ranks[1]["checksum_after_step"]
+        assert ranks[0]["checksum_gathered"] == ranks[1]["checksum_gathered"]
 
 
 @pytest.mark.parametrize("layout", layouts("tp1pp1", "tp2pp1", "tp2pp2"))

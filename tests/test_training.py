@@ -124,7 +124,12 @@ def kill_everything_running(output):
     "optimizer",
     # fp32 Adam's resume is the cross-version test's (tests/test_cross_version.py, both directions).
     [
-        ["training.distributed_optimizer=true", "training.overlap_grad_reduce=true"],
+        # Both overlaps: the checkpoints are written through parameters_gathered.
+        [
+            "training.distributed_optimizer=true",
+            "training.overlap_grad_reduce=true",
+            "training.overlap_param_gather=true",
+        ],
         ["precision.params_dtype=bfloat16"],
     ],
     ids=["distributed-adam-overlapped", "bf16"],
@@ -216,6 +221,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(data_root, tmp_path):
         (["training.global_batch_size=3"], "use a multiple of 2"),
         (["parallel.pipeline_parallel=8"], "not divisible by TP\\*PP"),
         (["training.warmup_steps=100"], "warmup_steps=100 must be smaller than train_steps=60"),
+        (["training.overlap_param_gather=true"], "overlap_param_gather=true .* needs distributed_optimizer=true"),
     ],
 )
 def test_impossible_layouts_are_refused_before_allocation(data_root, tmp_path, overrides, fix):

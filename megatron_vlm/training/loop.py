@@ -34,7 +34,7 @@ from megatron_vlm.training.evaluation import Evaluator, evaluations_left
 from megatron_vlm.training.metrics import Metrics, log_line, logger, validation_line
 from megatron_vlm.training.preemption import PreemptionHandler
 from megatron_vlm.training.results import RunResults
-from megatron_vlm.training.step import build_optimizer, train_step, wrap_ddp
+from megatron_vlm.training.step import build_optimizer, parameters_gathered, train_step, wrap_ddp
 
 
 def load_starting_weights(chunks: list[torch.nn.Module], path: str, run: RunConfig) -> None:
@@ -168,7 +168,9 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     if training.load_weights and resume_from is None:
         load_starting_weights(chunks, training.load_weights, run)
     apply_trainable(chunks, run.trainable, seed=training.seed)
-    model = wrap_ddp(chunks, training.distributed_optimizer, training.overlap_grad_reduce)
+    model = wrap_ddp(
+        chunks, training.distributed_optimizer, training.overlap_grad_reduce, training.overlap_param_gather
+    )
     optimizer = build_optimizer(
         model,
         OptimizerConfig(
@@ -183,6 +185,8 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             bf16=run.precision.params_dtype == "bfloat16",
             params_dtype=torch_dtype(run.precision.params_dtype),
             use_distributed_optimizer=training.distributed_optimizer,
+            # The optimizer leaves the all-gather of updated shards to the next forward's hooks.
+            overlap_param_gather=training.overlap_param_gather,
         ),
     )
     scheduler = OptimizerParamScheduler(
@@ -305,7 +309,8 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
 
         if evaluator is not None and (iteration % training.eval_interval == 0 or iteration == training.train_steps):
             distributed.heartbeat(iteration, "evaluation", training.checkpoint_timeout_s)
-            losses = evaluator.run(model)
+            with parameters_gathered(model):
+                losses = evaluator.run(model)
             window_start += evaluator.seconds  # throughput and MFU count training time only
             validation = {source: result.loss for source, result in losses.items()}
             metrics.write_validation(iteration, validation)
@@ -367,19 +372,20 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         preempted = preemption.requested()
         if iteration % training.save_interval == 0 or iteration == training.train_steps or preempted:
             distributed.heartbeat(iteration, "checkpoint save", training.checkpoint_timeout_s)
-            checkpoint.save_training_checkpoint(
-                checkpoints,
-                iteration,
-                chunks,
-                optimizer,
-                scheduler,
-                feed.state_dict(),
-                run.model,
-                run.trainable,
-                training.keep_last,
-                writer,
-                on_saved=saved,
-            )
+            with parameters_gathered(model):  # the weights the step left, snapshotted before returning
+                checkpoint.save_training_checkpoint(
+                    checkpoints,
+                    iteration,
+                    chunks,
+                    optimizer,
+                    scheduler,
+                    feed.state_dict(),
+                    run.model,
+                    run.trainable,
+                    training.keep_last,
+                    writer,
+                    on_saved=saved,
+                )
             if preempted or not training.async_save:
                 writer.wait()
         if preempted:

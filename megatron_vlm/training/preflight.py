@@ -99,6 +99,11 @@ def check_batch_layout(run: RunConfig, world_size: int) -> int:
             f"checkpoint_timeout_s={run.training.checkpoint_timeout_s} is shorter than collective_timeout_s="
             f"{run.training.collective_timeout_s}: saves and evaluation would get less time than a step"
         )
+    if run.training.overlap_param_gather and not run.training.distributed_optimizer:
+        raise ValueError(
+            "overlap_param_gather=true overlaps the distributed optimizer's parameter all-gather: it needs "
+            "distributed_optimizer=true"
+        )
     if run.training.eval_interval < 0:
         raise ValueError(f"eval_interval={run.training.eval_interval} must be >= 0 (0: no evaluation)")
     if run.training.eval_samples < 1:

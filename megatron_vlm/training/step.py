@@ -12,6 +12,7 @@ data parallelism). The reported loss is the same ratio: summed losses over summe
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -28,8 +29,16 @@ from megatron_vlm.models.pipeline import pipeline_shape, run_forward_only
 
 
 def wrap_ddp(
-    chunks: Sequence[torch.nn.Module], distributed_optimizer: bool = False, overlap_grad_reduce: bool = False
+    chunks: Sequence[torch.nn.Module],
+    distributed_optimizer: bool = False,
+    overlap_grad_reduce: bool = False,
+    overlap_param_gather: bool = False,
 ) -> list[DistributedDataParallel]:
+    """``overlap_param_gather`` (distributed optimizer only): each updated parameter shard is
+    all-gathered during the next forward (DDP's pre-hooks, one bucket ahead) instead of right after
+    the optimizer step; read the weights outside a step within ``parameters_gathered``."""
+    if overlap_param_gather and not distributed_optimizer:
+        raise ValueError("training.overlap_param_gather needs training.distributed_optimizer=true")
     # Per-token loss over the global batch (module docstring). DDP reads the flag when it is built
     # (gradient scaling factor 1 instead of 1/DP), the schedules when they run: set it on every
     # chunk's TransformerConfig before wrapping.
@@ -39,6 +48,7 @@ def wrap_ddp(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=distributed_optimizer,
+        overlap_param_gather=overlap_param_gather,
     )
     wrapped = [
         DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0)
@@ -52,6 +62,22 @@ def wrap_ddp(
             [chunk.start_grad_sync for chunk in wrapped] if len(wrapped) > 1 else wrapped[0].start_grad_sync
         )
     return wrapped
+
+
+@contextlib.contextmanager
+def parameters_gathered(model: Sequence[DistributedDataParallel]) -> Iterator[None]:
+    """The model's parameters as the last optimizer step left them, on every rank, for reading them
+    outside a training step (checkpoints, evaluation). With overlapped parameter gathering a rank's
+    copy of the shards other ranks own is updated only by the next forward's pre-hooks: they are
+    all-gathered now, and the hooks stay off until the block ends (Megatron-LM's pattern)."""
+    hooked = [chunk for chunk in model if getattr(chunk, "use_forward_hook", False)]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()
 
 
 def build_optimizer(model: Sequence[DistributedDataParallel], optimizer_config: OptimizerConfig) -> MegatronOptimizer:

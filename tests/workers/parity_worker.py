@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--dp-split", action="store_true", help="each data-parallel rank takes its own micro-batches")
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--overlap-grad-reduce", action="store_true")
+    parser.add_argument("--overlap-param-gather", action="store_true")
     parser.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--large-images", action="store_true", help="also check logits on stage-2 (980 px) images")
@@ -41,7 +42,7 @@ def main() -> None:
     from megatron_vlm.models.idefics2 import build_model_chunks
     from megatron_vlm.models.lora import apply_trainable
     from megatron_vlm.models.pipeline import forward_logits
-    from megatron_vlm.training.step import build_optimizer, train_step, wrap_ddp
+    from megatron_vlm.training.step import build_optimizer, parameters_gathered, train_step, wrap_ddp
 
     config = tiny_config()
     parallel = ParallelConfig(
@@ -108,7 +109,10 @@ def main() -> None:
         apply_trainable(chunks, TrainableConfig(lora_rank=4, lora_alpha=8.0))
     frozen_before = {n: p.clone() for c in chunks for n, p in c.named_parameters() if not p.requires_grad}
     model = wrap_ddp(
-        chunks, distributed_optimizer=args.distributed_optimizer, overlap_grad_reduce=args.overlap_grad_reduce
+        chunks,
+        distributed_optimizer=args.distributed_optimizer,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
     )
     optimizer = build_optimizer(
         model,
@@ -122,9 +126,20 @@ def main() -> None:
             clip_grad=1.0,
             weight_decay=0.0,
             use_distributed_optimizer=args.distributed_optimizer,
+            overlap_param_gather=args.overlap_param_gather,
         ),
     )
     result["steps"] = [train_step(model, optimizer, micro_batches) for _ in range(args.steps)]
+    # Overlapped parameter gathering: DDP's forward pre-hooks, and an optimizer that leaves it to them.
+    result["param_gather_in_forward"] = all(c.use_forward_hook for c in model) and optimizer.config.overlap_param_gather
+    if args.overlap_param_gather:  # the last update reaches the shards this rank does not own only now
+
+        def checksum() -> float:
+            return float(sum(p.detach().double().sum() for c in chunks for p in c.parameters()))
+
+        result["checksum_after_step"] = checksum()
+        with parameters_gathered(model):
+            result["checksum_gathered"] = checksum()
     frozen_after = {n: p for c in chunks for n, p in c.named_parameters() if not p.requires_grad}
     result["frozen_parameters"] = len(frozen_before)
     result["frozen_unchanged"] = all(torch.equal(frozen_before[n], frozen_after[n]) for n in frozen_before)
