@@ -245,7 +245,9 @@ def vision_activations(model: ModelConfig, setup: TrainingSetup, images: int, pa
             + h // tp * e  # proj input
             + 2 * inner * e  # gelu input and output
         )
-        scores = _attention_scores_bytes(images, heads, patches, patches, e, kernels)
+        # Each image its own sequence through a flash-style kernel (TE's, torch's varlen / SDPA
+        # flash, the CPU flash kernel): one log-sum-exp per query and head.
+        scores = images * heads * patches * FP32
         if setup.parallel.recompute == "selective":
             scores = 0
         layer = tokens * per_token + scores
@@ -400,20 +402,9 @@ def predict_stage_memory(model: ModelConfig, setup: TrainingSetup, work: Workloa
         # Beyond the saved fp32 softmax: the output layer's logits and their masked copy (the
         # same tensor as the fp32 one when weights are fp32); in backward, their gradients.
         workspace.append(tokens * vocab * (e + (e if e != FP32 else 0)))
-    if chunks[0].vision and work.images:
-        v = model.vision
-        scores = _attention_scores_bytes(
-            work.images, v.num_heads // tp, work.patches_per_image, work.patches_per_image, e, setup.kernels
-        )
-        workspace.append(2 * scores)
-    # Unfused attention multiplies into a persistent buffer of the largest score matrix
-    # (Megatron's global memory buffer), kept between steps.
+    # Megatron's unfused attention kept a persistent buffer of the largest score matrix (its global
+    # memory buffer); every attention here is a fused kernel over packed sequences, which has none.
     buffers = 0.0
-    if setup.kernels == "local":
-        v = model.vision
-        # (The decoder's packed attention uses no such buffer.)
-        if chunks[0].vision and work.images:
-            buffers = max(buffers, work.images * v.num_heads // tp * work.patches_per_image**2 * e)
     return StageMemory(
         stage=stage,
         parameters=params,
