@@ -602,7 +602,7 @@ def test_frozen_and_lora_regimes_on_every_architecture(megatron_single_process, 
     loss = model(
         **{
             k: inputs[k]
-            for k in ("input_ids", "position_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "labels")
+            for k in ("input_ids", "position_ids", "document_ids", "pixel_values", "pixel_attention_mask", "labels")
         }
     )
     (loss * inputs["loss_mask"]).sum().backward()
