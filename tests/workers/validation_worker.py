@@ -60,7 +60,6 @@ def main() -> None:
         config.image_token_id,
         parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(),
-        sliding_window=config.text.sliding_window,
     )
     evaluator = Evaluator(loader, args.samples, "cpu")
     chunks = build_model_chunks(config, parallel, PrecisionConfig())
