@@ -94,6 +94,18 @@ class TeAttentionRules(MegatronModule):
         return out.reshape(seq, batch, -1)
 
 
+def te_decoder_attention_rules(config: object, layer_number: int) -> TeAttentionRules:
+    """The decoder's core attention under TE (``attention.te_decoder_attention``: our RoPE and cache
+    mixin over TE's ``DotProductAttention``) with TE's rules emulated by ``TeAttentionRules``."""
+    from megatron_vlm.backbones.attention import DecoderAttentionMixin
+
+    emulated = type("TeDecoderAttentionRules", (DecoderAttentionMixin, TeAttentionRules), {})(
+        config, AttnMaskType.causal
+    )
+    emulated.layer_number = layer_number
+    return emulated
+
+
 def _window(n: int, window_size: tuple[int, int]) -> torch.Tensor:
     """[n, n] allowed: key j for query i when i - left <= j <= i + right (-1: unbounded)."""
     left, right = window_size

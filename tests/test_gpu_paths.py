@@ -9,8 +9,7 @@ import inspect
 
 import pytest
 import torch
-from emulated_kernels import TeAttentionRules, varlen_attention_rules
-from megatron.core.transformer.enums import AttnMaskType
+from emulated_kernels import TeAttentionRules, te_decoder_attention_rules, varlen_attention_rules
 from parity import document_errors, hf_logits, hf_model, make_batch, megatron_inputs, packed_documents, tiny_config
 
 from megatron_vlm import backend
@@ -81,7 +80,7 @@ def test_decoder_documents_are_exact_under_transformer_engine_rules(windowed):
     emulators = []
     for layer in model.language_model.decoder.layers:
         attention = layer.self_attention
-        emulators.append(TeAttentionRules(attention.config, AttnMaskType.causal))
+        emulators.append(te_decoder_attention_rules(attention.config, layer.layer_number))
         attention.core_attention = emulators[-1]
     assert model.language_model.decoder.layers[0].self_attention.config.window_size == (7, 0)
     documents = make_batch(config)

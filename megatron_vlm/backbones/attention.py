@@ -32,9 +32,15 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 @dataclasses.dataclass
 class HostPackedSeqParams(PackedSeqParams):
     """``PackedSeqParams`` that also keep the boundaries on the host (``bounds`` = ``cu_seqlens``
-    as ints), so the local attention does not copy them back from the GPU in every layer."""
+    as ints), so the local attention does not copy them back from the GPU in every layer.
+
+    The decoder's also carry, as plain attributes (not dataclass fields: Transformer Engine reads
+    the fields it knows and nothing else), each packed token's rotary frequencies (``rotary``,
+    ``rotary_embedding``) and, while generating, the ``KVCache``."""
 
     bounds: tuple[int, ...] = ()
+    rotary = None  # [tokens, 1, 1, head_dim] float32, or None (no RoPE: the vision encoder)
+    cache = None  # KVCache while generating
 
 
 def packed_seq_params(lengths: torch.Tensor, device: torch.device | None = None) -> HostPackedSeqParams:
@@ -150,6 +156,7 @@ class PackedSequenceAttention(MegatronModule):
         **_: Any,  # cp_comm_type, pg_collection: no context parallelism here
     ) -> None:
         super().__init__(config=config)
+        self.layer_number = layer_number
         if attn_mask_type not in (AttnMaskType.no_mask, AttnMaskType.padding, AttnMaskType.causal):
             raise ValueError(f"packed sequence attention is causal or not; got attn_mask_type={attn_mask_type}")
         self.attn_mask_type = attn_mask_type
@@ -231,3 +238,161 @@ class PackedSequenceAttention(MegatronModule):
         longest = int(params.max_seqlen_q)
         attended = varlen_attn(query, key, value, cu, cu, longest, longest, **kwargs)
         return attended.reshape(query.shape[0], self.heads * self.head_dim)
+
+
+# --------------------------------------------------------------------------------------------
+# The decoder's attention: RoPE per packed token, and the key/value cache of generation
+# --------------------------------------------------------------------------------------------
+
+
+def rotary_embedding(positions: torch.Tensor, inverse_frequencies: torch.Tensor) -> torch.Tensor:
+    """Each packed token's rotary angles [tokens, 1, 1, head_dim] (float32) from its position in its
+    document, as Megatron's ``RotaryEmbedding`` computes them for positions 0..n (outer product of
+    positions and inverse frequencies, the half repeated: not interleaved). Computed from the
+    positions on the device, so no layer reads sequence boundaries back on the host, and a token
+    generated at position p gets p's angles whatever else its micro-batch holds."""
+    inverse = inverse_frequencies.to(device=positions.device, dtype=torch.float32)
+    angles = positions.to(torch.float32)[:, None] * inverse[None, :]
+    return torch.cat((angles, angles), dim=-1)[:, None, None, :]
+
+
+def apply_rotary(tensor: torch.Tensor, rotary: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
+    """RoPE on packed queries or keys [tokens, heads, head_dim] with per-token angles
+    ``rotary_embedding``: Megatron's own (unfused, or TE's fused kernel with ``apply_rope_fusion``)
+    on the packed tokens laid out as one [tokens, 1, heads, head_dim] sequence."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(tensor[:, None], rotary, config=config)[:, 0]
+
+
+class KVCache:
+    """Keys and values of the sequences being generated, per decoder layer, so that the prompt is
+    processed once and each new token costs one token's forward.
+
+    Rows are the batch's sequences; a token's place in the cache is (its row, its position in its
+    row's sequence). The generator ``begin``s each forward (prompt or one new token per row, and
+    the longest row it reaches); the model ``place``s its real packed tokens (from its layout);
+    every decoder layer's core attention then ``store``s their keys and values (after RoPE, grouped
+    heads as computed) and, when ``decoding``, attends its queries to its row's cached keys up to
+    its own position (and within the sliding window) instead of to the packed sequence. The
+    prompt's forward (prefill) attends as in training, over the packed prompts. Gated
+    cross-attention blocks keep their image keys and values here too (``cross``), computed once.
+    """
+
+    def __init__(self, rows: int, capacity: int) -> None:
+        self.rows = rows
+        self.capacity = capacity  # positions per row: the longest prompt + the new tokens
+        self.keys: dict[int, torch.Tensor] = {}  # decoder layer number -> [rows, capacity, groups, d]
+        self.values: dict[int, torch.Tensor] = {}
+        self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # gated block -> (keys, values)
+        self.state: dict[str, Any] = {}  # what a model keeps per sequence (cross-attention: images)
+        self.decoding = False
+        self._rows: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self._span = 0
+
+    def begin(self, decoding: bool, span: int) -> None:
+        """The next forward: the prompts (``decoding`` False) or one new token per row; ``span`` =
+        the largest position it holds + 1 (the generator knows it on the host: no device sync)."""
+        if span > self.capacity:
+            raise ValueError(f"position {span - 1} exceeds the cache's capacity of {self.capacity} tokens per row")
+        self.decoding, self._span = decoding, span
+
+    def place(self, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """This forward's real packed tokens: their rows and positions (device tensors, in packed order)."""
+        self._rows, self._positions = rows, positions
+
+    @property
+    def tokens(self) -> int:
+        return 0 if self._rows is None else self._rows.numel()
+
+    def store(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write this forward's keys and values [packed tokens, groups, d] of one layer (filler dropped)."""
+        count = self.tokens
+        if layer not in self.keys:
+            shape = (self.rows, self.capacity, *key.shape[1:])
+            self.keys[layer] = key.new_zeros(shape)
+            self.values[layer] = value.new_zeros(shape)
+        index = (self._rows, self._positions)
+        self.keys[layer].index_put_(index, key[:count])
+        self.values[layer].index_put_(index, value[:count])
+
+    def attend(self, layer: int, query: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+        """Queries [packed tokens, heads, d] of one layer attend their rows' cached keys at or before
+        their positions (and at most ``window`` before) -> [packed tokens, heads * d] (filler zero)."""
+        count, heads, dim = self.tokens, query.shape[1], query.shape[2]
+        keys = self.keys[layer][self._rows, : self._span]  # [count, span, groups, d]
+        values = self.values[layer][self._rows, : self._span]
+        groups = keys.shape[2]
+        if groups != heads:
+            keys = keys.repeat_interleave(heads // groups, dim=2)
+            values = values.repeat_interleave(heads // groups, dim=2)
+        key_position = torch.arange(self._span, device=query.device)
+        behind = self._positions[:, None] - key_position[None, :]
+        allowed = behind >= 0
+        if window is not None:
+            allowed &= behind <= window
+        attended = F.scaled_dot_product_attention(
+            query[:count, :, None],  # [count, heads, 1, d]
+            keys.transpose(1, 2),  # [count, heads, span, d]
+            values.transpose(1, 2),
+            attn_mask=allowed[:, None, None, :],
+            scale=scale,
+        )
+        out = query.new_zeros(query.shape[0], heads * dim)
+        out[:count] = attended.reshape(count, heads * dim)
+        return out
+
+
+class DecoderAttentionMixin:
+    """What the decoder's core attention adds to a packed-sequence attention (ours, or Transformer
+    Engine's): RoPE from each packed token's angles (``HostPackedSeqParams.rotary``; the decoder's
+    GPTModel has no rotary embedding of its own, see ``backbones/mistral.py``), and, while
+    generating, the ``KVCache``."""
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        config = self.config  # type: ignore[attr-defined]
+        rotary = getattr(packed_seq_params, "rotary", None)
+        if rotary is not None:
+            query, key = apply_rotary(query, rotary, config), apply_rotary(key, rotary, config)
+        cache = getattr(packed_seq_params, "cache", None)
+        if cache is not None:
+            layer = self.layer_number  # type: ignore[attr-defined]
+            cache.store(layer, key, value)
+            if cache.decoding:
+                scale = getattr(self, "softmax_scale", None) or 1.0 / math.sqrt(config.kv_channels)
+                window = None if config.window_size is None else config.window_size[0]
+                return cache.attend(layer, query, scale, window)
+        return super().forward(  # type: ignore[misc]
+            query,
+            key,
+            value,
+            attention_mask,
+            attn_mask_type=attn_mask_type,
+            attention_bias=attention_bias,
+            packed_seq_params=packed_seq_params,
+            **kwargs,
+        )
+
+
+class DecoderAttention(DecoderAttentionMixin, PackedSequenceAttention):
+    """The decoder's core attention on Megatron-Core's local spec."""
+
+
+@functools.cache
+def te_decoder_attention() -> type:
+    """The decoder's core attention on Transformer Engine's spec (TE's ``DotProductAttention`` with
+    RoPE and the cache); built on first use, where TE imports."""
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    return type("TEDecoderAttention", (DecoderAttentionMixin, TEDotProductAttention), {})

@@ -3,8 +3,8 @@ sliding window, with RoPE scaling as Llama configs carry it (``linear``: Llama-2
 fine-tunes; ``llama3``: Llama 3.1+).
 
 Megatron-Core's own Llama-3 scaling hard-codes three of its four parameters, so the rotary
-frequencies are computed here from the config (transformers' rules, ``modeling_rope_utils``) and
-set on the model's rotary embedding before its first forward.
+frequencies are computed here from the config (transformers' rules, ``modeling_rope_utils``): the
+decoder's attention applies RoPE from them (``inverse_frequencies``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import math
 from typing import Any
 
 import torch
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vlm.backbones.base import register
@@ -50,10 +49,9 @@ def rope_scaling_problem(scaling: dict[str, Any] | None) -> str | None:
     return None
 
 
-def inverse_frequencies(t: TextConfig, device: torch.device | None = None) -> torch.Tensor:
-    """RoPE inverse frequencies [head_dim / 2] of this decoder, scaled as its config says."""
-    dim = t.head_dim
-    inv_freq = 1.0 / (t.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+def scaled_inverse_frequencies(t: TextConfig, inv_freq: torch.Tensor) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim / 2] (the default ones, ``inv_freq``) scaled as the
+    decoder's config says."""
     scaling = dict(t.rope_scaling or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
@@ -90,12 +88,8 @@ class LlamaRecipe(MistralRecipe):
         if problem:
             raise ValueError(f"text.rope_scaling: {problem}")
 
-    def build(self, model: ModelConfig, config: TransformerConfig, *args: Any, **kwargs: Any) -> GPTModel:
-        gpt = super().build(model, config, *args, **kwargs)
-        if model.text.rope_scaling and hasattr(gpt, "rotary_pos_emb"):
-            rotary = gpt.rotary_pos_emb
-            rotary.inv_freq = inverse_frequencies(model.text, rotary.inv_freq.device).to(rotary.inv_freq.dtype)
-        return gpt
+    def inverse_frequencies(self, t: TextConfig) -> torch.Tensor:
+        return scaled_inverse_frequencies(t, super().inverse_frequencies(t))
 
     # -- HF configs ------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vlm.backbones import common
-from megatron_vlm.backbones.attention import PackedSequenceAttention
+from megatron_vlm.backbones.attention import DecoderAttention, te_decoder_attention
 from megatron_vlm.backbones.base import ParameterCount, register
 from megatron_vlm.backbones.mapping import Attention, Fuse, Mapping, Split, layer_rows
 from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig, TextConfig
@@ -73,10 +73,12 @@ class MistralRecipe:
         The decoder runs each micro-batch as packed documents (THD, ``attention.DocumentLayout``),
         each its own causal sequence: TE attends within ``cu_seqlens`` (Megatron turns ``causal``
         into TE's ``padding_causal`` for THD) with the sliding window as ``window_size``; the local
-        spec uses ``PackedSequenceAttention`` (Megatron's local core attention refuses THD)."""
+        spec uses ``PackedSequenceAttention`` (Megatron's local core attention refuses THD). Either
+        applies RoPE itself, from each packed token's position (``attention.DecoderAttentionMixin``),
+        and serves generation's key/value cache."""
         spec = common.te_layer_spec() if use_te else common.local_layer_spec(config)
-        if not use_te:
-            spec.submodules.self_attention.submodules.core_attention = PackedSequenceAttention
+        core = te_decoder_attention() if use_te else DecoderAttention
+        spec.submodules.self_attention.submodules.core_attention = core
         spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.causal}
         if use_te:
             from megatron.core.extensions.transformer_engine import TENorm
@@ -114,12 +116,20 @@ class MistralRecipe:
             post_process=post_process,
             parallel_output=True,
             share_embeddings_and_output_weights=False,
-            position_embedding_type="rope",
-            rotary_base=int(model.text.rope_theta),
+            # RoPE is applied per packed token by the core attention (DecoderAttentionMixin), from
+            # the positions and ``inverse_frequencies``: Megatron's own RoPE over packed sequences
+            # restarts at 0 in each and reads their boundaries on the host in every layer.
+            position_embedding_type="none",
             # Images are spliced into the whole sequence, then it is split (models/idefics2.py).
             scatter_embedding_sequence_parallel=False,
             vp_stage=vp_stage,
         )
+
+    def inverse_frequencies(self, t: TextConfig) -> torch.Tensor:
+        """RoPE inverse frequencies [head_dim / 2] (float32): theta^(-2i/d), as Megatron's and
+        transformers' default RoPE."""
+        dim = t.head_dim
+        return 1.0 / (t.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
     # -- HF configs ------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
 from megatron_vlm.backbones import ParameterCount, recipes_of
+from megatron_vlm.backbones.attention import DocumentLayout, KVCache
 from megatron_vlm.backbones.perceiver import RMSNorm, swiglu_mlp
 from megatron_vlm.config import CrossAttentionConfig, ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_vlm.data.batch import attended_images
@@ -102,15 +103,30 @@ class GatedCrossAttention(MegatronModule):
         tokens, batch, _ = projected.shape  # -> [b, heads, tokens, head_dim]
         return projected.view(tokens, batch, self.heads, self.head_dim).permute(1, 2, 0, 3)
 
-    def forward(self, hidden: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        context: torch.Tensor | None,
+        context_mask: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         """hidden [s, b, h], context [c, b, >= vision width], context_mask [b, 1, s, c] True where
-        not allowed -> [s, b, h]."""
+        not allowed -> [s, b, h]. Generating, the image keys and values are computed from the
+        prompt's context once and kept in ``cache`` (under this block's decoder ``layer``)."""
         query = self._heads(self.linear_q(self.input_norm(hidden))[0])
-        image = context[..., : self.vision_width]
-        key = self._heads(self.linear_k(image)[0])
-        value = self._heads(self.linear_v(image)[0])
         if self.q_norm is not None:
-            query, key = self.q_norm(query), self.k_norm(key)
+            query = self.q_norm(query)
+        if cache is not None and cache.decoding:
+            key, value = cache.cross[layer]
+        else:
+            image = context[..., : self.vision_width]
+            key = self._heads(self.linear_k(image)[0])
+            value = self._heads(self.linear_v(image)[0])
+            if self.k_norm is not None:
+                key = self.k_norm(key)
+            if cache is not None:
+                cache.cross[layer] = (key, value)
         # A token attending no image would have no key at all (NaN): it attends every key, and its
         # output is zeroed below, as transformers' cross_attention_gate.
         no_image = context_mask.all(dim=-1, keepdim=True)
@@ -173,9 +189,13 @@ class CrossAttentionTransformerLayer(TransformerLayer):
         context = kwargs.pop("context", None)
         context_mask = kwargs.pop("context_mask", None)
         if self.gated_cross_attention is not None:
-            if context is None or context_mask is None:
+            cache = getattr(kwargs.get("packed_seq_params"), "cache", None)
+            decoding = cache is not None and cache.decoding  # the image keys and values are cached
+            if (context is None and not decoding) or context_mask is None:
                 raise ValueError(f"decoder layer {self.layer_number - 1} has cross-attention but got no image context")
-            kwargs["hidden_states"] = self.gated_cross_attention(kwargs["hidden_states"], context, context_mask)
+            kwargs["hidden_states"] = self.gated_cross_attention(
+                kwargs["hidden_states"], context, context_mask, cache, self.layer_number
+            )
         output, _ = super().forward(*args, **kwargs)
         return output, context
 
@@ -337,42 +357,57 @@ class CrossAttentionModel(Idefics2Model):
         pixel_values: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """As ``Idefics2Model.forward``; the text holds one ``<image>`` token per image. Non-last
-        stages return [t + c, 1, h]: packed hidden states, then the image context."""
-        layout = self.layout(document_ids)
-        image_token = self.model_config.image_token_id
-        is_image = input_ids == image_token
-        images_per_row = is_image.sum(dim=1)
-        most = self.model_config.cross_attention.max_images_per_row
-        if int(images_per_row.max()) > most:
-            raise ValueError(
-                f"a row holds {int(images_per_row.max())} images, above cross_attention.max_images_per_row={most}"
-            )
-        slots = most if self.pipelined else max(1, int(images_per_row.max()))
+        stages return [t + c, 1, h]: packed hidden states, then the image context.
+
+        Generating (``cache``): the prompt's forward keeps each gated block's image keys and values
+        and each row's latest image in the cache; a new token's forward attends them (the latest
+        image of its row's prompt, as transformers extends the image attention mask), so the image
+        context is neither recomputed nor sent between stages then."""
+        layout = self.decoder_layout(document_ids, position_ids, cache)
+        decoding = cache is not None and cache.decoding
         rows = input_ids.shape[0]
-        attended = attended_images(input_ids, document_ids, image_token)
+        if decoding:
+            slots, row_image = cache.state["slots"], cache.state["row_image"]
+            attended = row_image[:, None].expand_as(input_ids)
+        else:
+            image_token = self.model_config.image_token_id
+            images_per_row = (input_ids == image_token).sum(dim=1)
+            most = self.model_config.cross_attention.max_images_per_row
+            if int(images_per_row.max()) > most:
+                raise ValueError(
+                    f"a row holds {int(images_per_row.max())} images, above cross_attention.max_images_per_row={most}"
+                )
+            slots = most if self.pipelined else max(1, int(images_per_row.max()))
+            attended = attended_images(input_ids, document_ids, image_token)
+            if cache is not None:  # what each row's next tokens attend: its prompt's last token's image
+                last = (document_ids >= 0).sum(dim=1) - 1
+                cache.state.update(slots=slots, row_image=attended[torch.arange(rows), last])
         row = torch.arange(rows, device=input_ids.device)[:, None]
         # Each packed token's image among all the context's (-1: none; the filler attends none).
         token_image = layout.pack(torch.where(attended >= 0, row * slots + attended + 1, 0)) - 1
         key_image = torch.arange(rows * slots * self.image_tokens, device=input_ids.device) // self.image_tokens
         context_mask = (key_image[None, :] != token_image[:, None])[None, None]  # [1, 1, t, c]
-        decoder_input = None
+        decoder_input, context = None, None
         if self.pre_process:
             embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
-            context = self.image_context(pixel_values, pixel_attention_mask, images_per_row, slots, embeddings)
-            if self.pipelined:
-                context = self._transport(context)
+            if not decoding:
+                context = self.image_context(pixel_values, pixel_attention_mask, images_per_row, slots, embeddings)
+                if self.pipelined:
+                    context = self._transport(context)
             decoder_input = self.pack(layout, embeddings)
         else:
             received = self.input_tensor
-            if received.shape[0] != layout.total + key_image.numel():
+            expected = layout.total + (0 if decoding else key_image.numel())
+            if received.shape[0] != expected:
                 raise ValueError(
                     f"received {received.shape[0]} positions from the previous stage; expected {layout.total} packed "
-                    f"tokens + {key_image.numel()} image tokens"
+                    f"tokens + {expected - layout.total} image tokens"
                 )
             self.language_model.set_input_tensor(received[: layout.total])
-            context = received[layout.total :]
+            context = None if decoding else received[layout.total :]
         output = self.language_model(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -382,5 +417,13 @@ class CrossAttentionModel(Idefics2Model):
             extra_block_kwargs={"context": context, "context_mask": context_mask},
         )
         if not self.post_process:
-            return torch.cat([output, context], dim=0)
+            return output if decoding else torch.cat([output, context], dim=0)
         return self.finish(layout, output, labels)
+
+    def stage_tokens(self, layout: DocumentLayout, cache: KVCache | None = None) -> int:
+        """Positions in the tensor this chunk sends to the next pipeline stage: the packed tokens,
+        then (except while decoding with a cache) every row's image context slots."""
+        if cache is not None and cache.decoding:
+            return layout.total
+        slots = self.model_config.cross_attention.max_images_per_row
+        return layout.total + layout.shape[0] * slots * self.image_tokens

@@ -25,7 +25,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_vlm import backend
 from megatron_vlm.backbones import common, recipes_of
-from megatron_vlm.backbones.attention import DocumentLayout
+from megatron_vlm.backbones.attention import DocumentLayout, KVCache, rotary_embedding
 from megatron_vlm.backbones.common import torch_dtype, use_transformer_engine
 from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_vlm.models.fp8 import use_torch_fp8
@@ -61,6 +61,8 @@ class Idefics2Model(MegatronModule):
             self.vision = vision.build(model_config.vision, parallel, precision, initialize_weights, use_te)
             self.connector = connector.build(model_config, parallel, precision, initialize_weights)
         self.language_model = self.build_language_model(language_config, use_te, vp_stage)
+        # RoPE's inverse frequencies (a plain tensor, not a buffer: ``.to(dtype)`` must not round them).
+        self.inverse_frequencies = text.inverse_frequencies(model_config.text)
         self.token_multiple = decoder_token_multiple(language_config)
         # The pipeline sends each micro-batch's own shape, except between virtual stages (see the
         # text recipe's variable_seq_lengths): there the packed length is fixed.
@@ -69,6 +71,27 @@ class Idefics2Model(MegatronModule):
     def layout(self, document_ids: torch.Tensor) -> DocumentLayout:
         """How this micro-batch's tokens are packed for the decoder."""
         return DocumentLayout.of(document_ids, self.token_multiple, fixed=self.fixed_length)
+
+    def decoder_layout(
+        self, document_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None = None
+    ) -> DocumentLayout:
+        """``layout`` with what the decoder's attention reads from it: each packed token's RoPE
+        angles (from its position in its document) and, while generating, the cache with this
+        forward's tokens placed (row, position)."""
+        layout = self.layout(document_ids)
+        positions = layout.pack(position_ids)
+        layout.params.rotary = rotary_embedding(positions, self.inverse_frequencies)
+        if cache is not None:
+            rows = torch.div(layout.index, layout.shape[1], rounding_mode="floor")
+            cache.place(rows, positions[: layout.real_tokens])
+            layout.params.cache = cache
+        return layout
+
+    def stage_tokens(self, layout: DocumentLayout, cache: KVCache | None = None) -> int:
+        """Positions in the tensor this chunk sends to the next pipeline stage for a micro-batch of
+        this layout: its packed tokens (this rank's share under sequence parallelism)."""
+        split = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
+        return layout.total // split
 
     def pipeline_shape(self, micro_batch_size: int, seq_length: int) -> tuple[int, int]:
         """(seq_length, micro_batch_size) of the tensors the pipeline schedule sends between stages
@@ -128,15 +151,17 @@ class Idefics2Model(MegatronModule):
         pixel_values: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """input_ids [b, s]; document_ids [b, s] (-1 padding; ``data.batch``); pixel_values
-        [images, C, H, W] padded with pixel_attention_mask [images, H, W].
+        [images, C, H, W] padded with pixel_attention_mask [images, H, W]; ``cache`` while
+        generating (``inference/generate.py``).
 
         Returns per-token loss [b, s] when labels are given on the last stage, the
         tensor-parallel logits shard [b, s, V/tp] otherwise (zeros at padding), and the packed
         hidden states [tokens, 1, h] on other stages.
         """
-        layout = self.layout(document_ids)
+        layout = self.decoder_layout(document_ids, position_ids, cache)
         decoder_input = None
         if self.pre_process:
             embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
