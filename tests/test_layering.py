@@ -17,7 +17,9 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"distributed"}),
     frozenset({"backbones", "data"}),
     frozenset({"models"}),
+    frozenset({"inference"}),
     frozenset({"perf"}),
+    frozenset({"evaluation"}),
     frozenset({"training", "conversion"}),
     frozenset({"train"}),
 )

@@ -28,14 +28,7 @@ from megatron_vlm.backbones import recipes_of
 from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig, load_model_preset
 from megatron_vlm.conversion.families import family, family_of
 from megatron_vlm.conversion.mapping import load_hf_weights
-from megatron_vlm.data.batch import (
-    Batch,
-    forward_inputs,
-    make_batch,
-    megatron_inputs,
-    micro_batch,
-    one_document_per_row,
-)
+from megatron_vlm.data.batch import Batch, make_batch, megatron_inputs
 from megatron_vlm.models.idefics2 import build_model_chunks, gather_logits
 
 # Both models compute in float32 on the same weights (the checkpoint's, in its dtype), so what is
@@ -124,32 +117,16 @@ def processor_inputs(
     """Tokenise the prompts and process the photos as the family's transformers processor does;
     returns (HF inputs, Megatron inputs) for the same batch."""
     from megatron_vlm.data.tokens import load_tokenizer
+    from megatron_vlm.inference.prompts import prompt_encoder
 
     tokenizer = load_tokenizer(tokenizer_dir, name=recipes_of(config)[2].tokenizer)
-    tokenizer.padding_side = "right"
-    processor = family_of(config).processor(config, tokenizer, do_image_splitting=False)
+    encoder = prompt_encoder(config, tokenizer, do_image_splitting=False)
     photos = list(photos)
     images, texts = [], []
     for index, (text, count) in enumerate(PROMPTS):
         images.append([photos[(index + k) % len(photos)] for k in range(count)])
         texts.append(text)
-    own = getattr(family_of(config), "processor_inputs", None)
-    if own is not None:  # a processor with its own prompt format (Idefics1: images inline in the text)
-        return own(config, processor, texts, images)
-    hf = dict(processor(text=texts, images=images, padding=True, return_tensors="pt"))
-    if int((hf["input_ids"] == config.image_token_id).sum()) == 0:
-        raise ValueError("the tokenizer's <image> id does not match the model's image_token_id")
-    flat_pixels = hf["pixel_values"].flatten(0, 1)
-    flat_mask = hf["pixel_attention_mask"].flatten(0, 1).bool()
-    real = flat_mask.flatten(1).any(-1)
-    megatron = micro_batch(
-        hf["input_ids"],
-        one_document_per_row(hf["attention_mask"]),
-        flat_pixels[real],
-        flat_mask[real],
-        config.image_token_id,
-    )
-    return hf, forward_inputs(megatron)
+    return encoder.encode(texts, images)
 
 
 def verify_checkpoints(

@@ -286,53 +286,11 @@ class Idefics1Family:
             image_attention_mask=image_attention_mask,
         )
 
-    def processor_inputs(
-        self, config: ModelConfig, processor: Any, texts: list[str], images: list[list[Any]]
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Prompts with ``<image>`` where each image goes, through IdeficsProcessor (which takes
-        text and images interleaved in one list per prompt) -> (HF inputs, Megatron inputs)."""
-        from megatron_vlm.data.batch import forward_inputs, micro_batch, one_document_per_row
-
-        prompts = []
-        for text, row_images in zip(texts, images, strict=True):
-            pieces = text.split("<image>")
-            if len(pieces) != len(row_images) + 1:
-                raise ValueError(f"prompt {text!r} has {len(pieces) - 1} <image> for {len(row_images)} images")
-            prompt: list[Any] = [pieces[0]] if pieces[0].strip() else []
-            for image, piece in zip(row_images, pieces[1:], strict=True):
-                prompt += [image, piece] if piece.strip() else [image]
-            prompts.append(prompt)
-        hf = dict(processor(text=prompts, padding=True, return_tensors="pt"))
-        is_image = hf["input_ids"] == config.image_token_id
-        counts = is_image.sum(dim=1)
-        if int(counts.sum()) != sum(len(row) for row in images):
-            raise ValueError("the tokenizer's <image> id does not match the model's image_token_id")
-        slots = torch.arange(hf["pixel_values"].shape[1])[None, :] < counts[:, None]  # real images first
-        pixels = hf["pixel_values"][slots]
-        mask = torch.ones(pixels.shape[0], *pixels.shape[-2:], dtype=torch.bool)
-        megatron = micro_batch(
-            hf["input_ids"], one_document_per_row(hf["attention_mask"]), pixels, mask, config.image_token_id
-        )
-        return hf, forward_inputs(megatron)
-
     def processor(self, config: ModelConfig, tokenizer: Any, do_image_splitting: bool = True) -> Any:
-        """transformers' IdeficsProcessor (images resized to the vision tower's square)."""
-        from transformers import IdeficsImageProcessor, IdeficsProcessor
+        """transformers' IdeficsProcessor for this model (``data.prompts``)."""
+        from megatron_vlm.inference.prompts import prompt_encoder
 
-        tokens = ["<fake_token_around_image>", "<image>"]
-        if any(token not in tokenizer.get_vocab() for token in tokens):  # as Idefics1's tokenizer was made
-            tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
-        ids = tokenizer.convert_tokens_to_ids(tokens)
-        expected = [config.fake_image_token_id, config.image_token_id]
-        if ids != expected:
-            raise ValueError(
-                f"the tokenizer gives {dict(zip(tokens, ids, strict=True))} but the model's ids are "
-                f"{dict(zip(tokens, expected, strict=True))}: export with the model's own tokenizer"
-            )
-        image_processor = IdeficsImageProcessor(image_size=config.vision.image_size)
-        return IdeficsProcessor(
-            image_processor=image_processor, tokenizer=tokenizer, image_size=config.vision.image_size
-        )
+        return prompt_encoder(config, tokenizer, do_image_splitting).processor
 
 
 FAMILY = register_family(Idefics1Family())

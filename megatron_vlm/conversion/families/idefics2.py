@@ -123,18 +123,10 @@ class Idefics2Family:
         )
 
     def processor(self, config: ModelConfig, tokenizer: Any, do_image_splitting: bool = True) -> Any:
-        """transformers' Idefics2Processor for this model (image sizes from the vision config)."""
-        from transformers import Idefics2ImageProcessor, Idefics2Processor
+        """transformers' processor for this model, as the export writes it (``data.prompts``)."""
+        from megatron_vlm.inference.prompts import prompt_encoder
 
-        longest = min(config.vision.image_size, 980)
-        image_processor = Idefics2ImageProcessor(
-            size={"longest_edge": longest, "shortest_edge": min(378, longest)}, do_image_splitting=do_image_splitting
-        )
-        return Idefics2Processor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            image_seq_len=recipes_of(config)[1].tokens_per_image(config),
-        )
+        return prompt_encoder(config, tokenizer, do_image_splitting).processor
 
 
 FAMILY = register_family(Idefics2Family())

@@ -96,22 +96,10 @@ class Idefics3Family(Idefics2Family):
         )
 
     def processor(self, config: ModelConfig, tokenizer: Any, do_image_splitting: bool = True) -> Any:
-        """transformers' Idefics3Processor for this model: images resized to at most 4 x image_size
-        on their longest edge, then split into (and/or squared to) image_size tiles, each of
-        ``image_seq_len`` image tokens (Idefics3-8B: 364 px, 169 tokens)."""
-        from transformers import Idefics3ImageProcessor, Idefics3Processor
+        """transformers' processor for this model, as the export writes it (``data.prompts``)."""
+        from megatron_vlm.inference.prompts import prompt_encoder
 
-        side = config.vision.image_size
-        image_processor = Idefics3ImageProcessor(
-            size={"longest_edge": 4 * side},
-            max_image_size={"longest_edge": side},
-            do_image_splitting=do_image_splitting,
-        )
-        return Idefics3Processor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            image_seq_len=recipes_of(config)[1].tokens_per_image(config),
-        )
+        return prompt_encoder(config, tokenizer, do_image_splitting).processor
 
 
 FAMILY = register_family(Idefics3Family())
