@@ -91,19 +91,17 @@ def test_training_starts_from_converted_weights_with_adapters_merged(megatron_si
 
     from parity import hf_model, tiny_config
 
-    from megatron_vlm.config import ParallelConfig, PrecisionConfig, RunConfig
+    from megatron_vlm.config import ParallelConfig, PrecisionConfig
     from megatron_vlm.conversion import convert
-    from megatron_vlm.models.checkpoint_io import save_model
+    from megatron_vlm.models.checkpoint_io import load_weights, save_model
     from megatron_vlm.models.idefics2 import build_model_chunks
-    from megatron_vlm.training.loop import load_starting_weights
 
     config = dataclasses.replace(tiny_config(), make_vocab_size_divisible_by=128)  # what HF configs imply
     hf = hf_model(config, seed=3)
     hf.save_pretrained(tmp_path / "hf")
     convert.hf_to_megatron(tmp_path / "hf", tmp_path / "converted", ParallelConfig())
-    run = RunConfig(model=config)
     (fresh,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
-    load_starting_weights([fresh], str(tmp_path / "converted"), run)
+    load_weights([fresh], str(tmp_path / "converted"), config)
     reference = megatron_model(config, hf)
     reference_state = reference.state_dict()
     for name, tensor in fresh.state_dict().items():
@@ -120,6 +118,6 @@ def test_training_starts_from_converted_weights_with_adapters_merged(megatron_si
     adapted = megatron_logits(reference, batch)
     save_model([reference], tmp_path / "stage1", config, trainable)
     (next_stage,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
-    load_starting_weights([next_stage], str(tmp_path / "stage1"), run)
+    load_weights([next_stage], str(tmp_path / "stage1"), config)
     assert not adapters(next_stage)
     assert (megatron_logits(next_stage.eval(), batch) - adapted).abs().max() <= 1e-5

@@ -183,3 +183,20 @@ def load_model(
         for index, chunk in enumerate(chunks):
             chunk.load_state_dict(state[f"chunk{index}"], strict=True)
     return metadata
+
+
+def load_weights(chunks: Sequence[torch.nn.Module], directory: str | Path, model_config: ModelConfig) -> dict[str, Any]:
+    """Collective: the weights of a converted or trained checkpoint from elsewhere (the trainer's start
+    weights, generation, evaluation), at any layout. Its pickles are checked before any library reads
+    them (``safe_load``); LoRA adapters it was saved with are loaded and folded into their base
+    weights. Returns its metadata."""
+    from megatron_vlm.models.lora import apply_trainable, merge_lora
+    from megatron_vlm.models.safe_load import check_library_pickles
+
+    check_library_pickles(directory)
+    saved = trainable_config_of(read_metadata(directory))
+    if saved.lora_rank:
+        apply_trainable(chunks, saved)
+    metadata = load_model(chunks, directory, model_config, saved)
+    merge_lora(chunks)
+    return metadata

@@ -28,10 +28,6 @@ What remains: the library re-reads ``.metadata`` after our check, so a file swap
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import importlib
-import io
 import json
 import os
 import pickle
@@ -40,17 +36,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from megatron_vlm.models.safe_load import (  # noqa: F401  (re-exported: the pickle rules live with the loaders)
+    CheckpointDamaged,
+    RestrictedUnpickler,
+    UnsafePickle,
+    check_dcp_metadata,
+    check_library_pickles,
+    check_torch_pickle,
+)
+
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 _BLOCK = 8 << 20
-
-
-class CheckpointDamaged(RuntimeError):
-    """A checkpoint whose files do not match its manifest."""
-
-
-class UnsafePickle(RuntimeError):
-    """A pickle in a checkpoint that names code outside the allow-list."""
 
 
 def crc32_of(path: Path) -> int:
@@ -121,67 +118,6 @@ def check_files(directory: Path, manifest: dict[str, dict[str, int]], names: Seq
 
 def unlisted_files(directory: Path, manifest: dict[str, dict[str, int]]) -> list[str]:
     return [f"{name}: not in the manifest" for name in checkpoint_files(directory) if name not in manifest]
-
-
-# --- pickles -------------------------------------------------------------------------------------
-
-_DCP_PREFIX = "torch.distributed.checkpoint."
-_ALLOWED_BUILTINS = {
-    ("builtins", name) for name in ("set", "frozenset", "slice", "complex", "bytearray", "range", "tuple", "list")
-} | {("collections", "OrderedDict"), ("collections", "defaultdict"), ("torch", "Size")}
-_ALLOWED_FUNCTIONS = {("torch.serialization", "_get_layout")}  # returns a layout by name
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the types a torch DCP ``.metadata`` holds; anything else is refused, unresolved."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_BUILTINS | _ALLOWED_FUNCTIONS:
-            return super().find_class(module, name)
-        if module == "torch" or module.startswith(_DCP_PREFIX):
-            obj = getattr(importlib.import_module(module), name, None)
-            import torch
-
-            if isinstance(obj, torch.dtype | torch.layout | torch.memory_format):
-                return obj
-            if (
-                module.startswith(_DCP_PREFIX)
-                and isinstance(obj, type)
-                and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))
-            ):
-                return obj
-        raise UnsafePickle(f"names {module}.{name}, which a checkpoint's metadata never holds")
-
-
-def check_dcp_metadata(path: Path) -> None:
-    """Unpickle a DCP ``.metadata`` with :class:`RestrictedUnpickler`; raises naming the file if unsafe."""
-    try:
-        RestrictedUnpickler(io.BytesIO(path.read_bytes())).load()
-    except UnsafePickle as error:
-        raise UnsafePickle(f"{path} {error}: refused (it would run code when loaded)") from None
-    except Exception as error:  # noqa: BLE001 - any other failure: damaged, name it
-        raise CheckpointDamaged(f"{path} is not a readable checkpoint metadata pickle: {error}") from None
-
-
-def check_torch_pickle(path: Path) -> None:
-    """A torch-saved file (``common.pt``) must pickle no globals beyond torch's weights_only set."""
-    import torch
-
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception as error:  # noqa: BLE001 - not a torch zip file
-        raise CheckpointDamaged(f"{path} is not a readable torch file: {error}") from None
-    if unsafe:
-        raise UnsafePickle(f"{path} names {', '.join(unsafe)}: refused (it would run code when loaded)")
-
-
-def check_library_pickles(directory: str | Path) -> None:
-    """Every pickle a library will read from a checkpoint directory, checked before it does."""
-    directory = Path(directory)
-    for path in sorted(directory.rglob(".metadata")):
-        check_dcp_metadata(path)
-    for path in sorted(directory.rglob("common.pt")):
-        check_torch_pickle(path)
 
 
 def numpy_safe_globals() -> list[Any]:

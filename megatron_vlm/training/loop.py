@@ -22,9 +22,9 @@ from megatron_vlm.backbones.common import torch_dtype
 from megatron_vlm.config import RunConfig, to_dict
 from megatron_vlm.data.loader import MultimodalLoader, load_data_config
 from megatron_vlm.data.tokens import image_token_ids, load_tokenizer
-from megatron_vlm.models.checkpoint_io import load_model, read_metadata, trainable_config_of
+from megatron_vlm.models.checkpoint_io import load_weights
 from megatron_vlm.models.idefics2 import build_model_chunks
-from megatron_vlm.models.lora import apply_trainable, merge_lora
+from megatron_vlm.models.lora import apply_trainable
 from megatron_vlm.perf.flops import measured_matmul_tflops
 from megatron_vlm.perf.memory import TrainingMemoryMeter
 from megatron_vlm.training import checkpoint, preflight, run_lock
@@ -35,16 +35,6 @@ from megatron_vlm.training.metrics import Metrics, log_line, logger, validation_
 from megatron_vlm.training.preemption import PreemptionHandler
 from megatron_vlm.training.results import RunResults
 from megatron_vlm.training.step import build_optimizer, parameters_gathered, train_step, wrap_ddp
-
-
-def load_starting_weights(chunks: list[torch.nn.Module], path: str, run: RunConfig) -> None:
-    """Weights of a converted or earlier checkpoint; its LoRA adapters are merged on load."""
-    checkpoint.check_library_pickles(path)  # refuse pickles that would run code before the library reads them
-    saved = trainable_config_of(read_metadata(path))
-    if saved.lora_rank:
-        apply_trainable(chunks, saved)
-    load_model(chunks, path, run.model, saved)
-    merge_lora(chunks)
 
 
 def _placement(tensors: Any) -> str:
@@ -166,7 +156,7 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         logger.info("building the model")
     chunks = build_model_chunks(run.model, run.parallel, run.precision)
     if training.load_weights and resume_from is None:
-        load_starting_weights(chunks, training.load_weights, run)
+        load_weights(chunks, training.load_weights, run.model)  # its LoRA adapters merged
     apply_trainable(chunks, run.trainable, seed=training.seed)
     model = wrap_ddp(
         chunks, training.distributed_optimizer, training.overlap_grad_reduce, training.overlap_param_gather
