@@ -36,6 +36,8 @@ setup(
             "mpi4py>=3.1",  # its ranks agree on a rendezvous through mpi4py
             "pypdfium2>=4",  # renders PDF pages in preprocessing (Apache-2.0 / BSD-3-Clause; not PyMuPDF: AGPL)
             "reportlab>=4",  # the PDF test files are made with it (BSD)
+            "pycocoevalcap>=1.2",  # caption metrics (needs Java); tests/test_eval_metrics.py
+            "pycocotools>=2.0",  # the COCO caption files of the official pycocoevalcap run in that test
         ],
         # tools/preprocess_data.py on every input format: parquet / Arrow, PDFs, MPI jobs.
         "preprocess": ["pyarrow>=14", "pypdfium2>=4", "mpi4py>=3.1"],
@@ -44,5 +46,6 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "dali": ["nvidia-dali-cuda130>=2.0"],  # any nvidia-dali-cuda* flavour works: it imports as nvidia.dali
         "mpi": ["mpi4py>=3.1", "mpich>=4"],
+        "eval": ["pycocoevalcap>=1.2"],  # caption metrics of megatron_vlm/evaluation (needs a `java` on PATH)
     },
 )

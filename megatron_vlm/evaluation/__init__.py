@@ -1,0 +1,1 @@
+"""Evaluation harness: benchmark metrics computed exactly as the official reference code computes them."""
