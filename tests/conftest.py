@@ -48,6 +48,32 @@ def megatron_single_process():
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoints(megatron_single_process, tmp_path_factory):
+    """preset -> a tiny converted checkpoint with a sharpened output layer and its HF export
+    (``generation_models.build_checkpoint``), built once per session on first use."""
+    from generation_models import build_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_checkpoints")
+    built = {}
+
+    def get(preset: str):
+        if preset not in built:
+            built[preset] = build_checkpoint(preset, root)
+        return built[preset]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_benchmarks(tmp_path_factory):
+    """The bundled tiny VQAv2 / TextVQA / OK-VQA / COCO sets, built in both layouts
+    (``examples/benchmarks/build.py``): ROOT/<task>/{hub,release}."""
+    out = tmp_path_factory.mktemp("benchmarks")
+    subprocess.run([sys.executable, str(ROOT / "examples/benchmarks/build.py"), str(out)], check=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     """The cluster .ci/run started (SLURM_CONF), or one started here for this module."""
     if os.environ.get("SLURM_CONF"):

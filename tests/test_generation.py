@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from generation_models import NEW_TOKENS, PROMPTS, build_checkpoint, hf_greedy, photos
+from generation_models import NEW_TOKENS, PROMPTS, hf_greedy, photos
 
 from megatron_vlm.config import ParallelConfig, PrecisionConfig, load_model_preset
 from megatron_vlm.data.batch import forward_inputs, micro_batch
@@ -27,12 +27,12 @@ from megatron_vlm.models.idefics2 import build_model_chunks, gather_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 NEAR_TIE = 1e-4
+SHARPEN_OWN = 8.0  # Megatron's initialisation gives larger logits than transformers' random one
 
 
 @pytest.fixture(scope="module")
-def checkpoints(megatron_single_process, tmp_path_factory):
-    root = tmp_path_factory.mktemp("generation")
-    return {preset: build_checkpoint(preset, root) for preset in ("tiny", "tiny_idefics3", "tiny_idefics1")}
+def checkpoints(tiny_checkpoints):
+    return {preset: tiny_checkpoints(preset) for preset in ("tiny", "tiny_idefics3", "tiny_idefics1")}
 
 
 def prompts_of(encoder, indices=None):
@@ -110,9 +110,6 @@ def test_kv_cache_equals_a_cache_free_loop(megatron_single_process, preset, over
     inputs = prompts_of(prompt_encoder(config))
     ours = generate([model], inputs, GenerationConfig(max_new_tokens=12))
     assert_same_tokens(ours, cache_free_greedy(model, config, inputs, 12), preset)
-
-
-SHARPEN_OWN = 8.0  # Megatron's initialisation gives larger logits than transformers' random one
 
 
 def test_a_prompts_output_does_not_depend_on_its_batch(checkpoints):

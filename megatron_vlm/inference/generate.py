@@ -24,6 +24,7 @@ were near-ties (where float noise could flip a greedy choice).
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -68,6 +69,32 @@ class Generation:
     def near_ties(self, threshold: float) -> list[int]:
         """Steps whose choice was within ``threshold`` of a tie."""
         return [step for step, margin in enumerate(self.margins) if margin < threshold]
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """What generation cost on this rank, summed over calls (the evaluation's inference cost):
+    prompt tokens and the seconds of their forward (prefill), generated tokens and the seconds of
+    their forwards (decode; the first token comes from the prefill), wall time of whole steps
+    (the host waits for each step's tokens, so no device work is left out)."""
+
+    prompts: int = 0
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
+
+    def add(self, other: GenerationStats) -> None:
+        for name in (
+            "prompts",
+            "prompt_tokens",
+            "prefill_seconds",
+            "generated_tokens",
+            "decode_steps",
+            "decode_seconds",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 def _unwrapped(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -146,6 +173,7 @@ def generate(
     config: GenerationConfig,
     decode: Callable[[list[int]], str] | None = None,
     sample_seeds: Sequence[int] | None = None,
+    stats: GenerationStats | None = None,
 ) -> list[Generation]:
     """Collective over the model-parallel group: continue each prompt row of ``prompts`` (the
     forward inputs of right-padded rows, one document each; ``data.prompts`` builds them) and
@@ -153,7 +181,8 @@ def generate(
 
     ``decode`` turns generated ids into text (needed for ``stop_strings``; sets ``Generation.text``).
     ``sample_seeds``: one seed per row for sampling (default: the row index), combined with
-    ``config.seed``, so that a prompt samples the same tokens in any batch."""
+    ``config.seed``, so that a prompt samples the same tokens in any batch. ``stats``, if given,
+    is added this call's tokens and times."""
     if config.stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function (the tokenizer's) to read the generated text")
     pipeline = _Pipeline(chunks)
@@ -173,6 +202,7 @@ def generate(
     for chunk in pipeline.chunks:
         chunk.eval()
     outputs = [Generation([], "max_new_tokens", []) for _ in range(rows)]
+    used = GenerationStats(prompts=rows, prompt_tokens=sum(lengths))
     active = [True] * rows
     try:
         inputs = {
@@ -181,6 +211,7 @@ def generate(
         cache.begin(decoding=False, span=max(lengths))
         last_position = torch.tensor([length - 1 for length in lengths], device=device)
         for step in range(config.max_new_tokens):
+            started = time.perf_counter()
             logits = pipeline.forward(inputs, cache)
             tokens = torch.zeros(rows, dtype=torch.long)
             margins = torch.zeros(rows, dtype=torch.float32)
@@ -189,7 +220,13 @@ def generate(
                 full = tensor_parallel.gather_from_tensor_model_parallel_region(picked)
                 vocab = _unwrapped(chunks[-1]).vocab_size
                 tokens, margins = _choose(full[:, :vocab], config, generators)
-            tokens, margins = _broadcast_from_last_stage(tokens, margins)
+            tokens, margins = _broadcast_from_last_stage(tokens, margins)  # the host waits for them
+            seconds = time.perf_counter() - started
+            if step == 0:
+                used.prefill_seconds += seconds
+            else:
+                used.decode_seconds += seconds
+                used.decode_steps += 1
             for row in range(rows):
                 if not active[row]:
                     continue
@@ -221,6 +258,9 @@ def generate(
     if decode is not None:
         for out in outputs:
             out.text = decode(out.token_ids)
+    used.generated_tokens = sum(len(out.token_ids) for out in outputs)
+    if stats is not None:
+        stats.add(used)
     return outputs
 
 

@@ -105,6 +105,22 @@ def cross_attention_forward_flops(config: ModelConfig, batch: dict[str, torch.Te
     )
 
 
+def generated_token_flops(config: ModelConfig, position: int, attends_image: bool = False) -> float:
+    """Forward FLOPs of one token generated at ``position`` with the key/value cache
+    (``inference/generate.py``): every decoder layer over one position attending ``position + 1``
+    keys (at most the sliding window), the output layer, and with cross-attention each gated block's
+    query, output projection and MLP, attending its cached image tokens when the token has an image."""
+    keys = position + 1
+    if config.text.sliding_window is not None:
+        keys = min(keys, config.text.sliding_window)
+    flops = decoder_forward_flops(config, 1, keys)
+    if config.architecture == "cross_attention":
+        per_image = recipes_of(config)[1].tokens_per_image(config)
+        blocks = gated_blocks_in(config, 0, config.text.num_layers)
+        flops += blocks * gated_block_forward_flops(config, 1, 0, per_image if attends_image else 0)
+    return flops
+
+
 def measured_matmul_tflops(dtype: torch.dtype, device: str, size: int | None = None, seconds: float = 0.5) -> float:
     """The matmul throughput of this device, measured now: the peak that MFU is reported against.
     FP8 dtypes time ``torch._scaled_mm`` (e4m3 x e4m3 -> bf16), the GEMM FP8 training runs."""
