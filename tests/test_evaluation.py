@@ -154,7 +154,10 @@ def test_in_context_examples_are_seeded_and_never_the_query(tiny_benchmarks):
     for example in data.examples:
         assert example.id not in {s.id for s in choose_shots(data, example, 4, seed=0)}
     prompt = data.task.prompt(query, first)
-    assert prompt.count("<image>") == 5 and prompt.endswith(f"Question: {query.question} Short answer:")
+    assert prompt.count("<image>") == 5 and prompt.endswith(f"Image:<image>Question: {query.question} Answer:")
+    assert prompt.startswith("Instruction: provide an answer to the question.")
+    shown = [line.rsplit("Answer: ", 1)[1] for line in prompt.splitlines()[1:-1]]
+    assert shown == [max(s.references, key=s.references.count) for s in first]  # the most common answer
 
 
 # --- tools/evaluate.py on real process groups ---------------------------------------------------
