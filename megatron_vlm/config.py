@@ -267,6 +267,28 @@ class DataSection:
 
 
 @dataclass
+class BenchmarkConfig:
+    """Benchmark scores during pretraining (``training/benchmarks.py``): every ``interval`` steps and
+    at the end, the first ``questions`` of each task's evaluation split, ``shots``-shot as the paper;
+    the scores go to TensorBoard (``benchmark/<task>/<metric>``, ``benchmark/average``), the log and
+    results.json, against steps, images and text tokens seen."""
+
+    tasks: dict[str, str] = field(default_factory=dict)  # task -> its data (relative to data.root)
+    interval: int = 0  # 0: no benchmarks
+    questions: int = 32  # the first N questions of each task (0: all of them)
+    shots: int = 4
+    seed: int = 0
+    batch_size: int = 8
+    max_new_tokens: int | None = None  # None: each task's own
+
+    def __post_init__(self) -> None:
+        if self.interval < 0 or self.questions < 0 or self.shots < 0 or self.batch_size < 1:
+            raise ValueError(f"training.benchmarks out of range: {self}")
+        if self.interval and not self.tasks:
+            raise ValueError("training.benchmarks.interval is set but no tasks are named (tasks: {vqav2: PATH, ...})")
+
+
+@dataclass
 class TrainingConfig:
     global_batch_size: int = 8
     train_steps: int = 100
@@ -309,6 +331,7 @@ class TrainingConfig:
     # (0: no evaluation). Sources without a split are named at start-up and not evaluated.
     eval_interval: int = 0
     eval_samples: int = 32
+    benchmarks: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
 
 @dataclass

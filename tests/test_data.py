@@ -14,7 +14,7 @@ from PIL import Image
 
 from megatron_vlm.data.batch import MODEL_INPUTS, attention_mask
 from megatron_vlm.data.images import ImageConfig
-from megatron_vlm.data.loader import DataConfig, MultimodalLoader, SourceConfig, merge_states
+from megatron_vlm.data.loader import DataConfig, MultimodalLoader, SourceConfig, consumed, merge_states
 from megatron_vlm.data.packing import Document, Packer, PackingConfig, collate
 from megatron_vlm.data.preprocess import preprocess
 from megatron_vlm.data.shards import Sample, Shard, ShardWriter
@@ -179,6 +179,14 @@ def test_resume_mid_epoch_continues_identically(shards, tokenizer):
             if isinstance(value, torch.Tensor):
                 assert torch.equal(ours[key], value), key
     assert {b["source"] for b in expected} | {"obelics"}  # sources mix
+    # What the run trained on, the x-axes of the paper's comparisons: the images and the text tokens
+    # (real tokens but <image> placeholders) of every micro-batch handed out, resumed with the stream.
+    seen = consumed(resumed.state_dict())
+    first, batches = consumed(state), expected
+    assert seen["images"] - first["images"] == sum(b["pixel_values"].shape[0] for b in batches) > 0
+    text = sum(int(((b["input_ids"] != IMAGE_TOKEN) & (b["document_ids"] >= 0)).sum()) for b in batches)
+    assert seen["text_tokens"] - first["text_tokens"] == text > 0
+    assert first["images"] > 0 and consumed(loader.state_dict()) == seen
 
 
 def test_data_parallel_ranks_read_disjoint_samples(shards, tokenizer):

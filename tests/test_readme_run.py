@@ -2,6 +2,7 @@
 preset on the bundled data (built on first use), and running it again resumes (shortened here with
 OVERRIDES). .ci/run runs it in both environments (Megatron-Core 0.16.1 and 0.19.2)."""
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -41,3 +42,14 @@ def test_readme_command_trains_then_resumes(tmp_path):
     for source in ("obelics", "pairs", "pdfs"):
         steps = [event.step for event in events.Scalars(f"validation/{source}/loss")]
         assert steps == [4, 6], (source, steps)
+    # Issue #22: it is scored 4-shot on the bundled tiny VQAv2 at the end of each session, as the
+    # paper judges its ablations: the log, TensorBoard, and results.json's history across the resume.
+    assert "| benchmarks vqav2 " in first and "| benchmarks vqav2 " in again
+    accuracy = {event.step: event.value for event in events.Scalars("benchmark/vqav2/accuracy")}
+    assert sorted(accuracy) == [4, 6] and all(0 <= value <= 100 for value in accuracy.values())
+    history = json.loads((tmp_path / "run" / "results.json").read_text())["benchmarks"]
+    assert [entry["step"] for entry in history] == [4, 6]
+    assert [entry["vqav2"]["accuracy"] for entry in history] == pytest.approx([accuracy[4], accuracy[6]])
+    assert history[0]["images_seen"] < history[1]["images_seen"] and history[1]["vqav2"]["n"] == 8
+    predictions = tmp_path / "run" / "benchmarks" / "step_0000006" / "vqav2.predictions.jsonl"
+    assert len(predictions.read_text().splitlines()) == 8

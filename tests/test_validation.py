@@ -312,6 +312,10 @@ def test_trainer_reports_validation_loss_per_source_the_same_after_resume_and_at
     after = scalars(tmp_path / "resumed" / "tensorboard")
     for name, losses in validation.items():
         assert after[f"validation/{name}/loss"] == {4: losses[4]}, name
+    # The images and text tokens trained on continue with the data stream (the benchmarks' x-axes).
+    resumed_results = json.loads((tmp_path / "resumed" / "results.json").read_text())
+    seen = {key: results[key] for key in ("images_seen", "text_tokens_seen")}
+    assert {key: resumed_results[key] for key in seen} == seen and min(seen.values()) > 0
 
     # The trainer's checkpoints evaluated at TP2xPP2 (4 processes): equal within 1e-5 relative, same tokens.
     out = tmp_path / "tp2pp2"

@@ -172,6 +172,10 @@ class Lane:
     read: dict[str, int] = field(default_factory=dict)
     packers: dict[str, Packer] = field(default_factory=dict)
     skipped: Counter = field(default_factory=Counter)
+    # What its micro-batches handed out: images, and text tokens (every token but <image>
+    # placeholders), the x-axes of the paper's comparisons (``consumed``).
+    images: int = 0
+    text_tokens: int = 0
 
 
 class MultimodalLoader:
@@ -329,6 +333,10 @@ class MultimodalLoader:
         batch["positions"] = [position for s in sequences for position in s.positions]
         batch["num_images"] = sum(len(s.images) for s in sequences)
         batch["num_tokens"] = sum(len(s.tokens) for s in sequences)
+        image_token = self.packing[source].image_token_id
+        batch["num_text_tokens"] = sum(sum(token != image_token for token in s.tokens) for s in sequences)
+        lane.images += batch["num_images"]
+        lane.text_tokens += batch["num_text_tokens"]
         return batch
 
     # -- exact resume ------------------------------------------------------------------------
@@ -342,6 +350,8 @@ class MultimodalLoader:
                 str(lane.index): {
                     "step": lane.step,
                     "skipped": dict(lane.skipped),
+                    "images": lane.images,
+                    "text_tokens": lane.text_tokens,
                     "sources": {
                         name: {"read": lane.read[name], "pending": [d.position for d in packer.pending()]}
                         for name, packer in lane.packers.items()
@@ -391,6 +401,8 @@ class MultimodalLoader:
             restored = self._new_lane(lane.index)
             restored.step = saved["step"]
             restored.skipped = Counter(saved["skipped"])
+            restored.images = saved.get("images", 0)  # states written before the counts: from 0
+            restored.text_tokens = saved.get("text_tokens", 0)
             for name, packer in restored.packers.items():
                 source_state = saved["sources"][name]
                 restored.read[name] = source_state["read"]
@@ -409,6 +421,16 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
             if merged["lane_states"].setdefault(index, lane) != lane:
                 raise RuntimeError(f"ranks disagree on the state of data lane {index}: their loaders diverged")
     return merged
+
+
+def consumed(state: dict[str, Any]) -> dict[str, int]:
+    """Images and text tokens handed out by the lanes of a loader state (a rank's, or the whole
+    stream's): what the run has trained on, kept across resumes at any layout."""
+    lanes = state["lane_states"].values()
+    return {
+        "images": sum(lane.get("images", 0) for lane in lanes),
+        "text_tokens": sum(lane.get("text_tokens", 0) for lane in lanes),
+    }
 
 
 def token_statistics(batch: dict[str, Any]) -> dict[str, float]:

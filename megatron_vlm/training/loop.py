@@ -29,6 +29,7 @@ from megatron_vlm.perf.flops import measured_matmul_tflops
 from megatron_vlm.perf.memory import TrainingMemoryMeter
 from megatron_vlm.training import checkpoint, preflight, run_lock
 from megatron_vlm.training.async_save import AsyncCheckpointWriter
+from megatron_vlm.training.benchmarks import TrainingBenchmarks, benchmark_line, consumed_so_far, scalars
 from megatron_vlm.training.data_feed import DataFeed
 from megatron_vlm.training.evaluation import Evaluator, evaluations_left
 from megatron_vlm.training.metrics import Metrics, log_line, logger, validation_line
@@ -148,6 +149,13 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             )
         if not evaluator.sources:
             evaluator = None
+    benchmarks = None
+    if training.benchmarks.interval > 0:  # the task data read now (metadata; images when used)
+        benchmarks = TrainingBenchmarks(run, data_config.image, output)
+        if env.rank == 0:
+            logger.info(
+                "benchmarks every %d steps and at the end: %s", training.benchmarks.interval, benchmarks.describe()
+            )
     memory = TrainingMemoryMeter()
     memory.start()  # the training state counts from here, as the memory model's does (results.json)
 
@@ -206,6 +214,8 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         feed.load_state_dict(loader_state)
         if env.rank == 0:
             logger.info("resumed from %s at step %d", resume_from, iteration)
+    if benchmarks is not None:
+        benchmarks.resume(iteration)  # the evaluations up to the checkpoint (none for a fresh run)
 
     preemption = PreemptionHandler()
     if env.rank == 0:
@@ -314,6 +324,16 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                     )
                 )
 
+        if benchmarks is not None and benchmarks.due(iteration, training.train_steps):
+            distributed.heartbeat(iteration, "benchmarks", training.checkpoint_timeout_s)
+            seen = consumed_so_far(feed.state_dict())
+            with parameters_gathered(model):
+                entry = benchmarks.run(chunks, iteration, seen)
+            window_start += benchmarks.seconds  # throughput and MFU count training time only
+            metrics.write_benchmarks(entry)
+            if reports:
+                logger.info(benchmark_line(entry, training.train_steps, benchmarks.seconds))
+
         if iteration % training.log_interval == 0 or iteration == training.train_steps:
             totals = torch.tensor(
                 [window[name] for name in WINDOW_SUMS],
@@ -387,9 +407,12 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     if trace is not None:
         trace.close()
     lock.release()
-    results.write(output / "results.json", iteration, last, validation)
+    seen = consumed_so_far(feed.state_dict())
+    history = benchmarks.history if benchmarks is not None else []
+    results.write(output / "results.json", iteration, last, validation, history, seen)
     distributed.shutdown()
-    return {"iteration": iteration, **last, **{f"validation_loss/{k}": v for k, v in validation.items()}}
+    scores = {f"benchmark/{k}": v for k, v in scalars(history[-1]).items()} if history else {}
+    return {"iteration": iteration, **last, **{f"validation_loss/{k}": v for k, v in validation.items()}, **scores}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,20 @@ class Metrics:
             self.writer.add_scalar(f"validation/{source}/loss", loss, step)
         self.writer.flush()
 
+    def write_benchmarks(self, entry: dict) -> None:
+        """Benchmark scores (``training/benchmarks.py``): ``benchmark/<task>/<metric>`` and
+        ``benchmark/average`` at the step, and the average against the images and text tokens seen
+        (the paper's Figure 4 axes: TensorBoard's step axis holds those counts there)."""
+        if self.writer is None:
+            return
+        from megatron_vlm.training.benchmarks import scalars
+
+        for name, value in scalars(entry).items():
+            self.writer.add_scalar(f"benchmark/{name}", value, entry["step"])
+        self.writer.add_scalar("benchmark_by_images_seen/average", entry["average"], entry["images_seen"])
+        self.writer.add_scalar("benchmark_by_text_tokens_seen/average", entry["average"], entry["text_tokens_seen"])
+        self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -75,10 +75,17 @@ class RunResults:
         return [stage.peak for stage in predict_memory(run.model, setup, work)]
 
     def write(
-        self, path: Path, iteration: int, last: dict[str, float], validation: dict[str, float] | None = None
+        self,
+        path: Path,
+        iteration: int,
+        last: dict[str, float],
+        validation: dict[str, float] | None = None,
+        benchmarks: list[dict[str, Any]] | None = None,
+        seen: dict[str, int] | None = None,
     ) -> dict[str, Any] | None:
         """Collective (gathers every rank's memory); rank 0 writes the file. ``validation``: the last
-        evaluation's loss per source."""
+        evaluation's loss per source; ``benchmarks``: every benchmark evaluation of this run (step,
+        images and text tokens seen, scores); ``seen``: images and text tokens trained on."""
         device = distributed.collective_device()
         mine = torch.tensor(
             [
@@ -129,6 +136,9 @@ class RunResults:
             "loss": last.get("loss"),
             "loss_history": self.loss_history,
             "validation_loss": dict(validation or {}),
+            "benchmarks": list(benchmarks or []),
+            "images_seen": (seen or {}).get("images"),
+            "text_tokens_seen": (seen or {}).get("text_tokens"),
             "memory": {
                 "measured": ("cuda allocator peak" if backend.has_cuda() else "resident memory above the start (VmHWM)")
                 + ", up to the last logged step",
