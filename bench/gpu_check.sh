@@ -160,7 +160,8 @@ add_step data 45 "set -e; for name in interleaved pairs pages; do
     echo \"building \$name\"
     stdbuf -oL -eL $PYTHON tools/preprocess_data.py examples/data/\$name.jsonl --out $WORK/data/\$name --samples-per-shard 4 \\
         --validation-fraction 0.25 --validation-seed 7
-done"
+done
+$PYTHON examples/benchmarks/build.py $WORK/data/benchmarks  # the tiny run is scored on VQAv2 at its end"
 
 # The full trainer as one process (no torchrun: NCCL does not put two ranks on one GPU). 20 steps,
 # checkpoints at 10 and 20; results.json comes back beside the log.

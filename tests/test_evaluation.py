@@ -48,7 +48,10 @@ def evaluate(checkpoint, benchmarks: Path, layout: str, out: Path, settings=None
 
 
 def predictions(out: Path) -> dict[str, list[tuple[str, str]]]:
-    return {name: [(r["id"], r["prediction"]) for r in read_predictions(out / f"{name}.predictions.jsonl")] for name in TASKS}
+    return {
+        name: [(r["id"], r["prediction"]) for r in read_predictions(out / f"{name}.predictions.jsonl")]
+        for name in TASKS
+    }
 
 
 def near_ties(out: Path) -> dict[str, list[str]]:
@@ -118,7 +121,9 @@ def test_scores_are_recomputed_from_the_predictions_alone(reference, tmp_path):
     for name in ("vqav2", "textvqa", "okvqa"):
         records = read_predictions(tmp_path / f"{name}.predictions.jsonl")
         assert rescored[name]["n"] == results[name]["n"] == len(records)
-        assert rescored[name]["accuracy"] == pytest.approx(vqa_score((r["prediction"], r["references"]) for r in records))
+        assert rescored[name]["accuracy"] == pytest.approx(
+            vqa_score((r["prediction"], r["references"]) for r in records)
+        )
         assert rescored[name]["accuracy"] > results[name]["accuracy"]
     assert rescored["coco"]["CIDEr"] > 100  # a human caption against the other four
     assert rescored["inference"] == results["inference"] and rescored["settings"] == results["settings"]
@@ -174,13 +179,16 @@ def run_tool(checkpoint: Path, benchmarks: Path, layout: str, out: Path, *parall
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    "layout, parallel", [("release", ("--tp", "2", "--pp", "2")), ("hub", ("--dp", "2"))], ids=["tp2_pp2", "dp2"]
+    "layout, parallel",
+    [("release", ("--tp", "2", "--pp", "2", "--vpp", "2")), ("hub", ("--dp", "2"))],
+    ids=["tp2_pp2_vpp2", "dp2"],
 )
 def test_evaluate_tool_gives_the_same_predictions_at_any_layout(
     reference, tiny_checkpoints, tiny_benchmarks, tmp_path, layout, parallel
 ):
     """Questions shared out over two data-parallel replicas, or every question through a TP2 x PP2
-    model: the predictions and scores of the single-process run (near-ties named if any differ)."""
+    model with two virtual stages per rank: the predictions and scores of the single-process run
+    (near-ties named if any differ)."""
     out, results = reference
     run_tool(tiny_checkpoints("tiny").megatron, tiny_benchmarks, layout, tmp_path, *parallel)
     assert predictions(tmp_path) == predictions(out), (near_ties(out), near_ties(tmp_path))

@@ -35,6 +35,8 @@ def data_root(tmp_path_factory):
         preprocess(
             [jsonl], root / name, samples_per_shard=4, validation_fraction=0.25, validation_seed=7, progress=False
         )
+    # The run is scored on the tiny VQAv2 at its end (generation with the KV cache on the GPU).
+    subprocess.run([sys.executable, str(ROOT / "examples/benchmarks/build.py"), str(root / "benchmarks")], check=True)
     return root
 
 
@@ -52,6 +54,7 @@ def run_trainer(output: Path, data_root: Path, *overrides: str, timeout: float =
             "training.log_interval=2",
             "training.save_interval=10",
             "precision.params_dtype=bfloat16",
+            "training.benchmarks.interval=1000",  # scored at the end: generation on the GPU
             *overrides,
         ),
     ]
@@ -117,6 +120,11 @@ def check_gpu_run(output: Path, log: str, fp8: str | None, fp8_backend: str | No
     for source in SOURCES:
         validation = [(event.step, event.value) for event in events.Scalars(f"validation/{source}/loss")]
         assert [step for step, _ in validation] == [STEPS] and math.isfinite(validation[0][1]), (source, validation)
+
+    # Generation with the KV cache on the GPU: the tiny VQAv2 scored 4-shot at the end.
+    assert "| benchmarks vqav2 " in log
+    scores = [(event.step, event.value) for event in events.Scalars("benchmark/vqav2/accuracy")]
+    assert [step for step, _ in scores] == [STEPS] and 0 <= scores[0][1] <= 100, scores
 
     checkpoints = output / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == f"iter_{STEPS:07d}"

@@ -30,7 +30,9 @@ def data_root(tmp_path_factory):
 
 
 def trainer_args(output, data_root, *overrides):
-    """``-m megatron_vlm.train`` on the tiny preset and the given data, writing into ``output``."""
+    """``-m megatron_vlm.train`` on the tiny preset and the given data, writing into ``output``
+    (without the preset's benchmarks, which the README run and the sweeps test; an override may
+    turn them on)."""
     return [
         "-m",
         "megatron_vlm.train",
@@ -38,6 +40,7 @@ def trainer_args(output, data_root, *overrides):
         str(ROOT / "examples/tiny_cpu.yaml"),
         f"training.output_dir={output}",
         f"data.root={data_root}",
+        "training.benchmarks.interval=0",
         *overrides,
     ]
 

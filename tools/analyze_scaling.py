@@ -8,7 +8,12 @@ same batch per data-parallel rank) and memory.png (the memory model's prediction
 against the measured peak, with the +-15% band). When the runs compare variants (a sweep's
 ``variants``, named in its sweep.json, or else the settings in which the runs' configs differ
 beyond their layout), scaling is grouped per variant and scaling.md gains a comparison (final and
-validation loss, throughput per variant) with loss.png (the training loss curves).
+validation loss, throughput per variant) with loss.png (the training loss curves). Runs scored on
+benchmarks during training (``training.benchmarks``) add each task's score at their last evaluation,
+the paper's average, and what generating the answers cost (prompt tokens per image, FLOPs per
+generated token, decode throughput, peak memory), and the paper's Figure 4: the average against
+steps, images seen and text tokens seen (benchmark_steps.png, benchmark_images.png,
+benchmark_text_tokens.png), one line per run.
 
     python tools/analyze_scaling.py runs/sweeps/small
 """
@@ -75,6 +80,8 @@ def load_results(directory: Path) -> tuple[list[dict], list[str]]:
     """(results, problems): every readable results.json under ``directory``."""
     results, problems = [], []
     for path in sorted(directory.rglob("results.json")):
+        if "benchmarks" in path.relative_to(directory).parts[:-1]:
+            continue  # a run's benchmark evaluations (training.benchmarks), not a run
         try:
             result = json.loads(path.read_text())
             result["layout"]["tensor_parallel"], result["tokens_per_second"]  # noqa: B018 - required keys
@@ -237,7 +244,52 @@ def comparison(results: list[dict]) -> list[str]:
             f"| {r.get('variant') or '-'} | {Path(r['path']).parent.name} | {r['steps']} | {loss} | {mean_validation} | "
             f"{r['tokens_per_second']:,.0f} | {r['images_per_second']:.1f} | {100 * r['mfu']:.1f}% | {peak:.3f} |"
         )
+    return lines + benchmark_comparison(results)
+
+
+def primary_metric(scores: dict) -> tuple[str, float]:
+    """A task's reported score: the metric the paper averages (VQA accuracy, CIDEr), the first listed."""
+    name = next(key for key in scores if key != "n")
+    return name, scores[name]
+
+
+def benchmark_comparison(results: list[dict]) -> list[str]:
+    """Each run's benchmark scores at its last evaluation and the inference cost of the variants."""
+    scored = [r for r in results if r.get("benchmarks")]
+    if not scored:
+        return []
+    tasks = sorted(
+        {name for r in scored for name, value in r["benchmarks"][-1].items() if isinstance(value, dict)} - {"inference"}
+    )
+    lines = [
+        "",
+        "## Benchmarks",
+        "",
+        "As the paper judges its ablations: each task's score at the run's last evaluation (VQA accuracy in %, "
+        "CIDEr x 100) and their average; then what generating the answers cost: prompt tokens per image, "
+        "FLOPs per generated token, prefill and decode throughput, peak memory of the evaluation.",
+        "",
+        "| variant | run | step | images seen | text tokens seen | "
+        + " | ".join(tasks)
+        + " | average | prompt tokens / image | GFLOP / generated token | prefill tok/s | decode tok/s | eval peak GiB |",
+        "| " + " | ".join(["---"] * (5 + len(tasks) + 6)) + " |",
+    ]
+    for r in sorted(scored, key=lambda r: (r.get("variant", ""), r["world_size"], model_parallel_key(r))):
+        last = r["benchmarks"][-1]
+        cost = last.get("inference") or {}
+        cells = [f"{primary_metric(last[name])[1]:.2f}" if name in last else "-" for name in tasks]
+        lines.append(
+            f"| {r.get('variant') or '-'} | {Path(r['path']).parent.name} | {last['step']} | {last['images_seen']:,} | "
+            f"{last['text_tokens_seen']:,} | " + " | ".join(cells) + f" | {last['average']:.2f} | "
+            f"{_number(cost.get('prompt_tokens_per_image'), '.1f')} | {_number(cost.get('flops_per_generated_token'), '.4g', 1e-9)} | "
+            f"{_number(cost.get('prefill_tokens_per_second'), ',.0f')} | {_number(cost.get('decode_tokens_per_second'), ',.0f')} | "
+            f"{_number(cost.get('peak_memory_gib'), '.3f')} |"
+        )
     return lines
+
+
+def _number(value: object, spec: str, scale: float = 1.0) -> str:
+    return format(value * scale, spec) if isinstance(value, int | float) else "-"
 
 
 def _gpu_axis(axis: object, results: list[dict]) -> None:
@@ -323,6 +375,7 @@ def plot(results: list[dict], strong: list[dict], weak: list[dict], out: Path) -
     plt.close(figure)
     written.append(out / "memory.png")
 
+    written += benchmark_plots(results, out, plt)
     curves = [r for r in results if r.get("loss_history")]
     if len({r.get("variant", "") for r in results}) > 1 and curves:
         figure, axis = plt.subplots(figsize=(7, 4.5))
@@ -338,6 +391,38 @@ def plot(results: list[dict], strong: list[dict], weak: list[dict], out: Path) -
         figure.savefig(out / "loss.png", dpi=120)
         plt.close(figure)
         written.append(out / "loss.png")
+    return written
+
+
+# The paper's Figure 4: the benchmark average against what the runs trained on (the cross-attention
+# and fully autoregressive architectures see different numbers of images and text tokens per step).
+FIGURE_4 = (
+    ("benchmark_steps.png", "step", "training step"),
+    ("benchmark_images.png", "images_seen", "images seen"),
+    ("benchmark_text_tokens.png", "text_tokens_seen", "text tokens seen"),
+)
+
+
+def benchmark_plots(results: list[dict], out: Path, plt: object) -> list[Path]:
+    scored = [r for r in results if r.get("benchmarks")]
+    if not scored:
+        return []
+    written = []
+    for name, key, label in FIGURE_4:
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        for r in sorted(scored, key=lambda r: (r.get("variant", ""), model_parallel_key(r))):
+            points = [(entry[key], entry["average"]) for entry in r["benchmarks"] if entry.get("average") is not None]
+            line = f"{r.get('variant') or Path(r['path']).parent.name} ({model_parallel_key(r).split(': ')[-1]}, {r['world_size']} GPUs)"
+            axis.plot(*zip(*points, strict=True), marker="o", label=line)
+        axis.set_xlabel(label)
+        axis.set_ylabel("benchmark average (VQA accuracy %, CIDEr x 100)")
+        axis.set_title(f"benchmark average against {label}")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=6)
+        figure.tight_layout()
+        figure.savefig(out / name, dpi=120)
+        plt.close(figure)
+        written.append(out / name)
     return written
 
 

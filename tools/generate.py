@@ -110,8 +110,12 @@ def main() -> int:
             if not rank0:
                 continue
             for entry, out in zip(batch, outputs, strict=True):
+                ties = out.near_ties(1e-4)  # greedy steps float noise could flip (another layout, batch)
+                if ties:
+                    print(f"[{entry['id']}] near-ties (top-two logits within 1e-4) at steps {ties}", file=sys.stderr)
                 if args.json:
                     record = {"text": out.text, "token_ids": out.token_ids, "stop_reason": out.stop_reason}
+                    record["near_ties"] = ties
                     print(json.dumps({"id": entry["id"], **record} if args.prompts else record), flush=True)
                 else:
                     print(f"[{entry['id']}] {entry['prompt']!r} -> {out.text!r} ({out.stop_reason})", flush=True)

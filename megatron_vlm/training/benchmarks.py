@@ -106,6 +106,7 @@ class TrainingBenchmarks:
             "text_tokens_seen": seen["text_tokens"],
             "average": results["average"],
             **{name: results[name] for name in results if name not in ("average", "settings", "inference")},
+            "inference": results["inference"],  # what generating the answers cost (the comparison's columns)
         }
         self.history.append(entry)
         if distributed.global_rank() == 0:
@@ -118,14 +119,16 @@ def scalars(entry: dict[str, Any]) -> dict[str, float]:
     """A history entry as TensorBoard scalars: ``<task>/<metric>`` and ``average``."""
     values = {"average": entry["average"]}
     for name, metrics in entry.items():
-        if isinstance(metrics, dict):
+        if isinstance(metrics, dict) and name != "inference":
             values.update({f"{name}/{metric}": value for metric, value in metrics.items() if metric != "n"})
     return values
 
 
 def benchmark_line(entry: dict[str, Any], total: int, seconds: float) -> str:
     parts = ", ".join(
-        f"{name} {metrics[task(name).primary]:.2f}" for name, metrics in entry.items() if isinstance(metrics, dict)
+        f"{name} {metrics[task(name).primary]:.2f}"
+        for name, metrics in entry.items()
+        if isinstance(metrics, dict) and name != "inference"
     )
     return (
         f"step {entry['step']:>6}/{total} | benchmarks {parts} | average {entry['average']:.2f} | "
