@@ -276,6 +276,15 @@ def run_with_world_size(processes: int) -> None:
     raise SystemExit(subprocess.call(command))
 
 
+def start_tool(model: ModelConfig, parallel: ParallelConfig, world_size: int) -> None:
+    """For tools: refuse an impossible layout by name, run this same command under torchrun on this
+    node when it needs ``world_size`` ranks and was started as one process, then initialise
+    torch.distributed and the parallel state (end with ``shutdown()``)."""
+    check_layout(model, parallel, world_size)
+    run_with_world_size(world_size)
+    initialize(parallel, model)
+
+
 # --- Collective timeouts that name the rank ---------------------------------------------------
 #
 # A rank that stops answering (a frozen node, a process stuck in its data loader or a filesystem

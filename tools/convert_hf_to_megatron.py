@@ -54,9 +54,7 @@ def main() -> None:
             connector,
             args.image_size,
         )
-    distributed.check_layout(config, parallel, args.tp * args.pp)
-    distributed.run_with_world_size(args.tp * args.pp)
-    distributed.initialize(parallel, config)
+    distributed.start_tool(config, parallel, args.tp * args.pp)
     try:
         if args.hf:
             report = convert.hf_to_megatron(args.hf, args.out, parallel, args.dtype)

@@ -35,8 +35,7 @@ def main() -> None:
     from megatron_vlm.models.checkpoint_io import model_config_of, read_metadata
 
     config = model_config_of(read_metadata(args.megatron))
-    distributed.run_with_world_size(1)
-    distributed.initialize(ParallelConfig(), config)
+    distributed.start_tool(config, ParallelConfig(), 1)
     try:
         tokenizer = None if args.tokenizer in (None, "mistral") else args.tokenizer
         report = convert.megatron_to_hf(

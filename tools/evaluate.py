@@ -70,20 +70,15 @@ def main() -> int:
     from megatron_vlm.config import ParallelConfig
     from megatron_vlm.evaluation.tasks import tasks
     from megatron_vlm.models.checkpoint_io import model_config_of, read_metadata
-    from megatron_vlm.training.checkpoint import latest_checkpoint
+    from megatron_vlm.training.checkpoint import model_checkpoint
 
     unknown = sorted(set(data_paths) - set(tasks()))
     if unknown:
         parser.error(f"unknown task(s) {unknown}; known: {tasks()}")
-    directory = args.checkpoint
-    if not (directory / "megatron_vlm.json").is_file():  # a run's checkpoints/: its latest complete one
-        directory = latest_checkpoint(directory) or directory
+    directory = model_checkpoint(args.checkpoint)  # a run's checkpoints/: its latest complete one
     config = model_config_of(read_metadata(directory))
     parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, virtual_pipeline=args.vpp)
-    world = args.tp * args.pp * args.dp
-    distributed.check_layout(config, parallel, world)
-    distributed.run_with_world_size(world)
-    distributed.initialize(parallel, config)
+    distributed.start_tool(config, parallel, args.tp * args.pp * args.dp)
     try:
         import dataclasses
 

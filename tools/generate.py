@@ -67,17 +67,13 @@ def main() -> int:
     from megatron_vlm import distributed
     from megatron_vlm.config import ParallelConfig
     from megatron_vlm.models.checkpoint_io import model_config_of, read_metadata
-    from megatron_vlm.training.checkpoint import latest_checkpoint
+    from megatron_vlm.training.checkpoint import model_checkpoint
 
-    directory = args.checkpoint
-    if not (directory / "megatron_vlm.json").is_file():  # a run's checkpoints/: its latest complete one
-        directory = latest_checkpoint(directory) or directory
+    directory = model_checkpoint(args.checkpoint)  # a run's checkpoints/: its latest complete one
     config = model_config_of(read_metadata(directory))
     parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, virtual_pipeline=args.vpp)
-    distributed.check_layout(config, parallel, args.tp * args.pp)
     prompts = read_prompts(args)
-    distributed.run_with_world_size(args.tp * args.pp)
-    distributed.initialize(parallel, config)
+    distributed.start_tool(config, parallel, args.tp * args.pp)
     try:
         from PIL import Image
 

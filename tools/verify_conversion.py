@@ -34,9 +34,7 @@ def main() -> int:
 
     parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp)
     config = model_config_of(read_metadata(args.megatron))
-    distributed.check_layout(config, parallel, args.tp * args.pp)
-    distributed.run_with_world_size(args.tp * args.pp)
-    distributed.initialize(parallel, config)
+    distributed.start_tool(config, parallel, args.tp * args.pp)
     try:
         photos = [Image.open(path).convert("RGB") for path in args.images] if args.images else None
         result = verify_checkpoints(args.hf, args.megatron, parallel, photos, args.tolerance)

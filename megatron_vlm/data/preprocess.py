@@ -42,7 +42,17 @@ from typing import Any
 from PIL import Image
 
 from megatron_vlm.data.images import ImageLimits, canonical_encoding, size_problem
-from megatron_vlm.data.readers import Columns, InputError, Record, Unit, UrlMirror, expand_inputs, records, render_pdf
+from megatron_vlm.data.readers import (
+    Columns,
+    InputError,
+    Record,
+    Unit,
+    UrlMirror,
+    expand_inputs,
+    image_cell,
+    records,
+    render_pdf,
+)
 from megatron_vlm.data.shards import INDEX_SUFFIX, Sample, ShardWriter
 
 IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
@@ -138,13 +148,9 @@ def _start_worker(options: Options, mirror: UrlMirror | None) -> None:
 
 def _image(reference: Any, base: str, limits: ImageLimits) -> tuple[bytes, str]:
     """An image value of any supported form -> checked bytes and extension."""
-    if isinstance(reference, dict):  # the `datasets` Image feature: {"bytes", "path"}
-        if reference.get("bytes") is not None:
-            reference = reference["bytes"]
-        else:
-            reference = reference.get("path")
-    if isinstance(reference, (bytes, bytearray, memoryview)):
-        return load_image(bytes(reference), limits, where="embedded image")
+    reference = image_cell(reference)
+    if isinstance(reference, bytes):
+        return load_image(reference, limits, where="embedded image")
     if not isinstance(reference, str) or not reference:
         raise Rejected("missing_field", f"image {reference!r}")
     if reference.startswith(("http://", "https://")):

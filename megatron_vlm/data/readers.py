@@ -41,6 +41,15 @@ BATCH_BYTES = 8 << 20  # a table is read this many bytes at a time (rows are wha
 TAR_BLOCK = 512
 
 
+def image_cell(value: Any) -> Any:
+    """An image value as tables hold it -> its encoded bytes, or its path / URL string (anything else
+    as it is): the `datasets` Image feature's ``{"bytes", "path"}`` struct gives its bytes when it has
+    them, else its path."""
+    if isinstance(value, dict):
+        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+    return bytes(value) if isinstance(value, bytearray | memoryview) else value
+
+
 class InputError(ValueError):
     """An input that cannot be read at all (not one bad row: those are rejected and counted)."""
 

@@ -89,7 +89,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from megatron_vlm.data.readers import InputError
+from megatron_vlm.data.readers import InputError, image_cell
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -223,10 +223,9 @@ def missing_images(examples: Sequence[Example]) -> list[str]:
 
 def _image_value_bytes(value: Any, base: Path) -> bytes:
     """An image cell (the `datasets` Image struct {bytes, path}, raw bytes, or a path) -> bytes."""
-    if isinstance(value, dict):
-        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
+    value = image_cell(value)
+    if isinstance(value, bytes):
+        return value
     if isinstance(value, str) and value:
         return (base / value).read_bytes()
     raise ValueError(f"the image cell holds no bytes and no path: {value!r}")

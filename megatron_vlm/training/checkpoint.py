@@ -48,6 +48,7 @@ from megatron_vlm.config import ModelConfig, TrainableConfig
 from megatron_vlm.data import loader
 from megatron_vlm.distributed import barrier, global_rank
 from megatron_vlm.models.checkpoint_io import (
+    METADATA_FILE,
     MODEL_DIR,
     check_dist_checkpoint_readable,
     load_model,
@@ -214,6 +215,20 @@ def latest_checkpoint(root: str | Path) -> Path | None:
             + "\n  ".join(refused)
         )
     return None
+
+
+def model_checkpoint(path: str | Path) -> Path:
+    """For tools that read a model (generation, evaluation): a checkpoint directory as given, or a
+    run's checkpoints/ directory's latest complete checkpoint (``latest_checkpoint``)."""
+    path = Path(path)
+    if (path / METADATA_FILE).is_file():
+        return path
+    latest = latest_checkpoint(path) if path.is_dir() else None
+    if latest is None:
+        raise FileNotFoundError(
+            f"{path} is neither a checkpoint ({METADATA_FILE}) nor a directory of complete checkpoints"
+        )
+    return latest
 
 
 def check_library_pickles(path: str | Path) -> None:

@@ -12,16 +12,11 @@ the optimizer state) on 32 ranks costs about 2 s at save and at load. The manife
 damage (cut-off copies, bit rot), not against someone who can write the directory: that person can
 rewrite the manifest too, hence the pickle rules below apply to every checkpoint regardless.
 
-**Pickles.** Nothing in a checkpoint directory is unpickled without restriction:
-- our per-rank files: ``torch.load(weights_only=True)``; files written before this change hold
-  NumPy's RNG state as an ndarray, so NumPy's array reconstruction types are allow-listed for them;
-- torch DCP's ``.metadata`` (read by the library with a plain ``pickle.load``): first read here
-  by :class:`RestrictedUnpickler`, which only resolves DCP's own dataclasses and enums, ``torch.Size``,
-  dtypes/layouts/memory formats and a few builtins; a file naming anything else is refused before the
-  library opens it;
-- Megatron's ``common.pt``: its pickled globals are listed without executing anything
-  (``torch.serialization.get_unsafe_globals_in_checkpoint``) and must be none, and torch >= 2.6 loads it
-  ``weights_only`` by default.
+**Pickles.** Nothing in a checkpoint directory is unpickled without restriction: our per-rank
+files are read with ``torch.load(weights_only=True)`` (files written before this change hold NumPy's
+RNG state as an ndarray, so NumPy's array reconstruction types are allow-listed for them); what the
+libraries read (DCP's ``.metadata``, Megatron's ``common.pt``) is checked first by the rules of
+``models/safe_load.py``, re-exported here.
 What remains: the library re-reads ``.metadata`` after our check, so a file swapped in between
 (by someone with write access to the directory during the load) would be unpickled by it.
 """
