@@ -118,23 +118,17 @@ def _window(n: int, window_size: tuple[int, int]) -> torch.Tensor:
     return allowed
 
 
-def varlen_attention_rules(calls: list[dict]) -> object:
-    """A CPU stand-in for ``torch.nn.attention.varlen.varlen_attn`` with its documented semantics;
-    each call's arguments are appended to ``calls``."""
+def varlen_attention_rules(calls: list[dict], torch_version: str = "2.13") -> object:
+    """A CPU stand-in for ``torch.nn.attention.varlen.varlen_attn`` with its documented semantics and
+    the signature of ``torch_version`` (each call's arguments are appended to ``calls``):
 
-    def varlen_attn(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        cu_seq_q: torch.Tensor,
-        cu_seq_k: torch.Tensor | None,
-        max_q: int,
-        max_k: int,
-        *,
-        scale: float | None = None,
-        window_size: tuple[int, int] = (-1, -1),
-        enable_gqa: bool = False,
-    ) -> torch.Tensor:
+    * 2.10: ``(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None)``:
+      no scale (1/sqrt(head_dim)), no window, no grouped keys;
+    * 2.11: keyword-only ``return_aux``, ``scale``, ``window_size`` (no ``enable_gqa``);
+    * 2.13: also ``enable_gqa`` (and paged-cache arguments the model does not use).
+    A keyword the version lacks is a TypeError, as Python raises it."""
+
+    def attend(query, key, value, cu_seq_q, cu_seq_k, max_q, scale, window_size, enable_gqa):
         calls.append({"cu_dtype": cu_seq_q.dtype, "max_q": max_q, "window_size": window_size, "gqa": enable_gqa})
         if cu_seq_q.dtype != torch.int32 or (cu_seq_k is not None and cu_seq_k.dtype != torch.int32):
             raise RuntimeError("cu_seq_q and cu_seq_k must be int32")
@@ -151,5 +145,45 @@ def varlen_attention_rules(calls: list[dict]) -> object:
             q = query[start:end] * (scale * math.sqrt(query.shape[-1]) if scale is not None else 1.0)
             out[start:end] = _attend(q, key[start:end], value[start:end], _window(end - start, window_size))
         return out
+
+    if torch_version == "2.10":
+
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):  # noqa: ANN001, ANN202
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, None, (-1, 0) if is_causal else (-1, -1), False)
+
+    elif torch_version == "2.11":
+
+        def varlen_attn(  # noqa: ANN202
+            query,
+            key,
+            value,
+            cu_seq_q,
+            cu_seq_k,
+            max_q,
+            max_k,
+            *,
+            return_aux=None,
+            scale=None,
+            window_size=(-1, -1),  # noqa: ANN001
+        ):
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, scale, window_size, False)
+
+    else:
+
+        def varlen_attn(  # noqa: ANN202
+            query: torch.Tensor,
+            key: torch.Tensor,
+            value: torch.Tensor,
+            cu_seq_q: torch.Tensor,
+            cu_seq_k: torch.Tensor | None,
+            max_q: int,
+            max_k: int,
+            *,
+            return_aux: object = None,
+            scale: float | None = None,
+            window_size: tuple[int, int] = (-1, -1),
+            enable_gqa: bool = False,
+        ) -> torch.Tensor:
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, scale, window_size, enable_gqa)
 
     return varlen_attn

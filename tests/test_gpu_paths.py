@@ -91,31 +91,73 @@ def test_decoder_documents_are_exact_under_transformer_engine_rules(windowed):
     assert all(call == "thd" for e in emulators for call in e.calls) and emulators[0].calls
 
 
-def test_decoder_documents_are_exact_under_torchs_varlen_kernel_rules(windowed, monkeypatch):
+@pytest.fixture(scope="module")
+def unwindowed(megatron_single_process):
+    config = tiny_config()
+    return config, hf_model(config)
+
+
+@pytest.mark.parametrize("torch_version", ["2.10", "2.11", "2.13"])
+def test_decoder_documents_are_exact_under_torchs_varlen_kernel_rules(request, monkeypatch, torch_version):
     """On a GPU without TE, the local spec's attention is one call of torch's varlen flash kernel per
-    layer: the decoder's causal with int32 ``cu_seqlens``, the window as (left, 0), GQA by
-    ``enable_gqa``; the vision encoder's per image without a mask, (-1, -1). With the kernel's
-    documented rules emulated, packed documents equal transformers document by document."""
+    layer: the decoder's causal with int32 ``cu_seqlens``, the vision encoder's per image without a
+    mask. Its signature differs by torch version (issue #27: every arguments passed by keyword it
+    takes, ``scale`` on 2.10 crashed the first vision layer): the window as (left, 0) where the
+    signature has one (2.11+; on 2.10 a windowed model keeps the SDPA path), GQA by ``enable_gqa``
+    where it exists (2.13), the keys repeated elsewhere. With the kernel's documented rules emulated,
+    packed documents equal transformers document by document."""
     from megatron_vlm.backbones import attention as packed_attention
 
-    config, hf = windowed
+    windowed = torch_version != "2.10"  # 2.10's kernel has no window: such a model does not call it
+    config, hf = request.getfixturevalue("windowed" if windowed else "unwindowed")
     model = _model(config, hf)
     calls: list[dict] = []
-    rules = varlen_attention_rules(calls)
+    rules = varlen_attention_rules(calls, torch_version)
     signature = frozenset(inspect.signature(rules).parameters)
     monkeypatch.setattr(packed_attention, "_varlen_attention", lambda: (rules, signature))
-    monkeypatch.setattr(packed_attention, "use_varlen_kernel", lambda query, dropout, window: True)
+    # The kernel's own conditions but CUDA and 16-bit: a window only where the signature takes one.
+    monkeypatch.setattr(
+        packed_attention,
+        "use_varlen_kernel",
+        lambda query, dropout, window: window is None or "window_size" in signature,
+    )
     documents = make_batch(config)
     inputs, lengths = packed_documents(documents)
     with torch.no_grad():
         ours = gather_logits(model(**inputs), config.text.vocab_size)
     assert max(document_errors(ours, hf_logits(hf, documents), lengths)) <= 1e-4
     assert len(calls) == config.vision.num_layers + config.text.num_layers
+    decoder = (torch.int32, (7, 0) if windowed else (-1, 0), torch_version == "2.13")
     assert {(c["cu_dtype"], c["window_size"], c["gqa"]) for c in calls} == {
         (torch.int32, (-1, -1), False),  # the vision encoder: images of its own heads, no mask
-        (torch.int32, (7, 0), True),
+        decoder,
     }
     assert calls[-1]["max_q"] == 48
+
+
+def test_a_scale_the_varlen_kernel_cannot_take_goes_into_the_queries(megatron_single_process, monkeypatch):
+    """torch 2.10's kernel has no ``scale``: an attention with another scale than 1/sqrt(head_dim)
+    scales its queries instead, and equals the per-sequence SDPA path."""
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_vlm.backbones import attention as packed_attention
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=8, attention_dropout=0.0
+    )
+    attention = packed_attention.PackedSequenceAttention(config, 1, AttnMaskType.causal, "self", softmax_scale=0.11)
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(9, heads, 8, generator=generator) for heads in (4, 2, 2))
+    params = packed_attention.packed_seq_params(torch.tensor([4, 5]))
+    reference = attention(query, key, value, None, packed_seq_params=params)
+    calls: list[dict] = []
+    rules = varlen_attention_rules(calls, "2.10")
+    monkeypatch.setattr(
+        packed_attention, "_varlen_attention", lambda: (rules, frozenset(inspect.signature(rules).parameters))
+    )
+    monkeypatch.setattr(packed_attention, "use_varlen_kernel", lambda query, dropout, window: True)
+    assert (attention(query, key, value, None, packed_seq_params=params) - reference).abs().max() <= 1e-5 and calls
 
 
 def test_varlen_kernel_only_where_it_runs():

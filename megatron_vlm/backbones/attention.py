@@ -221,9 +221,17 @@ class PackedSequenceAttention(MegatronModule):
     def _varlen(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params: PackedSeqParams
     ) -> torch.Tensor:
-        """All sequences in one flash-attention call (torch's varlen kernel): causal (and windowed) or not."""
+        """All sequences in one flash-attention call (torch's varlen kernel): causal (and windowed) or
+        not. Its keyword arguments differ by torch version (2.10: ``is_causal`` only; 2.11: ``scale``
+        and ``window_size``; 2.13: also ``enable_gqa``), so each is passed only where the installed
+        signature takes it: a scale it cannot take is folded into the queries (its default is
+        1/sqrt(head_dim)), grouped keys it cannot take are repeated to every query head."""
         varlen_attn, accepts = _varlen_attention()  # type: ignore[misc]
-        kwargs: dict[str, Any] = {"scale": self.softmax_scale}
+        kwargs: dict[str, Any] = {}
+        if "scale" in accepts:
+            kwargs["scale"] = self.softmax_scale
+        elif self.softmax_scale != 1.0 / math.sqrt(self.head_dim):
+            query = query * (self.softmax_scale * math.sqrt(self.head_dim))
         if self.groups != self.heads:
             if "enable_gqa" in accepts:
                 kwargs["enable_gqa"] = True
@@ -232,7 +240,7 @@ class PackedSequenceAttention(MegatronModule):
                 value = value.repeat_interleave(self.heads // self.groups, dim=1)
         if "window_size" in accepts:  # (left, right): (-1, 0) is plain causal, (-1, -1) no mask
             kwargs["window_size"] = (-1 if self.window is None else self.window, 0 if self.causal else -1)
-        else:  # an older signature: causal by flag (use_varlen_kernel refused a window)
+        else:  # causal by flag (use_varlen_kernel refused a window)
             kwargs["is_causal"] = self.causal
         cu = params.cu_seqlens_q.to(torch.int32)
         longest = int(params.max_seqlen_q)
