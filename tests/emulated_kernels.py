@@ -15,6 +15,8 @@ from; none stands in for a library in production code.
   With ``thd`` and a causal type, the config's ``window_size`` (left, right) keeps the keys
   ``i - left <= j <= i + right`` of query ``i`` (TE's sliding-window rule, ``get_full_mask`` /
   ``window_size`` in transformer_engine/pytorch/attention/dot_product_attention/utils.py).
+* ``CudaArange``: ``torch.arange`` as CUDA computes it for a float range, ``start + i * step`` in
+  float32 (ATen's CUDA range kernel), where the CPU kernel accumulates in double and rounds once.
 * ``varlen_attention_rules``: torch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA only): query,
   key, value ``[t, heads, d]`` attend within ``cu_seq_q`` / ``cu_seq_k`` (int32), ``window_size``
   (left, right) with -1 for unbounded ((-1, 0) is causal), ``enable_gqa`` for fewer key/value heads,
@@ -92,6 +94,22 @@ class TeAttentionRules(MegatronModule):
                 self.calls.append("no_mask")
                 out[:, row] = _attend(q, k, v, None)
         return out.reshape(seq, batch, -1)
+
+
+class CudaArange:
+    """``torch`` for a module under test, except that an ``arange`` made for a device (``device=``
+    given) follows CUDA's float32 rule, as it would on a GPU."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(torch, name)
+
+    @staticmethod
+    def arange(*args: float, device: object = None, dtype: torch.dtype | None = None, **kwargs: object) -> torch.Tensor:
+        reference = torch.arange(*args, dtype=dtype, **kwargs)
+        if device is None or not reference.is_floating_point() or len(args) != 3:
+            return reference.to(device) if device is not None else reference
+        start, step = (torch.tensor(value, dtype=reference.dtype) for value in (args[0], args[2]))
+        return start + torch.arange(reference.numel(), dtype=reference.dtype) * step
 
 
 def te_decoder_attention_rules(config: object, layer_number: int) -> TeAttentionRules:

@@ -160,6 +160,27 @@ def test_a_scale_the_varlen_kernel_cannot_take_goes_into_the_queries(megatron_si
     assert (attention(query, key, value, None, packed_seq_params=params) - reference).abs().max() <= 1e-5 and calls
 
 
+def test_vision_position_ids_do_not_depend_on_the_device(monkeypatch):
+    """SigLIP's position buckets: the boundaries made where the pixels are would follow CUDA's
+    float32 arange, which shifts the position ids of some grids (9, 18 and 27 patches on a 27-patch
+    side, issue #27); made on the host they are transformers' for every grid."""
+    from emulated_kernels import CudaArange
+
+    from megatron_vlm.backbones import siglip
+
+    side = 27
+    masks = [torch.ones(1, rows, cols, dtype=torch.bool) for rows in range(1, side + 1) for cols in (1, rows)]
+    expected = [siglip.bucketized_position_ids(mask, side) for mask in masks]
+    monkeypatch.setattr(siglip, "torch", CudaArange())
+    shifted = [
+        rows
+        for mask, ids in zip(masks, expected, strict=True)
+        if not torch.equal(siglip.bucketized_position_ids(mask, side), ids)
+        for rows in [mask.shape[1]]
+    ]
+    assert not shifted, f"grids of {sorted(set(shifted))} rows get other position ids on a GPU"
+
+
 def test_varlen_kernel_only_where_it_runs():
     """torch's varlen kernel: CUDA, 16-bit, no dropout; elsewhere the per-sequence SDPA path."""
     from megatron_vlm.backbones.attention import _varlen_attention, use_varlen_kernel

@@ -49,7 +49,10 @@ def bucketized_position_ids(patch_mask: torch.Tensor, patches_per_side: int) -> 
     """Position-table index of every patch: [images, h, w] bool -> [images, h*w] long (0 for padding)."""
     images, max_h, max_w = patch_mask.shape
     device = patch_mask.device
-    boundaries = torch.arange(1 / patches_per_side, 1.0, 1 / patches_per_side, device=device)
+    # Made on the host, as transformers makes them: CUDA's arange accumulates in float32 where the
+    # CPU's uses double, which moves some boundaries by one ulp and shifts whole rows of position
+    # ids (grids of 9, 18 or 27 patches of a 27-patch table; issue #27).
+    boundaries = torch.arange(1 / patches_per_side, 1.0, 1 / patches_per_side).to(device)
     rows = patch_mask[:, :, 0].sum(dim=1)
     cols = patch_mask[:, 0, :].sum(dim=1)
     frac_h = torch.arange(max_h, device=device, dtype=torch.float32)[None, :] * (1.0 / rows)[:, None]
