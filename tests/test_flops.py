@@ -114,3 +114,15 @@ def test_vision_computes_no_padding_on_mixed_image_sizes(megatron_single_process
     analytic = sum(vision_forward_flops(config, n) for n in patches) + per_patch_embedding * (padded - sum(patches))
     assert counter.get_total_flops() == pytest.approx(analytic, rel=0.02)
     assert vision_positions(config, patches) == sum(patches)
+    # The loader's batches carry their images' sizes on the host (issue #27): the count reads no
+    # pixel mask, which DALI makes on the GPU (a read there waits for every queued kernel).
+    import torch
+
+    from megatron_vlm.data.packing import PackedSequence, PackingConfig, collate
+
+    images = [torch.zeros(3, h, w) for h, w in sizes]
+    packed = collate(
+        [PackedSequence([1, 2], [0, 0], images, [0])], PackingConfig(seq_len=4, image_token_id=3, image_seq_len=1)
+    )
+    packed["pixel_attention_mask"] = packed["pixel_attention_mask"].to("meta")  # unreadable, as a sync would be
+    assert real_patches(config, packed) == patches

@@ -141,5 +141,8 @@ def collate(sequences: list[PackedSequence], config: PackingConfig, seq_len: int
     for row, sequence in enumerate(sequences):
         input_ids[row, : len(sequence.tokens)] = torch.tensor(sequence.tokens)
         documents[row, : len(sequence.document_ids)] = torch.tensor(sequence.document_ids)
-    pixel_values, pixel_mask = pad_images([image for s in sequences for image in s.images])
-    return micro_batch(input_ids, documents, pixel_values, pixel_mask, config.image_token_id)
+    images = [image for s in sequences for image in s.images]
+    pixel_values, pixel_mask = pad_images(images)
+    batch = micro_batch(input_ids, documents, pixel_values, pixel_mask, config.image_token_id)
+    batch["image_sizes"] = [tuple(image.shape[-2:]) for image in images]  # on the host, wherever the pixels are
+    return batch

@@ -6,6 +6,7 @@ Training = 3x forward."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -38,9 +39,14 @@ def decoder_forward_flops(config: ModelConfig, tokens: int, attended: int) -> fl
     )
 
 
-def real_patches(config: ModelConfig, batch: dict[str, torch.Tensor]) -> list[int]:
-    """The whole patches of each image of a micro-batch (its pixel mask's real rows x columns)."""
-    patch, mask = config.vision.patch_size, batch["pixel_attention_mask"]
+def real_patches(config: ModelConfig, batch: dict[str, Any]) -> list[int]:
+    """The whole patches of each image of a micro-batch: from the images' sizes the loader keeps on
+    the host (``image_sizes``: no read of a pixel mask that DALI made on the GPU, which would wait
+    for every queued kernel), else from the pixel mask's real rows x columns."""
+    patch = config.vision.patch_size
+    if "image_sizes" in batch:
+        return [(h // patch) * (w // patch) for h, w in batch["image_sizes"]]
+    mask = batch["pixel_attention_mask"]
     if not mask.shape[0]:
         return []
     rows = (mask[:, :, 0].sum(1) // patch).tolist()
