@@ -15,6 +15,14 @@ from; none stands in for a library in production code.
   With ``thd`` and a causal type, the config's ``window_size`` (left, right) keeps the keys
   ``i - left <= j <= i + right`` of query ``i`` (TE's sliding-window rule, ``get_full_mask`` /
   ``window_size`` in transformer_engine/pytorch/attention/dot_product_attention/utils.py).
+* ``TeLayerNormLinearRules``: Transformer Engine's fused norm + column-parallel linear
+  (``transformer_engine/pytorch/module/layernorm_linear.py``, ``_LayerNormLinear``) with
+  ``return_layernorm_output``: forward gathers the normalised slice over the sequence under sequence
+  parallelism for the GEMM and returns ln(x) gathered or as this rank's slice
+  (``return_layernorm_output_gathered``); backward reduce-scatters (SP) or all-reduces (TP) the
+  dgrad, and the gradient of the returned ln(x) is added: after the reduction when it was returned
+  as a slice (every version), before it when returned gathered in TE 2.0-2.3 (so counted TP times),
+  and not at all when returned gathered in TE 2.4+ (around lines 964-965 of 2.10's backward).
 * ``CudaArange``: ``torch.arange`` as CUDA computes it for a float range, ``start + i * step`` in
   float32 (ATen's CUDA range kernel), where the CPU kernel accumulates in double and rounds once.
 * ``varlen_attention_rules``: torch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA only): query,
@@ -94,6 +102,50 @@ class TeAttentionRules(MegatronModule):
                 self.calls.append("no_mask")
                 out[:, row] = _attend(q, k, v, None)
         return out.reshape(seq, batch, -1)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+class TeLayerNormLinearRules(torch.autograd.Function):
+    """See the module docstring. ``te_version``: "2.3" (the 2.0-2.3 rule) or "2.10" (2.4+)."""
+
+    @staticmethod
+    def forward(ctx, x, ln_weight, weight, eps, sequence_parallel, gathered, te_version, group):  # noqa: ANN001, ANN205
+        ln_local = _rms_norm(x, ln_weight, eps)
+        ln_total = ln_local
+        if sequence_parallel:
+            parts = [torch.empty_like(ln_total) for _ in range(torch.distributed.get_world_size(group))]
+            torch.distributed.all_gather(parts, ln_total.contiguous(), group=group)
+            ln_total = torch.cat(parts, dim=0)
+        ctx.save_for_backward(x, ln_weight, ln_total, weight)
+        ctx.settings = (eps, sequence_parallel, gathered, te_version, group)
+        returned = ln_total if sequence_parallel and gathered else ln_local
+        return ln_total @ weight.t(), returned.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_returned):  # noqa: ANN001, ANN205
+        x, ln_weight, ln_total, weight = ctx.saved_tensors
+        eps, sequence_parallel, gathered, te_version, group = ctx.settings
+        grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ ln_total.reshape(-1, ln_total.shape[-1])
+        dgrad = grad_out @ weight  # [total tokens, ..., in]
+        returned_gathered = sequence_parallel and gathered
+        old_rule = te_version.startswith("2.") and int(te_version.split(".")[1]) < 4
+        if returned_gathered and old_rule and grad_returned is not None:
+            dgrad = dgrad + grad_returned  # added before the reduction: every rank's copy summed
+        if sequence_parallel:
+            local = torch.empty_like(x)
+            torch.distributed.reduce_scatter_tensor(local, dgrad.contiguous(), group=group)
+        else:
+            local = dgrad.contiguous()
+            torch.distributed.all_reduce(local, group=group)
+        if not returned_gathered and grad_returned is not None:
+            local = local + grad_returned
+        with torch.enable_grad():  # the norm's backward, by autograd on the recomputed norm
+            leaf_x, leaf_w = x.detach().requires_grad_(), ln_weight.detach().requires_grad_()
+            grad_x, grad_ln = torch.autograd.grad(_rms_norm(leaf_x, leaf_w, eps), (leaf_x, leaf_w), local)
+        return grad_x, grad_ln, grad_weight.reshape(weight.shape), None, None, None, None, None
 
 
 class CudaArange:

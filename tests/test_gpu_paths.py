@@ -181,6 +181,25 @@ def test_vision_position_ids_do_not_depend_on_the_device(monkeypatch):
     assert not shifted, f"grids of {sorted(set(shifted))} rows get other position ids on a GPU"
 
 
+@pytest.mark.multiprocess
+def test_lora_on_te_layernorm_linear_gets_the_single_process_gradients_under_sequence_parallelism(tmp_path):
+    """LoRA on TE's fused norm + column-parallel linear at TP2 (issue #27): the layer's layer-norm
+    output is returned as this rank's slice and the adapter gathers it, so under both emulated TE
+    backward rules (2.0-2.3 add a gathered output's gradient before the reduce-scatter, counting it
+    TP times; 2.4+ drop it) the input, norm, weight and adapter gradients equal the single-process
+    model's, with sequence parallelism and without."""
+    import json
+
+    from parity import run_torchrun
+
+    run_torchrun("lora_te_sp_worker.py", 2, ["--out", str(tmp_path)])
+    results = json.loads((tmp_path / "result.json").read_text())
+    assert set(results) == {"sp-te2.3", "sp-te2.10", "tp-te2.3", "tp-te2.10"}
+    for case, result in results.items():
+        assert not result["gathered_output_asked"], case
+        assert result["largest"] > 1 and max(result["errors"].values()) <= 1e-5, (case, result)
+
+
 def test_varlen_kernel_only_where_it_runs():
     """torch's varlen kernel: CUDA, 16-bit, no dropout; elsewhere the per-sequence SDPA path."""
     from megatron_vlm.backbones.attention import _varlen_attention, use_varlen_kernel

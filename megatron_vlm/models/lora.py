@@ -11,7 +11,12 @@ and ``TELayerNormColumnParallelLinear``. The last fuses the pre-norm into the li
 is *not* normalised: the adapter must see the normalised activations. As Megatron-Bridge does, the
 layer is asked to also return its layer-norm output (TE's ``return_layernorm_output``; gathered
 over the sequence under sequence parallelism) and the adapter reads that. The base output is
-``ln(x) W^T`` either way, so ``W + scale * B A`` merges exactly.
+``ln(x) W^T`` either way, so ``W + scale * B A`` merges exactly. Under sequence parallelism the layer
+returns this rank's slice of ``ln(x)`` (``return_layernorm_output_gathered`` off) and the adapter
+gathers it itself, as for a plain input: TE 2.4+ drops the gradient of a *gathered* returned output
+and TE 2.0-2.3 adds it before the reduce-scatter (counted TP times), both wrong (issue #27;
+``tests/emulated_kernels.TeLayerNormLinearRules``); the slice's gradient is added after it by every
+version, as Megatron-Bridge's adapters also take it.
 
 Tensor parallelism: on a column-parallel linear, A [r, in] is replicated and B [out/tp, r] split
 like the base; on a row-parallel linear, A [r, in/tp] is split and B [out, r] replicated, with the
@@ -123,10 +128,11 @@ class LoRAAdapter(nn.Module):
         split = self.a if self.row_parallel else self.b
         set_tensor_model_parallel_attributes(split, is_parallel=True, dim=1 if self.row_parallel else 0, stride=1)
         # Under sequence parallelism the activations around the replicated factor are a slice of
-        # the sequence (unless TE hands the gathered layer-norm output): its gradient is partial.
+        # the sequence (TE's returned layer-norm output too: it is not asked gathered): its
+        # gradient is partial.
         config = base.config
         self.sequence_parallel = bool(config.sequence_parallel) and tp_size > 1
-        self.input_is_sequence_sharded = self.sequence_parallel and not kind.layernorm_input
+        self.input_is_sequence_sharded = self.sequence_parallel
         replicated = self.b if self.row_parallel else self.a
         replicated.sequence_parallel = self.sequence_parallel and (self.row_parallel or self.input_is_sequence_sharded)
         self.dropout = nn.Dropout(dropout)
@@ -168,8 +174,9 @@ def _add_adapter(base: nn.Module, adapter: LoRAAdapter, kind: LinearKind, gated:
     base.lora = adapter
     if kind.layernorm_input:
         base.return_layernorm_output = True
-        # Under sequence parallelism TE gathers ln(x) over the sequence for the GEMM anyway.
-        base.return_layernorm_output_gathered = adapter.sequence_parallel
+        # This rank's slice under sequence parallelism, gathered by the adapter: the gradient of a
+        # gathered returned output is dropped (TE 2.4+) or counted TP times (TE 2.0-2.3).
+        base.return_layernorm_output_gathered = False
 
     def add_low_rank(module: nn.Module, args: tuple, output: tuple) -> tuple:
         result, bias, layernorm_output = _split_output(output)
