@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check: one command that, on a machine with one GPU (an H100/H200: under 9 minutes), installs
-# what the machine lacks from wheels beside the checkout, records the machine, builds the bundled
-# data, runs the full trainer as one process (tiny preset in bf16 and in torch FP8, small preset),
-# `pytest -m gpu` and bench/gpu_proxy.py (with its per-part time breakdown and torch.compile variants).
+# The GPU check: one command that, on a machine with one GPU (an H100/H200: 9 minutes), installs what
+# the machine lacks from wheels beside the checkout, records the machine, runs `pytest -m gpu` and
+# bench/gpu_proxy.py (with its per-part time breakdown and torch.compile variants) first, then builds
+# the bundled data and runs the full trainer as one process (tiny preset in bf16 and in torch FP8,
+# scored on the tiny VQAv2 at the end: generation on the GPU; small preset; a resume).
 #
 #   bash bench/gpu_check.sh OUTDIR [--dry-run] [--pack DIR] [--only STEP,...] [--limit SECONDS] [--cpu]
 #
@@ -18,9 +19,15 @@
 # and appends "step rc seconds" to OUTDIR/summary.txt when it ends, so a call cut short still
 # leaves what ran. At a step's limit its processes get SIGUSR2 first: the trainer and pytest dump
 # every thread's Python stack on it (megatron_vlm/train.py, tests/conftest.py), so a hang shows
-# where it hangs; SIGKILL follows 10 s later. The whole script also keeps to a budget
-# (GPU_CHECK_BUDGET, default 540 s): later steps get what is left. A failing step does not stop the
-# ones after it; the exit status is non-zero if any step failed, timed out or was not reached.
+# where it hangs; SIGKILL follows 10 s later. The steps' limits add up to the whole script's budget
+# (GPU_CHECK_BUDGET, default 540 s: a device call's 600 s less start-up); should a step end early,
+# nothing is lost, and a smaller budget cuts the later steps. A failing step does not stop the ones
+# after it; the exit status is non-zero if any step failed, timed out or was not reached.
+#
+# DALI (its cu130 wheel is ~190 MB, a device call carries 64 MiB) can travel in parts over successive
+# calls on a warm machine: .whl/<wheel>.part-aa, -ab, ... (each carried by its own call: carried paths
+# replace only themselves, parts already there stay) and .whl/<wheel>.sha256; the install step joins
+# them, checks the sha256 and installs the wheel (docs/gpu.md).
 #
 # Environment: PYTHON (default python3: the device machine has no `python`), WHEELS (default
 # .whl/ in the checkout), GPU_CHECK_SITE (where wheels are installed, default /tmp/gpu_check_site),
@@ -136,7 +143,18 @@ print("fp8 backend (auto):", backend.fp8_backend("auto"), "| distributed backend
 if not torch.cuda.is_available() and os.environ.get("GPU_CHECK_CPU") != "1":
     sys.exit("torch sees no CUDA device: this check needs a GPU (--cpu runs its mechanics without one)")'
 
-add_step install 30 "set -e; shopt -s nullglob; wheels=($WHEELS/*.whl)
+add_step install 25 "set -e; shopt -s nullglob
+for sums in $WHEELS/*.whl.sha256; do  # a wheel carried in parts over several calls: joined and checked
+    wheel=\${sums%.sha256}; parts=(\$wheel.part-*)
+    [[ -f \$wheel || \${#parts[@]} -eq 0 ]] && continue
+    cat \"\${parts[@]}\" > \$wheel.joining
+    if [[ \$(sha256sum < \$wheel.joining | cut -d' ' -f1) == \$(cut -d' ' -f1 < \$sums) ]]; then
+        mv \$wheel.joining \$wheel; echo \"joined \${#parts[@]} parts into \${wheel##*/} (sha256 ok)\"
+    else
+        rm \$wheel.joining; echo \"\${wheel##*/}: its \${#parts[@]} parts do not match its sha256 (a part missing?): not installed\"
+    fi
+done
+wheels=($WHEELS/*.whl)
 if ((\${#wheels[@]})); then
     echo \"installing \${#wheels[@]} wheel(s) into $SITE: \${wheels[*]##*/}\"
     $PYTHON -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE \"\${wheels[@]}\"
@@ -147,7 +165,7 @@ $PYTHON - <<'PY'
 $IMPORTS_PY
 PY"
 
-add_step machine 45 "date -u; uname -a; nproc; free -g | head -n 2; df -h /tmp | tail -n 1; command -v $PYTHON python || true
+add_step machine 15 "date -u; uname -a; nproc; free -g | head -n 2; df -h /tmp | tail -n 1; command -v $PYTHON python || true
 nvidia-smi || echo \"nvidia-smi failed (rc \$?)\"
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv || true
 env | grep -E '^(CUDA|NCCL|TORCH|PYTHON|HF_)' | sort
@@ -155,33 +173,11 @@ $PYTHON - <<'PY'
 $MACHINE_PY
 PY"
 
-# As slurm/pretrain_idefics2.sh builds the bundled dataset for the tiny run config.
-add_step data 45 "set -e; for name in interleaved pairs pages; do
-    echo \"building \$name\"
-    stdbuf -oL -eL $PYTHON tools/preprocess_data.py examples/data/\$name.jsonl --out $WORK/data/\$name --samples-per-shard 4 \\
-        --validation-fraction 0.25 --validation-seed 7
-done
-$PYTHON examples/benchmarks/build.py $WORK/data/benchmarks  # the tiny run is scored on VQAv2 at its end"
-
-# The full trainer as one process (no torchrun: NCCL does not put two ranks on one GPU). 20 steps,
-# checkpoints at 10 and 20; results.json comes back beside the log.
-trainer_step() {  # NAME LIMIT OVERRIDES...
-    local name=$1 limit=$2 run=$WORK/runs/$1
-    shift 2
-    add_step "$name" "$limit" "stdbuf -oL -eL $PYTHON -m megatron_vlm.train --config examples/tiny_cpu.yaml \\
-    data.root=$WORK/data training.output_dir=$run training.train_steps=20 training.log_interval=5 \\
-    training.save_interval=10 $*
-rc=\$?; cp $run/results.json $OUTDIR/$name.results.json 2>/dev/null
-echo \"latest checkpoint: \$(cat $run/checkpoints/latest 2>/dev/null || echo none)\"; exit \$rc"
-}
-trainer_step train_tiny_bf16 75 precision.params_dtype=bfloat16
-trainer_step train_tiny_fp8 75 precision.params_dtype=bfloat16 precision.fp8=hybrid precision.fp8_backend=torch
-trainer_step train_small 75 model=small precision.params_dtype=bfloat16
 # Every gpu-marked test (skipped with the reason where TE etc. is absent); a test running past
 # 100 s dumps its stacks (pytest's faulthandler_timeout). -s: output reaches the log as it comes,
 # and the SIGUSR2 stack dump (tests/conftest.py) is not held in pytest's capture when killed. A test
 # module that cannot be imported on that image must not keep the gpu tests of the others from running.
-add_step pytest_gpu 210 "stdbuf -oL -eL $PYTHON -m pytest -m gpu -v -s -rs -p no:cacheprovider -o faulthandler_timeout=100 \\
+add_step pytest_gpu 180 "stdbuf -oL -eL $PYTHON -m pytest -m gpu -v -s -rs -p no:cacheprovider -o faulthandler_timeout=100 \\
     --continue-on-collection-errors --durations=10 --junitxml=$OUTDIR/pytest_gpu.xml tests"
 
 # bf16 and FP8, then both again with torch.compile (norms, SwiGLU, the FP8 casts), each with its
@@ -190,14 +186,41 @@ add_step pytest_gpu 210 "stdbuf -oL -eL $PYTHON -m pytest -m gpu -v -s -rs -p no
 # step's limit less 15 s: a configuration that would not finish is skipped and reported, and
 # the results are written after each one. --cpu: tiny widths (--smoke), no compile (minutes on CPU).
 if ((CPU)); then PROXY_ARGS=--smoke; else PROXY_ARGS="--compile --steps 5 --warmup 2 --profile-steps 1"; fi
-add_step gpu_proxy 170 "stdbuf -oL -eL $PYTHON bench/gpu_proxy.py --out-dir $OUTDIR $PROXY_ARGS \\
+add_step gpu_proxy 110 "stdbuf -oL -eL $PYTHON bench/gpu_proxy.py --out-dir $OUTDIR $PROXY_ARGS \\
     --time-budget \$((GPU_CHECK_STEP_LIMIT - 15))"
 
-# Last (the budget goes to the measurements first): the bf16 run resumed to step 30 with the distributed optimizer: the model-space optimizer state
-# (CUDA tensors, NCCL sums) and the data stream load on a GPU, the background saves publish.
-add_step train_tiny_bf16_resume 60 "stdbuf -oL -eL $PYTHON -m megatron_vlm.train --config examples/tiny_cpu.yaml \\
+# As slurm/pretrain_idefics2.sh builds the bundled dataset for the tiny run config.
+add_step data 15 "set -e; $PYTHON - <<'PY'
+from pathlib import Path
+from megatron_vlm.data.preprocess import preprocess  # one process for the three sources
+for name in ('interleaved', 'pairs', 'pages'):
+    report = preprocess([Path('examples/data/' + name + '.jsonl')], Path('$WORK/data/' + name), samples_per_shard=4,
+                        validation_fraction=0.25, validation_seed=7, progress=False)
+    print(name, report.written, 'samples written')
+PY
+# The tiny runs are scored on VQAv2 at their end (needs pyarrow for the Hub layout; without it they skip it).
+$PYTHON examples/benchmarks/build.py $WORK/data/benchmarks --benchmarks vqav2 || echo 'benchmarks not built: the runs skip them'"
+
+# The full trainer as one process (no torchrun: NCCL does not put two ranks on one GPU). 20 steps,
+# checkpoints at 10 and 20; results.json comes back beside the log.
+trainer_step() {  # NAME LIMIT OVERRIDES...
+    local name=$1 limit=$2 run=$WORK/runs/$1
+    shift 2
+    add_step "$name" "$limit" "stdbuf -oL -eL $PYTHON -m megatron_vlm.train --config examples/tiny_cpu.yaml \\
+    data.root=$WORK/data training.output_dir=$run training.train_steps=20 training.log_interval=5 \\
+    training.save_interval=10 \$([[ -d $WORK/data/benchmarks ]] || echo training.benchmarks.interval=0) $*
+rc=\$?; cp $run/results.json $OUTDIR/$name.results.json 2>/dev/null
+echo \"latest checkpoint: \$(cat $run/checkpoints/latest 2>/dev/null || echo none)\"; exit \$rc"
+}
+trainer_step train_tiny_bf16 50 precision.params_dtype=bfloat16
+trainer_step train_tiny_fp8 45 precision.params_dtype=bfloat16 precision.fp8=hybrid precision.fp8_backend=torch
+trainer_step train_small 45 model=small precision.params_dtype=bfloat16 training.benchmarks.interval=0
+# Last: the bf16 run resumed to step 30 with the distributed optimizer: the model-space optimizer
+# state (CUDA tensors, NCCL sums) and the data stream load on a GPU, the background saves publish.
+add_step train_tiny_bf16_resume 55 "stdbuf -oL -eL $PYTHON -m megatron_vlm.train --config examples/tiny_cpu.yaml \\
     data.root=$WORK/data training.output_dir=$WORK/runs/train_tiny_bf16 training.train_steps=30 \\
     training.log_interval=5 training.save_interval=10 precision.params_dtype=bfloat16 training.distributed_optimizer=true \\
+    \$([[ -d $WORK/data/benchmarks ]] || echo training.benchmarks.interval=0) \\
     2>&1 | tee $OUTDIR/train_tiny_bf16_resume.out; rc=\${PIPESTATUS[0]}
 grep -q 'resumed from .*iter_0000020 at step 20' $OUTDIR/train_tiny_bf16_resume.out || { echo 'did not resume from step 20'; rc=1; }
 echo \"latest checkpoint: \$(cat $WORK/runs/train_tiny_bf16/checkpoints/latest 2>/dev/null || echo none)\"; exit \$rc"
@@ -221,7 +244,19 @@ if ((DRY_RUN)); then
         echo "[$((i + 1))/${#NAMES[@]}] ${NAMES[i]} (limit ${LIMITS[i]} s)"
         printf '%s\n' "${COMMANDS[i]}" | sed 's/^/    /'
     done
+    total=0
+    for limit in "${LIMITS[@]}"; do total=$((total + limit)); done
     echo
+    echo "the steps' limits add up to $total s; the budget is $BUDGET s"
+    dali="no (no DALI wheel in $WHEELS)"
+    compgen -G "$WHEELS/nvidia_dali*.whl" >/dev/null && dali="yes ('mixed' decoding: the DALI test of pytest -m gpu)"
+    compgen -G "$WHEELS/nvidia_dali*.whl.part-*" >/dev/null && dali="if its parts in $WHEELS are complete (checked by sha256 when joined)"
+    echo "exercises: pytest -m gpu (trainer on one GPU in bf16 and torch FP8, generation, the varlen kernel, SigLIP"
+    echo "  position ids, LoRA on local linears, conversion), the 8B-width proxy (bf16, FP8, torch.compile), the full"
+    echo "  trainer (tiny bf16 scored on VQAv2 by generation, tiny torch FP8, small, a resume with the distributed optimizer)"
+    echo "DALI: $dali"
+    echo "does not exercise: Transformer Engine (transformer-engine-torch has no binary wheel: its tests skip, naming"
+    echo "  the reason), NCCL across GPUs and pipeline stages on GPUs (one GPU), apex"
     echo "dry run: nothing was run"
     exit 0
 fi

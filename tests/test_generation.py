@@ -70,7 +70,7 @@ def cache_free_greedy(model, config, inputs, new_tokens: int) -> list[list[int]]
     argmax at its last position."""
     document_ids = inputs["document_ids"]
     lengths = (document_ids >= 0).sum(dim=1).tolist()
-    rows = [inputs["input_ids"][row, :length].tolist() for row, length in enumerate(lengths)]
+    rows = [inputs["input_ids"][row, :length].tolist() for row, length in enumerate(lengths)]  # on the host
     generated = [[] for _ in rows]
     for _ in range(new_tokens):
         longest = max(len(r) + len(g) for r, g in zip(rows, generated, strict=True))
@@ -79,9 +79,14 @@ def cache_free_greedy(model, config, inputs, new_tokens: int) -> list[list[int]]
         for row, (prompt, tail) in enumerate(zip(rows, generated, strict=True)):
             input_ids[row, : len(prompt) + len(tail)] = torch.tensor(prompt + tail)
             documents[row, : len(prompt) + len(tail)] = 0
+        device = inputs["pixel_values"].device
         batch = forward_inputs(
             micro_batch(
-                input_ids, documents, inputs["pixel_values"], inputs["pixel_attention_mask"], config.image_token_id
+                input_ids.to(device),
+                documents.to(device),
+                inputs["pixel_values"],
+                inputs["pixel_attention_mask"],
+                config.image_token_id,
             )
         )
         with torch.no_grad():

@@ -136,3 +136,67 @@ def test_te_fp8_step_with_odd_patch_counts(tiny):
             losses.setdefault(fp8, []).append(float(loss))
     for ours, reference in zip(losses["hybrid"], losses[None], strict=True):
         assert ours == pytest.approx(reference, rel=0.05)
+
+
+def test_decoder_syncs_do_not_grow_with_its_layers(megatron_single_process):
+    """Issue #27 on a GPU, under torch's sync debug mode: the synchronising calls of a forward (the
+    layout's one read of the document ids, the vision lengths) do not grow with the decoder's layers
+    (RoPE per packed token; Megatron's THD RoPE read ``cu_seqlens`` back in every layer)."""
+    import dataclasses
+    import warnings
+
+    syncs = {}
+    for layers in (2, 4):
+        base = tiny_config()
+        config = dataclasses.replace(base, text=dataclasses.replace(base.text, num_layers=layers))
+        model = _model(config, hf_model(config), PrecisionConfig(params_dtype="bfloat16", use_transformer_engine=False))
+        inputs = _on_gpu(megatron_inputs(make_batch(config)))
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model(**inputs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs[layers] = sum("synchroniz" in str(warning.message) for warning in caught)
+    assert syncs[2] == syncs[4], syncs
+
+
+def test_siglip_position_ids_on_the_gpu_are_the_cpus():
+    """Issue #27: the bucket boundaries are made on the host; made with CUDA's float32 arange they
+    shifted the position ids of some grids (9/18/27 patches of 27, 10/20/35/... of 70)."""
+    from megatron_vlm.backbones.siglip import bucketized_position_ids
+
+    for side in (27, 70):
+        for rows in range(1, side + 1):
+            for cols in {1, rows, side}:
+                mask = torch.ones(1, rows, cols, dtype=torch.bool)
+                expected = bucketized_position_ids(mask, side)
+                assert torch.equal(bucketized_position_ids(mask.cuda(), side).cpu(), expected), (side, rows, cols)
+
+
+def test_generation_with_the_kv_cache_on_the_gpu(megatron_single_process):
+    """Greedy generation with the KV cache on a GPU (fp32, TF32 off) equals the cache-free loop over
+    the model's full forward on the same GPU (the 24-token parity with transformers runs on CPU)."""
+    import dataclasses
+
+    from test_generation import cache_free_greedy, prompts_of
+
+    from megatron_vlm.config import ParallelConfig, load_model_preset
+    from megatron_vlm.conversion.verify import true_float32
+    from megatron_vlm.inference.generate import GenerationConfig, generate
+    from megatron_vlm.inference.prompts import prompt_encoder
+    from megatron_vlm.models.idefics2 import build_model_chunks
+
+    base = load_model_preset("tiny")
+    config = dataclasses.replace(base, text=dataclasses.replace(base.text, sliding_window=6))
+    torch.manual_seed(0)
+    (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig(use_transformer_engine=False))
+    with torch.no_grad():
+        model.language_model.output_layer.weight.mul_(8.0)
+    model.eval()
+    inputs = _on_gpu(prompts_of(prompt_encoder(config)))
+    with true_float32():
+        ours = generate([model], inputs, GenerationConfig(max_new_tokens=12))
+        reference = cache_free_greedy(model, config, inputs, 12)
+    assert [out.token_ids for out in ours] == reference

@@ -200,6 +200,37 @@ def test_lora_on_te_layernorm_linear_gets_the_single_process_gradients_under_seq
         assert result["largest"] > 1 and max(result["errors"].values()) <= 1e-5, (case, result)
 
 
+def test_the_decoder_reads_nothing_back_per_layer(megatron_single_process, monkeypatch):
+    """RoPE over the packed documents comes per token, from the positions (issue #27): Megatron's THD
+    RoPE read ``cu_seqlens`` back on the host for q and k in every layer (a device sync each on a
+    GPU). The host reads of a forward (``tolist`` / ``item``) no longer grow with the decoder's
+    layers. Megatron's RNG tracker compares host RNG states in every attention (CPU tensors, no
+    device sync): those are not counted."""
+    import dataclasses
+    import sys
+
+    reads = {}
+    for layers in (2, 4):
+        base = tiny_config()
+        config = dataclasses.replace(base, text=dataclasses.replace(base.text, num_layers=layers))
+        (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
+        inputs = megatron_inputs(make_batch(config))
+        count = reads[layers] = [0]
+        with monkeypatch.context() as patch:
+            for name in ("tolist", "item"):
+                original = getattr(torch.Tensor, name)
+
+                def counted(self, *args, _original=original, _count=count, **kwargs):
+                    caller = sys._getframe(1).f_code.co_filename
+                    _count[0] += not caller.endswith("tensor_parallel/random.py")
+                    return _original(self, *args, **kwargs)
+
+                patch.setattr(torch.Tensor, name, counted)
+            with torch.no_grad():
+                model.eval()(**inputs)
+    assert reads[2] == reads[4], reads
+
+
 def test_varlen_kernel_only_where_it_runs():
     """torch's varlen kernel: CUDA, 16-bit, no dropout; elsewhere the per-sequence SDPA path."""
     from megatron_vlm.backbones.attention import _varlen_attention, use_varlen_kernel

@@ -11,7 +11,8 @@ LAYOUTS = {
     "tp1pp1": (1, ["--tp", "1", "--pp", "1", "--large-images"]),
     "tp2pp1": (2, ["--tp", "2", "--pp", "1", "--large-images"]),
     # Stage 0 carries vision + connector, so it gets 1 decoder layer and stage 1 the other 3.
-    "tp2pp2": (4, ["--tp", "2", "--pp", "2", "--first-stage-layers", "1", "--large-images"]),
+    # Pipeline sends counted (issue #27): no shape exchange, no device sync, batched as on GPUs.
+    "tp2pp2": (4, ["--tp", "2", "--pp", "2", "--first-stage-layers", "1", "--large-images", "--count-syncs"]),
     # Sequence parallelism in the decoder (images spliced into the whole sequence, then split).
     "tp2pp2-sp": (4, ["--tp", "2", "--pp", "2", "--first-stage-layers", "1", "--sequence-parallel"]),
     "pp2vpp2": (2, ["--tp", "1", "--pp", "2", "--vpp", "2"]),
@@ -129,6 +130,15 @@ def test_pipeline_placement(results):
     assert by_stage[1]["has_vision"] == [False] and by_stage[1]["decoder_layers"] == [3]
     vpp = {r["pp_rank"]: r for r in results["pp2vpp2"]}
     assert vpp[0]["has_vision"] == [True, False] and vpp[1]["has_vision"] == [False, False]
+
+
+def test_pipeline_stages_send_without_shape_exchange_or_device_syncs(results):
+    """Every micro-batch of a step is packed to one length every stage computes itself: Megatron's
+    schedule sends and receives (batched, the branch CUDA takes) with no shape exchange and no
+    ``torch.cuda.synchronize``; the logits and training steps above are those of this run."""
+    for rank in results["tp2pp2"]:
+        counts = rank["sync_counts"]
+        assert counts["p2p"] > 0 and counts["shape_exchanges"] == 0 and counts["device_syncs"] == 0, rank["rank"]
 
 
 @pytest.mark.first_env_only

@@ -214,7 +214,9 @@ def test_sweep_on_local_slurm_then_table_and_plots(slurm, data_root, tmp_path):
 
     analysis = run_tool("analyze_scaling.py", str(out))
     table = (out / "scaling.md").read_text()
-    assert analysis.startswith("# Scaling results") and table.count("-gb4-mb2 |") == 3 + 3 + 3  # runs, comparison, benchmarks
+    assert (
+        analysis.startswith("# Scaling results") and table.count("-gb4-mb2 |") == 3 + 3 + 3
+    )  # runs, comparison, benchmarks
     # strong scaling: DP2 against one rank
     assert "fully_autoregressive: TP1 PP1 mb2, global batch 4 | 2 (vs 1)" in table
     comparison = table[table.index("## Comparison of variants") :]

@@ -75,13 +75,16 @@ class DocumentLayout:
     total: int  # packed length, filler included
 
     @classmethod
-    def of(cls, document_ids: torch.Tensor, multiple: int = 1, fixed: bool = False) -> DocumentLayout:
+    def of(
+        cls, document_ids: torch.Tensor, multiple: int = 1, fixed: bool = False, length: int | None = None
+    ) -> DocumentLayout:
         """``document_ids`` [b, s] (-1 padding; a row's documents contiguous) -> its layout. Reads
         the ids on the host once (one device sync per micro-batch and model chunk).
 
-        ``fixed``: the packed length is ``b x s`` (rounded up to the multiple) whatever the padding,
-        for pipelines that need one shape per run; the filler is then cut in sequences of at most
-        ``s`` tokens, so its attention costs no more than a padded row's."""
+        The packed length is the real tokens (rounded up to the multiple), or ``length`` (the
+        pipeline's one length for every micro-batch of a training step), or with ``fixed`` ``b x s``
+        whatever the padding; the filler of the last two is cut in sequences of at most ``s``
+        tokens, so its attention costs no more than a padded row's."""
         ids = document_ids.detach().cpu().reshape(-1)
         batch, seq = document_ids.shape
         real = ids >= 0
@@ -91,10 +94,15 @@ class DocumentLayout:
         first = starts[index].nonzero().squeeze(1)  # document starts, counted in real tokens
         lengths = torch.diff(first, append=torch.tensor([index.numel()]))
         wanted = batch * seq if fixed else index.numel()
+        if length is not None:
+            if length < index.numel():
+                raise ValueError(f"a packed length of {length} cannot hold the micro-batch's {index.numel()} tokens")
+            wanted = length
         total = max(-(-wanted // multiple) * multiple, multiple)
         filler = total - index.numel()
         if filler:
-            pieces = [seq] * (filler // seq) + ([filler % seq] if filler % seq else []) if fixed else [filler]
+            cut = fixed or length is not None
+            pieces = [seq] * (filler // seq) + ([filler % seq] if filler % seq else []) if cut else [filler]
             lengths = torch.cat([lengths, torch.tensor(pieces, dtype=lengths.dtype)])
         device = document_ids.device
         return cls((batch, seq), index.to(device, non_blocking=True), packed_seq_params(lengths, device), total)

@@ -118,6 +118,10 @@ def transformer_kwargs(
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
         batch_p2p_comm=backend.has_cuda(),
+        # Megatron synchronises the whole device after every batched send/receive only "to work
+        # around a bug in older versions of PyTorch" (its docstring); the torch versions supported
+        # here need none, and each sync stalls the pipeline.
+        batch_p2p_sync=False,
         **_RECOMPUTE[parallel.recompute],
     )
 

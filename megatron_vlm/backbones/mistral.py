@@ -48,10 +48,11 @@ class MistralRecipe:
             num_layers_in_first_pipeline_stage=parallel.decoder_layers_in_first_stage,
             # transformers' window: the query and sliding_window - 1 keys before it (TE's (left, right)).
             window_size=None if text.sliding_window is None else (text.sliding_window - 1, 0),
-            # Each micro-batch's packed length is its own (padding dropped): the pipeline sends shapes.
-            # Megatron-Core 0.16's interleaved schedule pairs its shape exchanges wrongly (it hangs),
-            # so with virtual stages the packed length is fixed (``Idefics2Model.pipeline_shape``).
-            variable_seq_lengths=parallel.pipeline_parallel > 1 and not parallel.virtual_pipeline,
+            # No shape exchange between pipeline stages: every micro-batch of a step is packed to one
+            # length every stage computes itself (``Idefics2Model.layout``). Megatron's variable
+            # lengths exchange shapes and synchronise the whole device at every send and receive
+            # (and 0.16's interleaved schedule pairs the exchanges wrongly: it hangs).
+            variable_seq_lengths=False,
             # No MoE here; Megatron refuses variable lengths beside its default MoE dispatcher's name.
             moe_token_dispatcher_type="alltoall",
             **common.transformer_kwargs(

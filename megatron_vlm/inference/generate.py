@@ -33,6 +33,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron_vlm.backbones.attention import KVCache
 from megatron_vlm.data.batch import MicroBatch
 from megatron_vlm.distributed import collective_device
+from megatron_vlm.models.pipeline import unwrapped
 
 STOP_REASONS = ("stop_token", "stop_string", "max_new_tokens")
 
@@ -97,19 +98,12 @@ class GenerationStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-def _unwrapped(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The model chunk inside wrappers such as Megatron's DDP (their forward hooks are not needed:
-    generation runs without gradients)."""
-    while not hasattr(chunk, "stage_tokens") and hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 class _Pipeline:
     """This rank's model chunks, run in pipeline order with point-to-point sends."""
 
     def __init__(self, chunks: Sequence[torch.nn.Module]) -> None:
-        self.chunks = [_unwrapped(chunk) for chunk in chunks]
+        # Without wrappers (DDP's hooks are for gradients: generation has none).
+        self.chunks = [unwrapped(chunk) for chunk in chunks]
         self.stages = parallel_state.get_pipeline_model_parallel_world_size()
         self.stage = parallel_state.get_pipeline_model_parallel_rank()
         parameter = next(self.chunks[0].parameters())
@@ -218,7 +212,7 @@ def generate(
             if logits is not None:
                 picked = logits[torch.arange(rows, device=device), last_position]  # [rows, V/tp]
                 full = tensor_parallel.gather_from_tensor_model_parallel_region(picked)
-                vocab = _unwrapped(chunks[-1]).vocab_size
+                vocab = unwrapped(chunks[-1]).vocab_size
                 tokens, margins = _choose(full[:, :vocab], config, generators)
             tokens, margins = _broadcast_from_last_stage(tokens, margins)  # the host waits for them
             seconds = time.perf_counter() - started

@@ -278,7 +278,6 @@ class CrossAttentionModel(Idefics2Model):
         check_cross_attention(model_config, parallel)
         super().__init__(model_config, parallel, precision, pre_process, post_process, vp_stage, initialize_weights)
         self.image_tokens = recipes_of(model_config)[1].tokens_per_image(model_config)
-        self.pipelined = parallel.pipeline_parallel > 1
         self.input_tensor: torch.Tensor | None = None
 
     def build_language_model(self, language_config: Any, use_te: bool, vp_stage: int | None) -> MegatronModule:
@@ -298,9 +297,11 @@ class CrossAttentionModel(Idefics2Model):
             },
         )
 
-    def pipeline_shape(self, micro_batch_size: int, seq_length: int) -> tuple[int, int]:
+    def pipeline_shape(
+        self, micro_batch_size: int, seq_length: int, packed_length: int | None = None
+    ) -> tuple[int, int]:
         """The packed text and, under pipeline parallelism, every row's image context slots."""
-        tokens, rows = super().pipeline_shape(micro_batch_size, seq_length)
+        tokens, rows = super().pipeline_shape(micro_batch_size, seq_length, packed_length)
         most = self.model_config.cross_attention.max_images_per_row
         return tokens + (micro_batch_size * most * self.image_tokens if self.pipelined else 0), rows
 
@@ -358,6 +359,7 @@ class CrossAttentionModel(Idefics2Model):
         pixel_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        packed_length: int | None = None,
     ) -> torch.Tensor:
         """As ``Idefics2Model.forward``; the text holds one ``<image>`` token per image. Non-last
         stages return [t + c, 1, h]: packed hidden states, then the image context.
@@ -366,7 +368,7 @@ class CrossAttentionModel(Idefics2Model):
         and each row's latest image in the cache; a new token's forward attends them (the latest
         image of its row's prompt, as transformers extends the image attention mask), so the image
         context is neither recomputed nor sent between stages then."""
-        layout = self.decoder_layout(document_ids, position_ids, cache)
+        layout = self.decoder_layout(document_ids, position_ids, cache, packed_length)
         decoding = cache is not None and cache.decoding
         rows = input_ids.shape[0]
         if decoding:

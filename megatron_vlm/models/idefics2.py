@@ -64,21 +64,29 @@ class Idefics2Model(MegatronModule):
         # RoPE's inverse frequencies (a plain tensor, not a buffer: ``.to(dtype)`` must not round them).
         self.inverse_frequencies = text.inverse_frequencies(model_config.text)
         self.token_multiple = decoder_token_multiple(language_config)
-        # The pipeline sends each micro-batch's own shape, except between virtual stages (see the
-        # text recipe's variable_seq_lengths): there the packed length is fixed.
-        self.fixed_length = parallel.pipeline_parallel > 1 and not language_config.variable_seq_lengths
+        # Pipeline stages send tensors of one shape that every stage knows without an exchange
+        # (the text recipe turns Megatron's variable_seq_lengths off): ``layout``.
+        self.pipelined = parallel.pipeline_parallel > 1
 
-    def layout(self, document_ids: torch.Tensor) -> DocumentLayout:
-        """How this micro-batch's tokens are packed for the decoder."""
-        return DocumentLayout.of(document_ids, self.token_multiple, fixed=self.fixed_length)
+    def layout(self, document_ids: torch.Tensor, packed_length: int | None = None) -> DocumentLayout:
+        """How this micro-batch's tokens are packed for the decoder: its real tokens; or, under
+        pipeline parallelism, ``packed_length`` (the training step's: every micro-batch of a step
+        the same, computed by every stage from the token ids they all hold, ``training/step.py``),
+        else the micro-batch's ``b x s``."""
+        fixed = self.pipelined and packed_length is None
+        return DocumentLayout.of(document_ids, self.token_multiple, fixed=fixed, length=packed_length)
 
     def decoder_layout(
-        self, document_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None = None
+        self,
+        document_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        packed_length: int | None = None,
     ) -> DocumentLayout:
         """``layout`` with what the decoder's attention reads from it: each packed token's RoPE
         angles (from its position in its document) and, while generating, the cache with this
         forward's tokens placed (row, position)."""
-        layout = self.layout(document_ids)
+        layout = self.layout(document_ids, packed_length)
         positions = layout.pack(position_ids)
         layout.params.rotary = rotary_embedding(positions, self.inverse_frequencies)
         if cache is not None:
@@ -93,11 +101,13 @@ class Idefics2Model(MegatronModule):
         split = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
         return layout.total // split
 
-    def pipeline_shape(self, micro_batch_size: int, seq_length: int) -> tuple[int, int]:
+    def pipeline_shape(
+        self, micro_batch_size: int, seq_length: int, packed_length: int | None = None
+    ) -> tuple[int, int]:
         """(seq_length, micro_batch_size) of the tensors the pipeline schedule sends between stages
-        for micro-batches of this size: the fixed packed length, one row. (With variable lengths
-        the schedule ignores them.)"""
-        tokens = micro_batch_size * seq_length
+        for micro-batches of this size (``layout``'s packed length: ``packed_length``, else
+        ``b x s``), one row."""
+        tokens = packed_length or micro_batch_size * seq_length
         return -(-tokens // self.token_multiple) * self.token_multiple, 1
 
     def build_language_model(self, language_config: Any, use_te: bool, vp_stage: int | None) -> MegatronModule:
@@ -152,16 +162,18 @@ class Idefics2Model(MegatronModule):
         pixel_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        packed_length: int | None = None,
     ) -> torch.Tensor:
         """input_ids [b, s]; document_ids [b, s] (-1 padding; ``data.batch``); pixel_values
         [images, C, H, W] padded with pixel_attention_mask [images, H, W]; ``cache`` while
-        generating (``inference/generate.py``).
+        generating (``inference/generate.py``); ``packed_length``: the training step's under
+        pipeline parallelism (``layout``).
 
         Returns per-token loss [b, s] when labels are given on the last stage, the
         tensor-parallel logits shard [b, s, V/tp] otherwise (zeros at padding), and the packed
         hidden states [tokens, 1, h] on other stages.
         """
-        layout = self.decoder_layout(document_ids, position_ids, cache)
+        layout = self.decoder_layout(document_ids, position_ids, cache, packed_length)
         decoder_input = None
         if self.pre_process:
             embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)

@@ -15,12 +15,19 @@ from megatron_vlm.data.batch import MicroBatch
 from megatron_vlm.models.idefics2 import gather_logits
 
 
-def pipeline_shape(chunk: torch.nn.Module, micro_batch_size: int, seq_length: int) -> tuple[int, int]:
-    """(seq_length, micro_batch_size) the pipeline schedules are given for micro-batches of this size:
-    the model chunk's (possibly wrapped, e.g. in DDP) packed layout, one row of packed tokens."""
+def unwrapped(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model chunk inside wrappers such as Megatron's DDP."""
     while not hasattr(chunk, "pipeline_shape") and hasattr(chunk, "module"):
         chunk = chunk.module
-    return chunk.pipeline_shape(micro_batch_size, seq_length)
+    return chunk
+
+
+def pipeline_shape(
+    chunk: torch.nn.Module, micro_batch_size: int, seq_length: int, packed_length: int | None = None
+) -> tuple[int, int]:
+    """(seq_length, micro_batch_size) the pipeline schedules are given for micro-batches of this size:
+    the model chunk's (possibly wrapped, e.g. in DDP) packed layout, one row of packed tokens."""
+    return unwrapped(chunk).pipeline_shape(micro_batch_size, seq_length, packed_length)
 
 
 def run_forward_only(

@@ -25,7 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_vlm.data.batch import MicroBatch
 from megatron_vlm.distributed import collective_device
-from megatron_vlm.models.pipeline import pipeline_shape, run_forward_only
+from megatron_vlm.models.pipeline import pipeline_shape, run_forward_only, unwrapped
 
 
 def wrap_ddp(
@@ -103,8 +103,26 @@ def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tens
         pixel_values=batch.get("pixel_values"),
         pixel_attention_mask=batch.get("pixel_attention_mask"),
         labels=batch["labels"],
+        packed_length=batch.get("packed_length"),
     )
     return output, partial(_loss, batch["loss_mask"])
+
+
+def step_packed_length(model: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch]) -> int | None:
+    """Under pipeline parallelism, the one packed length of every micro-batch of a step: its
+    longest micro-batch's real tokens. Every stage computes it from the document ids they all hold,
+    so the stages send tensors of a shape each knows, with no shape exchange (None without
+    pipeline parallelism: each micro-batch packs to its own length)."""
+    if not unwrapped(model[0]).pipelined:
+        return None
+    return max(int((batch["document_ids"] >= 0).sum()) for batch in micro_batches)
+
+
+def packed_positions(model: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch]) -> int:
+    """Decoder positions a step computes: each micro-batch's packed length (filler included)."""
+    chunk = unwrapped(model[0])
+    length = step_packed_length(model, micro_batches)
+    return sum(chunk.layout(batch["document_ids"], length).total for batch in micro_batches)
 
 
 def forward_backward(
@@ -114,8 +132,11 @@ def forward_backward(
 ) -> list[dict[str, torch.Tensor]]:
     """Run the pipeline schedule over the micro-batches; loss dicts come back on the last stage."""
     rows, seq = micro_batches[0]["input_ids"].shape
+    length = step_packed_length(model, micro_batches)
+    if length is not None:  # every stage packs every micro-batch of the step to this length
+        micro_batches = [{**batch, "packed_length": length} for batch in micro_batches]
     iterators = [iter(micro_batches) for _ in model] if len(model) > 1 else iter(micro_batches)
-    seq_length, micro_batch_size = pipeline_shape(model[0], rows, seq)
+    seq_length, micro_batch_size = pipeline_shape(model[0], rows, seq, length)
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iterators,

@@ -28,6 +28,11 @@ def main() -> None:
     parser.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     parser.add_argument("--sequence-parallel", action="store_true")
     parser.add_argument("--large-images", action="store_true", help="also check logits on stage-2 (980 px) images")
+    parser.add_argument(
+        "--count-syncs",
+        action="store_true",
+        help="count pipeline shape exchanges and device syncs, with the batched p2p branch a GPU takes",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -71,6 +76,24 @@ def main() -> None:
         for entry in chunk.sharded_state_dict().values()
         if hasattr(entry, "global_shape") and not entry.key.endswith("_extra_state")
     }
+
+    if args.count_syncs:  # issue #27: no shape exchange, no whole-device sync per send / receive
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+        counts = result["sync_counts"] = {"p2p": 0, "shape_exchanges": 0, "device_syncs": 0}
+
+        def counted(name: str, function: object) -> object:
+            def call(*call_args: object, **kwargs: object) -> object:
+                counts[name] += 1
+                return function(*call_args, **kwargs)
+
+            return call
+
+        P2PCommunicator._communicate = counted("p2p", P2PCommunicator._communicate)
+        P2PCommunicator._communicate_shapes = counted("shape_exchanges", P2PCommunicator._communicate_shapes)
+        torch.cuda.synchronize = counted("device_syncs", torch.cuda.synchronize)
+        for chunk in chunks:  # the batched send/receive branch CUDA takes (common.transformer_kwargs)
+            chunk.config.batch_p2p_comm = True
 
     # --- forward parity through the pipeline schedule
     batch = make_batch(config)
