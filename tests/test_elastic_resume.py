@@ -1,7 +1,11 @@
 """Elastic resume (issue #14, must-show 1): a DP4 run with the distributed optimizer and bf16
 parameters, checkpointed at step 8, resumes at DP2 and at TP2 x DP1. The samples consumed at every
 step (lane by lane: source and sample positions) equal the uninterrupted DP4 run's, and so do the
-losses, within 1e-5 relative (the data-parallel reductions may add in another order)."""
+losses, within float noise: exactly at the first step after the resume at DP2, then within 5e-5
+relative (the data-parallel reductions add in another order, and with bf16 parameters a last-bit
+difference of a reduced gradient flips bf16 values; measured on 2026-12-07: 2.0e-6, 2.8e-6 and
+1.0e-5 at steps 10-12, against a loss that changes by ~1% a step; 1e-5 held on 2026-11-28's
+package versions)."""
 
 import json
 import shutil
@@ -60,7 +64,7 @@ def test_dp4_checkpoint_resumes_at_dp2_and_tp2(data_root, tmp_path):  # noqa: F8
         assert sorted(trace) == list(range(9, 13))
         for step in range(9, 13):
             assert trace[step] == samples[step], (name, step)  # the same global batch, lane by lane
-            assert losses[step] == pytest.approx(reference[step], rel=1e-5), (name, step, losses[step], reference[step])
+            assert losses[step] == pytest.approx(reference[step], rel=5e-5), (name, step, losses[step], reference[step])
         if name == "dp2":  # the same model math per micro-batch: the first step after the resume is exact
             assert losses[9] == reference[9]
         assert reference[12] != reference[9]
