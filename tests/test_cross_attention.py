@@ -65,6 +65,8 @@ def test_logits_match_transformers_at_tp1_and_training_lowers_the_loss(tp1):
     assert tp1["logits_max_abs"] > 0.1  # the comparison is not between near-zeros
     losses = [step["loss"] for step in tp1["steps"]]
     assert all(step["updated"] for step in tp1["steps"]) and losses[-1] < losses[0]
+    # Greedy generation (the gated blocks' cached image keys) equals transformers' generate.
+    assert tp1["generated"] == tp1["hf_generated"] and tp1["generation_margin"] > 1e-4
 
 
 def test_an_image_reaches_only_the_tokens_after_it_in_its_row(loaded):
@@ -164,7 +166,8 @@ def test_tp2pp2_sends_the_images_along_matches_transformers_and_trains_as_tp1(tp
     assert [r["decoder_layers"] for r in ranks] == [[1], [1], [3], [3]]
     assert sorted({t for r in ranks for t in r["hf_tensors_used"]}) == tp1["hf_tensors"]
     assert all(r["logits_max_abs_diff"] <= TOLERANCE for r in ranks if r["pp_rank"] == 1)
-    for rank in ranks:
+    for rank in ranks:  # generation: the image context sent once at prefill, then cached per block
+        assert rank["generated"] == tp1["hf_generated"], (rank["pp_rank"], rank["generation_margin"])
         for ours, theirs in zip(rank["steps"], tp1["steps"], strict=True):
             assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
             assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-5)

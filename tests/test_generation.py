@@ -198,19 +198,11 @@ def prompts_file(tmp_path_factory):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(
-    "preset, layout",
-    [
-        ("tiny", ("--tp", "2", "--pp", "2")),
-        pytest.param("tiny_idefics1", ("--tp", "2"), marks=pytest.mark.first_env_only),  # B: TP2xPP2 above
-    ],
-    ids=["idefics2_tp2_pp2", "idefics1_tp2"],
-)
-def test_generate_tool_equals_transformers_at_tp_and_pp(checkpoints, prompts_file, preset, layout):
-    """The user's tool, started as one process, runs itself under torchrun at the layout: pipeline
-    stages send packed hidden states (and the image context) without a shape exchange, tensor-
-    parallel ranks agree on every token."""
-    checkpoint = checkpoints[preset]
-    config = load_model_preset(preset)
-    reference = hf_greedy(checkpoint, prompt_encoder(config))
-    assert run_generate_tool(checkpoint.megatron, prompts_file, *layout) == reference
+def test_generate_tool_equals_transformers_at_tp2_pp2(checkpoints, prompts_file):
+    """The user's tool, started as one process, runs itself under torchrun at TP2 x PP2: pipeline
+    stages send packed hidden states without a shape exchange, tensor-parallel ranks agree on every
+    token. (Idefics1's cross-attention, Idefics3 and Idefics2 with Llama generate through TP2 x PP2 in
+    the family workers too: tests/test_cross_attention.py, tests/test_families.py.)"""
+    checkpoint = checkpoints["tiny"]
+    reference = hf_greedy(checkpoint, prompt_encoder(load_model_preset("tiny")))
+    assert run_generate_tool(checkpoint.megatron, prompts_file, "--tp", "2", "--pp", "2") == reference

@@ -49,6 +49,8 @@ def measure(config: Any, parallel: Any, steps: int, text_only_micro_batch: bool)
         result["logits_max_abs_diff"] = float((ours.cpu() - reference)[valid].abs().max())
         result["logits_max_abs"] = float(reference[valid].abs().max())
 
+    result.update(greedy_generation(chunks, hf, config, batch))
+
     images_per_row = [[], [], [], []] if text_only_micro_batch else None
     second = family_batch(config, seed=1, images_per_row=images_per_row)
     micro_batches = [training_inputs(batch), training_inputs(second)]
@@ -61,6 +63,50 @@ def measure(config: Any, parallel: Any, steps: int, text_only_micro_batch: bool)
     )
     result["steps"] = [train_step(model, optimizer, micro_batches) for _ in range(steps)]
     return result
+
+
+GENERATED = 8
+
+
+def greedy_generation(chunks: Any, hf: Any, config: Any, batch: Any) -> dict:
+    """Greedy generation at this layout (``inference/generate.py``: the KV cache, the pipeline's sends,
+    tensor-parallel logits) on the parity batch's rows that hold images, batched, against transformers'
+    ``generate`` on each row alone: both lists of ids, and the smallest gap between the two largest
+    logits of our steps (float noise could flip a near-tie)."""
+    import dataclasses
+
+    import torch
+    from parity import Batch, hf_inputs, megatron_inputs
+
+    from megatron_vlm.inference.generate import GenerationConfig, generate
+
+    def rows(selected: list[int]) -> Batch:
+        starts = [sum(len(images) for images in batch.images_per_row[:row]) for row in range(len(batch.images_per_row))]
+        images = [i for row in selected for i in range(starts[row], starts[row] + len(batch.images_per_row[row]))]
+        length = int(batch.padding[selected].sum(dim=1).max())
+        return dataclasses.replace(
+            batch,
+            input_ids=batch.input_ids[selected, :length],
+            padding=batch.padding[selected, :length],
+            images_per_row=[batch.images_per_row[row] for row in selected],
+            pixel_values=batch.pixel_values[images],
+            pixel_mask=batch.pixel_mask[images],
+        )
+
+    with_images = [row for row, images in enumerate(batch.images_per_row) if images]
+    outputs = generate(chunks, megatron_inputs(rows(with_images)), GenerationConfig(max_new_tokens=GENERATED))
+    hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
+    reference = []
+    for row in with_images:
+        alone = rows([row])
+        with torch.no_grad():
+            generated = hf.generate(**hf_inputs(alone, config), max_new_tokens=GENERATED, do_sample=False)
+        reference.append(generated[0, alone.input_ids.shape[1] :].tolist())
+    return {
+        "generated": [out.token_ids for out in outputs],
+        "hf_generated": reference,
+        "generation_margin": min(min(out.margins) for out in outputs),
+    }
 
 
 def main() -> None:
