@@ -23,6 +23,11 @@ from; none stands in for a library in production code.
   dgrad, and the gradient of the returned ln(x) is added: after the reduction when it was returned
   as a slice (every version), before it when returned gathered in TE 2.0-2.3 (so counted TP times),
   and not at all when returned gathered in TE 2.4+ (around lines 964-965 of 2.10's backward).
+* ``te_fused_rope_rules``: Transformer Engine's fused RoPE in ``sbhd`` format (behind Megatron's
+  ``fused_apply_rotary_pos_emb``; ``transformer_engine/pytorch/attention/rope.py``,
+  ``apply_rotary_pos_emb(..., tensor_format="sbhd", fused=True)``): ``t`` [s, b, h, d] and ``freqs``
+  [s2 >= s, 1, 1, d2] float32, position i rotated by ``freqs[i]`` (non-interleaved halves), computed
+  in float32 and cast back.
 * ``CudaArange``: ``torch.arange`` as CUDA computes it for a float range, ``start + i * step`` in
   float32 (ATen's CUDA range kernel), where the CPU kernel accumulates in double and rounds once.
 * ``varlen_attention_rules``: torch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA only): query,
@@ -146,6 +151,25 @@ class TeLayerNormLinearRules(torch.autograd.Function):
             leaf_x, leaf_w = x.detach().requires_grad_(), ln_weight.detach().requires_grad_()
             grad_x, grad_ln = torch.autograd.grad(_rms_norm(leaf_x, leaf_w, eps), (leaf_x, leaf_w), local)
         return grad_x, grad_ln, grad_weight.reshape(weight.shape), None, None, None, None, None
+
+
+def te_fused_rope_rules(calls: list) -> object:
+    """See the module docstring; each call's ``t`` shape is appended to ``calls``."""
+
+    def fused_apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, *_: object, **__: object) -> torch.Tensor:
+        calls.append(tuple(t.shape))
+        if freqs.dtype != torch.float32 or freqs.shape[0] < t.shape[0] or freqs.shape[1:3] != (1, 1):
+            raise RuntimeError(
+                f"TE's fused RoPE wants float32 freqs [s2 >= {t.shape[0]}, 1, 1, d]; got {tuple(freqs.shape)}"
+            )
+        angles = freqs[: t.shape[0]]
+        width = angles.shape[-1]
+        x, rest = t[..., :width].float(), t[..., width:]
+        first, second = x.chunk(2, dim=-1)
+        rotated = x * angles.cos() + torch.cat((-second, first), dim=-1) * angles.sin()
+        return torch.cat((rotated.to(t.dtype), rest), dim=-1)
+
+    return fused_apply_rotary_pos_emb
 
 
 class CudaArange:

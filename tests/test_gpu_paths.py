@@ -200,6 +200,26 @@ def test_lora_on_te_layernorm_linear_gets_the_single_process_gradients_under_seq
         assert result["largest"] > 1 and max(result["errors"].values()) <= 1e-5, (case, result)
 
 
+def test_the_decoder_rope_runs_te_fused_kernel_with_each_tokens_angles(tiny, monkeypatch):
+    """With Transformer Engine the decoder's RoPE goes through TE's fused kernel (``apply_rope_fusion``,
+    issue #27): the packed tokens as one [tokens, 1, heads, d] sequence, each with its own angles.
+    With TE's rule emulated, documents packed two per row equal transformers running each alone."""
+    from emulated_kernels import te_fused_rope_rules
+    from megatron.core.models.common.embeddings import rope_utils
+
+    config, hf = tiny
+    model = _model(config, hf)
+    calls: list = []
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", te_fused_rope_rules(calls))
+    monkeypatch.setattr(model.language_model.config, "apply_rope_fusion", True)  # what TE's presence sets
+    documents = make_batch(config)
+    inputs, lengths = packed_documents(documents)
+    with torch.no_grad():
+        ours = gather_logits(model(**inputs), config.text.vocab_size)
+    assert max(document_errors(ours, hf_logits(hf, documents), lengths)) <= 1e-4
+    assert len(calls) == 2 * config.text.num_layers and all(shape[1] == 1 for shape in calls)  # q and k
+
+
 def test_the_decoder_reads_nothing_back_per_layer(megatron_single_process, monkeypatch):
     """RoPE over the packed documents comes per token, from the positions (issue #27): Megatron's THD
     RoPE read ``cu_seqlens`` back on the host for q and k in every layer (a device sync each on a

@@ -88,12 +88,14 @@ def transformer_kwargs(
     attention_dropout: float,
     sequence_parallel: bool,
     fp8_problem: str | None,
+    rope_fusion: bool = False,
 ) -> dict:
     """The TransformerConfig settings of one part that do not describe its shape.
 
     ``sequence_parallel``: whether this part's input is split along the sequence (only the
     decoder's is: vision and connector see whole images). ``fp8_problem``: why TE cannot run this
-    part's GEMMs in FP8 (``te_fp8_problem``); such a part runs in the training dtype."""
+    part's GEMMs in FP8 (``te_fp8_problem``); such a part runs in the training dtype.
+    ``rope_fusion``: the part's RoPE through TE's fused kernel (the decoder's, with TE)."""
     if parallel.recompute not in _RECOMPUTE:
         raise ValueError(f"recompute={parallel.recompute!r}: use one of {sorted(_RECOMPUTE)}")
     dtype = torch_dtype(precision.params_dtype)
@@ -114,7 +116,7 @@ def transformer_kwargs(
         bias_activation_fusion=False,
         masked_softmax_fusion=backend.has_fused_softmax(),
         bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=rope_fusion,
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
         batch_p2p_comm=backend.has_cuda(),

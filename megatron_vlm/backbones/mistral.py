@@ -62,6 +62,9 @@ class MistralRecipe:
                 attention_dropout=text.attention_dropout,
                 sequence_parallel=True,  # the decoder's sequence is what sequence parallelism splits
                 fp8_problem=self.fp8_problem(text, parallel.tensor_parallel),
+                # With TE, the per-token RoPE of DecoderAttentionMixin runs TE's fused kernel: the
+                # packed tokens as one [tokens, 1, heads, d] sequence, each with its own angles.
+                rope_fusion=common.use_transformer_engine(precision),
             ),
         )
 
