@@ -42,6 +42,13 @@ def use_transformer_engine(precision: PrecisionConfig) -> bool:
     return precision.use_transformer_engine
 
 
+def fused_rope_available() -> bool:
+    """Whether Megatron-Core found TE's fused RoPE kernel (what ``apply_rope_fusion`` needs)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return rope_utils.fused_apply_rotary_pos_emb is not None
+
+
 def te_fp8_requested(precision: PrecisionConfig) -> bool:
     """Whether FP8 runs through Transformer Engine (set in the TransformerConfigs); the torch
     backend switches linears after the model is built (models/fp8.py)."""

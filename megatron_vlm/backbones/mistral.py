@@ -64,7 +64,7 @@ class MistralRecipe:
                 fp8_problem=self.fp8_problem(text, parallel.tensor_parallel),
                 # With TE, the per-token RoPE of DecoderAttentionMixin runs TE's fused kernel: the
                 # packed tokens as one [tokens, 1, heads, d] sequence, each with its own angles.
-                rope_fusion=common.use_transformer_engine(precision),
+                rope_fusion=common.use_transformer_engine(precision) and common.fused_rope_available(),
             ),
         )
 
