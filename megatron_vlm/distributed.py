@@ -232,6 +232,26 @@ def global_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def all_gather_object(value: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``value`` (of ``group``; default: all ranks) in rank order, on every rank.
+    Pickled between this job's own processes only."""
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    if world == 1:
+        return [value]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
+
+
+def broadcast_object(value: Any) -> Any:
+    """Global rank 0's ``value`` on every rank (pickled between this job's own processes only)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

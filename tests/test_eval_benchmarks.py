@@ -257,6 +257,28 @@ def test_missing_and_undecodable_image(built, tmp_path):
     assert next(e for e in examples if e.id == "42000").load_images()[0].size[0] <= 256
 
 
+def test_release_entry_missing_a_field(built, tmp_path):
+    """A questions, TextVQA or Karpathy entry without a field the reader needs is refused, naming
+    the file, the missing field(s) and the entry."""
+    cases = (
+        ("vqav2/release/v2_OpenEnded_mscoco_val2014_questions.json", "questions", "image_id", "a question"),
+        ("textvqa/release/TextVQA_0.5.1_val.json", "data", "image_id", "an entry"),
+        ("coco/release/dataset_coco.json", "images", "sentences", "an image"),
+    )
+    for relative, key, field, what in cases:
+        folder = shutil.copytree((built / relative).parent, tmp_path / relative.split("/")[0])
+        path = folder / Path(relative).name
+        data = json.loads(path.read_text())
+        entry = next(e for e in data[key] if e.get("split", "test") == "test")
+        del entry[field]
+        path.write_text(json.dumps(data))
+        shown = f"imgid {entry['imgid']}" if key == "images" else repr(entry)
+        reader = {"questions": bm.read_vqa_release, "data": bm.read_textvqa_release, "images": bm.read_karpathy}[key]
+        with pytest.raises(BenchmarkError) as caught:
+            reader(path)
+        assert str(caught.value) == f"{path}: {what} without ['{field}']: {shown}"
+
+
 def test_missing_column(built, tmp_path):
     source = built / "textvqa" / "hub" / "data" / "validation-00000-of-00001.parquet"
     table = pq.read_table(source).drop_columns(["question"])

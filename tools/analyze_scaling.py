@@ -27,6 +27,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 GIB = 2**30
 
@@ -303,6 +304,16 @@ def _gpu_axis(axis: object, results: list[dict]) -> None:
     axis.set_xlabel("GPUs (ranks)")
 
 
+def _save(figure: Any, path: Path) -> Path:
+    """Lay out, write and close a figure (pyplot keeps every open figure alive until closed)."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def plot(results: list[dict], strong: list[dict], weak: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -327,10 +338,7 @@ def plot(results: list[dict], strong: list[dict], weak: list[dict], out: Path) -
         axis.set_title(f"{label} against GPUs")
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
-        figure.tight_layout()
-        figure.savefig(out / name, dpi=120)
-        plt.close(figure)
-        written.append(out / name)
+        written.append(_save(figure, out / name))
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for axis, rows, title in ((axes[0], strong, "strong scaling"), (axes[1], weak, "weak scaling")):
@@ -348,10 +356,7 @@ def plot(results: list[dict], strong: list[dict], weak: list[dict], out: Path) -
         if rows:
             axis.legend(fontsize=6)
     axes[0].set_ylabel("efficiency vs smallest run (%)")
-    figure.tight_layout()
-    figure.savefig(out / "scaling_efficiency.png", dpi=120)
-    plt.close(figure)
-    written.append(out / "scaling_efficiency.png")
+    written.append(_save(figure, out / "scaling_efficiency.png"))
 
     figure, axis = plt.subplots(figsize=(5.5, 5.5))
     points = [(p, m, model_parallel_key(r)) for r in results for _, p, m in memory_rows(r)]
@@ -370,10 +375,7 @@ def plot(results: list[dict], strong: list[dict], weak: list[dict], out: Path) -
     axis.set_title("memory model against measurement")
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=6)
-    figure.tight_layout()
-    figure.savefig(out / "memory.png", dpi=120)
-    plt.close(figure)
-    written.append(out / "memory.png")
+    written.append(_save(figure, out / "memory.png"))
 
     written += benchmark_plots(results, out, plt)
     curves = [r for r in results if r.get("loss_history")]
@@ -387,10 +389,7 @@ def plot(results: list[dict], strong: list[dict], weak: list[dict], out: Path) -
         axis.set_title("training loss per variant")
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=6)
-        figure.tight_layout()
-        figure.savefig(out / "loss.png", dpi=120)
-        plt.close(figure)
-        written.append(out / "loss.png")
+        written.append(_save(figure, out / "loss.png"))
     return written
 
 
@@ -419,10 +418,7 @@ def benchmark_plots(results: list[dict], out: Path, plt: object) -> list[Path]:
         axis.set_title(f"benchmark average against {label}")
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=6)
-        figure.tight_layout()
-        figure.savefig(out / name, dpi=120)
-        plt.close(figure)
-        written.append(out / name)
+        written.append(_save(figure, out / name))
     return written
 
 

@@ -85,14 +85,13 @@ def main() -> int:
         chunks, config, _ = load_for_inference(directory, parallel, args.dtype)
         tokenizer = load_tokenizer(args.tokenizer, name="mistral") if args.tokenizer else None
         encoder = prompt_encoder(config, tokenizer, do_image_splitting=not args.no_image_splitting)
-        stop_ids = tuple(i for i in (encoder.tokenizer.eos_token_id, config.end_of_utterance_token_id) if i is not None)
         generation = GenerationConfig(
             max_new_tokens=args.max_new_tokens,
             do_sample=args.do_sample,
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,
-            stop_token_ids=stop_ids,
+            stop_token_ids=encoder.stop_token_ids,
             stop_strings=tuple(args.stop),
         )
         rank0 = distributed.detect_environment().rank == 0

@@ -167,6 +167,12 @@ class PromptEncoder:
         self.processor = self.format.processor(config, tokenizer, image, image_seq_len)
         self.tokenizer = self.processor.tokenizer
 
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Where a generated answer ends: the tokenizer's end of sequence or the model's ``<end_of_utterance>``."""
+        ends = (self.tokenizer.eos_token_id, self.config.end_of_utterance_token_id)
+        return tuple(i for i in ends if i is not None)
+
     def encode(self, texts: list[str], images: list[list[Any]]) -> tuple[dict[str, torch.Tensor], MicroBatch]:
         return self.format.encode(self.config, self.processor, texts, images)
 

@@ -268,6 +268,14 @@ def _load_json(path: Path) -> Any:
         raise BenchmarkError(f"{path}: not a JSON file: {error}") from error
 
 
+def _require(entry: dict[str, Any], keys: tuple[str, ...], where: str, shown: str | None = None) -> None:
+    """Refuse an entry of a release file that lacks any of ``keys``, naming them and the entry
+    (``shown``, default: the whole entry's repr)."""
+    missing = [key for key in keys if key not in entry]
+    if missing:
+        raise BenchmarkError(f"{where} without {missing}: {repr(entry) if shown is None else shown}")
+
+
 def json_kind(data: Any) -> str:
     """What a release JSON file is, from its keys: vqa-questions, vqa-annotations, textvqa,
     textvqa-ocr, textcaps, karpathy-<dataset>, coco-captions, coco-instances, or unknown."""
@@ -367,9 +375,7 @@ def read_vqa_release(
     pattern = image_pattern or COCO_IMAGE_PATTERN
     examples = []
     for question in data["questions"]:
-        missing = [key for key in ("question_id", "question", "image_id") if key not in question]
-        if missing:
-            raise BenchmarkError(f"{questions}: a question without {missing}: {question!r}")
+        _require(question, ("question_id", "question", "image_id"), f"{questions}: a question")
         record = dict(question)
         if annotations is not None:
             note = annotated.get(question["question_id"])
@@ -429,9 +435,7 @@ def read_textvqa_release(
     )
     examples = []
     for item in data["data"]:
-        missing = [key for key in ("question_id", "question", "image_id") if key not in item]
-        if missing:
-            raise BenchmarkError(f"{json_path}: an entry without {missing}: {item!r}")
+        _require(item, ("question_id", "question", "image_id"), f"{json_path}: an entry")
         record = dict(item)
         if "ocr_tokens" not in record and str(item["image_id"]) in tokens:
             record["ocr_tokens"] = tokens[str(item["image_id"])]
@@ -469,9 +473,7 @@ def read_karpathy(
     for image in data["images"]:
         if image.get("split") not in parts:
             continue
-        missing = [key for key in ("cocoid", "filename", "sentences") if key not in image]
-        if missing:
-            raise BenchmarkError(f"{json_path}: an image without {missing}: imgid {image.get('imgid')}")
+        _require(image, ("cocoid", "filename", "sentences"), f"{json_path}: an image", f"imgid {image.get('imgid')}")
         sentences = image["sentences"]
         fields = {
             "image_id": image["cocoid"],

@@ -37,6 +37,7 @@ from megatron.core import parallel_state
 
 from megatron_vlm.config import ModelConfig
 from megatron_vlm.data.prompts import PromptEncoder
+from megatron_vlm.distributed import all_gather_object, broadcast_object, global_rank
 from megatron_vlm.evaluation.benchmarks import BenchmarkError, Example, detect_layout, read_benchmark, resolve_split
 from megatron_vlm.evaluation.tasks import Task, task
 from megatron_vlm.inference.generate import GenerationConfig, GenerationStats, generate
@@ -133,25 +134,12 @@ def _dp() -> tuple[int, int, Any]:
 
 def _gather(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every data-parallel replica's records (replica order), on every rank."""
-    rank, world, group = _dp()
-    if world == 1:
-        return records
-    gathered: list[Any] = [None] * world
-    torch.distributed.all_gather_object(gathered, records, group=group)
-    return [record for share in gathered for record in share]
-
-
-def _broadcast(value: Any) -> Any:
-    """Global rank 0's value on every rank."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+    group = _dp()[2]
+    return [record for share in all_gather_object(records, group) for record in share]
 
 
 def _is_writer() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    return global_rank() == 0
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
@@ -224,8 +212,6 @@ class Evaluator:
         settings: EvalSettings = EvalSettings(),
     ) -> None:
         self.chunks, self.encoder, self.config, self.settings = list(chunks), encoder, config, settings
-        eos = encoder.tokenizer.eos_token_id
-        self.stop_token_ids = tuple(i for i in (eos, config.end_of_utterance_token_id) if i is not None)
         self.seconds = 0.0  # of the last run
 
     def run(self, datas: Sequence[TaskData], out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
@@ -241,7 +227,7 @@ class Evaluator:
             records = self._run_task(data, out, progress, cost)
             if _is_writer():
                 results[data.name] = score_task(data.name, records)
-        results = _broadcast(results)
+        results = broadcast_object(results)
         results["average"] = average(results)
         results["settings"] = {
             **dataclasses.asdict(self.settings),
@@ -262,7 +248,9 @@ class Evaluator:
         if path is not None and path.is_file():
             wanted = {example.id for example in data.examples}
             done = {
-                r["id"]: r for r in _broadcast(read_predictions(path) if _is_writer() else None) if r["id"] in wanted
+                r["id"]: r
+                for r in broadcast_object(read_predictions(path) if _is_writer() else None)
+                if r["id"] in wanted
             }
         todo = [example for example in data.examples if example.id not in done]
         per_round = settings.batch_size * world_dp
@@ -274,7 +262,7 @@ class Evaluator:
             bar = tqdm(total=len(todo), desc=f"{data.name} ({settings.shots}-shot)", unit="q")
         generation = GenerationConfig(
             max_new_tokens=settings.max_new_tokens or data.task.max_new_tokens,
-            stop_token_ids=self.stop_token_ids,
+            stop_token_ids=self.encoder.stop_token_ids,
             stop_strings=data.task.stop_strings,
         )
         new: list[dict[str, Any]] = []

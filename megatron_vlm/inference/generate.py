@@ -87,15 +87,8 @@ class GenerationStats:
     decode_seconds: float = 0.0
 
     def add(self, other: GenerationStats) -> None:
-        for name in (
-            "prompts",
-            "prompt_tokens",
-            "prefill_seconds",
-            "generated_tokens",
-            "decode_steps",
-            "decode_seconds",
-        ):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
 
 
 class _Pipeline:
@@ -122,7 +115,7 @@ class _Pipeline:
             last = self.is_last and index == len(self.chunks) - 1
             if not first:
                 received = torch.empty(
-                    chunk.stage_tokens(chunk.layout(inputs["document_ids"]), cache),
+                    chunk.stage_tokens(*inputs["input_ids"].shape, cache),
                     1,
                     self.hidden,
                     dtype=self.dtype,
@@ -212,8 +205,7 @@ def generate(
             if logits is not None:
                 picked = logits[torch.arange(rows, device=device), last_position]  # [rows, V/tp]
                 full = tensor_parallel.gather_from_tensor_model_parallel_region(picked)
-                vocab = unwrapped(chunks[-1]).vocab_size
-                tokens, margins = _choose(full[:, :vocab], config, generators)
+                tokens, margins = _choose(full[:, : pipeline.chunks[-1].vocab_size], config, generators)
             tokens, margins = _broadcast_from_last_stage(tokens, margins)  # the host waits for them
             seconds = time.perf_counter() - started
             if step == 0:

@@ -34,7 +34,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
 from megatron_vlm.backbones import ParameterCount, recipes_of
-from megatron_vlm.backbones.attention import DocumentLayout, KVCache
+from megatron_vlm.backbones.attention import KVCache
 from megatron_vlm.backbones.perceiver import RMSNorm, swiglu_mlp
 from megatron_vlm.config import CrossAttentionConfig, ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_vlm.data.batch import attended_images
@@ -422,10 +422,10 @@ class CrossAttentionModel(Idefics2Model):
             return output if decoding else torch.cat([output, context], dim=0)
         return self.finish(layout, output, labels)
 
-    def stage_tokens(self, layout: DocumentLayout, cache: KVCache | None = None) -> int:
-        """Positions in the tensor this chunk sends to the next pipeline stage: the packed tokens,
-        then (except while decoding with a cache) every row's image context slots."""
+    def stage_tokens(self, micro_batch_size: int, seq_length: int, cache: KVCache | None = None) -> int:
+        """``pipeline_shape``'s packed tokens and every row's image context slots, except while
+        decoding with a cache (the context is not sent then)."""
+        tokens = super().stage_tokens(micro_batch_size, seq_length, cache)
         if cache is not None and cache.decoding:
-            return layout.total
-        slots = self.model_config.cross_attention.max_images_per_row
-        return layout.total + layout.shape[0] * slots * self.image_tokens
+            tokens -= micro_batch_size * self.model_config.cross_attention.max_images_per_row * self.image_tokens
+        return tokens

@@ -95,11 +95,12 @@ class Idefics2Model(MegatronModule):
             layout.params.cache = cache
         return layout
 
-    def stage_tokens(self, layout: DocumentLayout, cache: KVCache | None = None) -> int:
-        """Positions in the tensor this chunk sends to the next pipeline stage for a micro-batch of
-        this layout: its packed tokens (this rank's share under sequence parallelism)."""
+    def stage_tokens(self, micro_batch_size: int, seq_length: int, cache: KVCache | None = None) -> int:
+        """Positions in the tensor a pipeline stage sends for a micro-batch of this size packed to
+        its fixed ``b x s`` layout (forward runs with no step length, generation's): ``pipeline_shape``'s,
+        this rank's share under sequence parallelism. Known from the shape alone: no layout, no sync."""
         split = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
-        return layout.total // split
+        return self.pipeline_shape(micro_batch_size, seq_length)[0] // split
 
     def pipeline_shape(
         self, micro_batch_size: int, seq_length: int, packed_length: int | None = None

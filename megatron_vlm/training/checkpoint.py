@@ -46,7 +46,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megatron_vlm.config import ModelConfig, TrainableConfig
 from megatron_vlm.data import loader
-from megatron_vlm.distributed import barrier, global_rank
+from megatron_vlm.distributed import all_gather_object, barrier, broadcast_object, global_rank
 from megatron_vlm.models.checkpoint_io import (
     METADATA_FILE,
     MODEL_DIR,
@@ -109,27 +109,6 @@ def _world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _all_gather(value: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    rank, world = _world()
-    if world == 1:
-        return [value]
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
-def _broadcast(value: Any) -> Any:
-    import torch.distributed as dist
-
-    if _world()[1] == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 _OLD_RANK_FILE_GLOBALS = {"numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct"} | {
     "numpy.ndarray",
     "numpy.dtype",
@@ -178,7 +157,7 @@ def verify_checkpoint(path: Path) -> tuple[list[str], bool]:
             problems += _unsafe_pickles(path)
     except OSError as error:  # an unreadable file: named, and every rank still reaches the gather below
         problems.append(f"unreadable: {error}")
-    gathered = _all_gather(problems)
+    gathered = all_gather_object(problems)
     return sorted({problem for share in gathered for problem in share}), manifest is not None
 
 
@@ -186,7 +165,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     """Collective. The newest complete checkpoint that passes :func:`verify_checkpoint`; damaged
     ones are named in a warning and skipped. None if there is none; an error if all are damaged."""
     root = Path(root)
-    candidates = _broadcast(_candidates(root) if _world()[0] == 0 else None)
+    candidates = broadcast_object(_candidates(root) if _world()[0] == 0 else None)
     refused = []
     for path in candidates:
         problems, has_manifest = verify_checkpoint(path)
@@ -240,9 +219,9 @@ def check_library_pickles(path: str | Path) -> None:
 def _write_manifest(directory: Path) -> None:
     """Collective, after every rank finished writing: each rank hashes a share, rank 0 writes."""
     rank, world = _world()
-    names = _broadcast(integrity.checkpoint_files(directory) if rank == 0 else None)
+    names = broadcast_object(integrity.checkpoint_files(directory) if rank == 0 else None)
     entries = integrity.describe_files(directory, names[rank::world])
-    gathered = _all_gather(entries)
+    gathered = all_gather_object(entries)
     entries = {k: v for share in gathered for k, v in share.items()}
     _agreed("writing the manifest", lambda: integrity.write_manifest(directory, entries) if rank == 0 else None)
 
@@ -315,7 +294,7 @@ def _agreed(step: str, action: Callable[[], Any]) -> Any:
         result = action()
     except Exception as error:  # noqa: BLE001 - gathered and raised on every rank below
         failure, result = error, None
-    outcomes = _all_gather(None if failure is None else f"rank {_world()[0]}: {failure!r}")
+    outcomes = all_gather_object(None if failure is None else f"rank {_world()[0]}: {failure!r}")
     failed = [outcome for outcome in outcomes if outcome is not None]
     if failed:
         raise CheckpointSaveFailed(f"{step} failed: " + "; ".join(failed)) from failure
@@ -332,7 +311,7 @@ def _save_failed(error: BaseException, root: Path, final: Path, temporary: Path)
     if _world()[0] == 0:
         shutil.rmtree(temporary, ignore_errors=True)  # give the space back
     try:  # every rank names the same cause (DCP tells only its coordinator what failed)
-        cause = next((c for c in _all_gather(cause) if c is not None), None)
+        cause = next((c for c in all_gather_object(cause) if c is not None), None)
     except Exception:  # noqa: BLE001, S110 - a peer that died: this rank's own finding stands
         pass
     after = shutil.disk_usage(root)
@@ -454,7 +433,7 @@ def _prepare(
     through torch DCP; the rank-local writes go through :func:`_agreed`."""
     model_entries = model_sharded_state_dict(chunks)
     optimizer_entries, optimizer_description = optimizer_state.sharded_state(optimizer, chunks, model_entries)
-    data_state = loader.merge_states(_all_gather(loader_state))  # every lane of the global stream
+    data_state = loader.merge_states(all_gather_object(loader_state))  # every lane of the global stream
     extra = {
         "iteration": iteration,
         "scheduler": scheduler.state_dict(),

@@ -35,7 +35,7 @@ from megatron_vlm.training.evaluation import Evaluator, evaluations_left
 from megatron_vlm.training.metrics import Metrics, log_line, logger, validation_line
 from megatron_vlm.training.preemption import PreemptionHandler
 from megatron_vlm.training.results import RunResults
-from megatron_vlm.training.step import build_optimizer, packed_positions, parameters_gathered, train_step, wrap_ddp
+from megatron_vlm.training.step import build_optimizer, parameters_gathered, train_step, wrap_ddp
 
 
 def _placement(tensors: Any) -> str:
@@ -302,7 +302,7 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         window["images"] += sum(b["num_images"] for b in batches)
         window["flops"] += sum(b["flops"] for b in batches)
         # The decoder computes each micro-batch's packed length (real tokens, padded up to its multiple).
-        window["positions"] += packed_positions(chunks, inputs)
+        window["positions"] += step["positions"]
         window["patches"] += sum(b["patches"] for b in batches)
         window["vision_positions"] += sum(b["vision_positions"] for b in batches)
         window["steps"] += 1

@@ -118,21 +118,15 @@ def step_packed_length(model: Sequence[torch.nn.Module], micro_batches: Sequence
     return max(int((batch["document_ids"] >= 0).sum()) for batch in micro_batches)
 
 
-def packed_positions(model: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch]) -> int:
-    """Decoder positions a step computes: each micro-batch's packed length (filler included)."""
-    chunk = unwrapped(model[0])
-    length = step_packed_length(model, micro_batches)
-    return sum(chunk.layout(batch["document_ids"], length).total for batch in micro_batches)
-
-
 def forward_backward(
     model: Sequence[torch.nn.Module],
     micro_batches: Sequence[MicroBatch],
     forward_only: bool = False,
+    length: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Run the pipeline schedule over the micro-batches; loss dicts come back on the last stage."""
+    """Run the pipeline schedule over the micro-batches, every one packed to ``length`` under
+    pipeline parallelism (``step_packed_length``); loss dicts come back on the last stage."""
     rows, seq = micro_batches[0]["input_ids"].shape
-    length = step_packed_length(model, micro_batches)
     if length is not None:  # every stage packs every micro-batch of the step to this length
         micro_batches = [{**batch, "packed_length": length} for batch in micro_batches]
     iterators = [iter(micro_batches) for _ in model] if len(model) > 1 else iter(micro_batches)
@@ -213,13 +207,17 @@ def train_step(
 ) -> dict[str, float]:
     """Zero grads, forward/backward every micro-batch, step. The loss is the global batch's
     per-token mean (summed over micro-batches and data-parallel ranks, divided by their loss
-    tokens), broadcast from the last pipeline stage, so every rank returns the same numbers."""
+    tokens), broadcast from the last pipeline stage, so every rank returns the same numbers;
+    ``positions``: the decoder positions this rank's micro-batches were packed to (filler included)."""
     if not all(getattr(chunk.config, "calculate_per_token_loss", False) for chunk in model):
         raise ValueError("train_step needs the per-token loss path: wrap the model chunks with wrap_ddp")
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = forward_backward(model, micro_batches)
+    length = step_packed_length(model, micro_batches)
+    losses = forward_backward(model, micro_batches, length=length)
+    chunk = unwrapped(model[0])
+    positions = sum(chunk.layout(batch["document_ids"], length).total for batch in micro_batches)
     if gradients_are_finite(model):
         updated, grad_norm, _ = optimizer.step()
     else:  # a NaN/Inf anywhere: skip this update on every rank
@@ -236,4 +234,5 @@ def train_step(
         "loss": float(loss[0]),
         "grad_norm": float(grad_norm if grad_norm is not None else 0.0),
         "updated": bool(updated),
+        "positions": positions,
     }

@@ -33,7 +33,7 @@ def main() -> None:
     from megatron_vlm.config import ParallelConfig, load_run_config
     from megatron_vlm.data.loader import MultimodalLoader, load_data_config, merge_states
     from megatron_vlm.data.tokens import load_tokenizer
-    from megatron_vlm.training.checkpoint import _all_gather
+    from megatron_vlm.distributed import all_gather_object
     from megatron_vlm.training.data_feed import DataFeed, stage_inputs
 
     model = load_run_config(Path(__file__).resolve().parents[2] / "examples" / "tiny_cpu.yaml").model
@@ -70,7 +70,7 @@ def main() -> None:
 
     seen = [check(feed.next_step(), index) for index in range(args.steps)]
     # The checkpoint's view: every rank's state merged (they must agree), then a fresh feed resumes.
-    saved = merge_states(_all_gather(feed.state_dict()))
+    saved = merge_states(all_gather_object(feed.state_dict()))
     feed.close()
     decoded_before_resume = feed.loader.decoded_images
     resumed = DataFeed(loader(), micro_batches=2, model_config=model, prefetch=2, loading="broadcast")
