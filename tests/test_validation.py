@@ -3,7 +3,8 @@
 * A held-out split is never trained on, and an overlapping or missing one is refused by name.
 * The validation micro-batches are fixed: the same plan whatever the seed and data-parallel rank.
 * The training loss of a global batch is the per-token mean over all its micro-batches, computed
-  here by hand from transformers' logits (the old mean of per-micro-batch means is not).
+  transformers' own next-token loss summed over the micro-batches (the old mean of per-micro-batch
+  means is not).
 * The trainer logs the validation loss per source to TensorBoard and its log at every
   ``eval_interval`` and at the end; a resumed run evaluates the same; the same checkpoint
   evaluates the same at TP1 (the trainer) and at TP2xPP2 (real torchrun processes).
@@ -222,7 +223,8 @@ def test_evaluations_count_in_the_eta():
 
 def test_training_loss_is_the_token_weighted_mean_of_the_global_batch(megatron_single_process):
     """Two micro-batches with 4x different loss-token counts: the step's loss and gradient are those
-    of the per-token mean over both, computed here from transformers' logits."""
+    of the per-token mean over both, computed by transformers' own next-token loss (its labels the
+    input ids: our labels, shift and masks are not used)."""
     from megatron.core.optimizer import OptimizerConfig
     from parity import hf_inputs, hf_model, make_batch, tiny_config, training_inputs
 
@@ -245,19 +247,27 @@ def test_training_loss_is_the_token_weighted_mean_of_the_global_batch(megatron_s
     batches = [full, short]
     inputs = [training_inputs(batch) for batch in batches]
 
-    sums, counts = [], []
-    for batch, micro in zip(batches, inputs, strict=True):
-        logits = hf(**hf_inputs(batch)).logits.float()
-        per_token = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), micro["labels"].reshape(-1), reduction="none"
-        ).reshape(micro["labels"].shape)
-        sums.append((per_token * micro["loss_mask"]).sum())
-        counts.append(micro["loss_mask"].sum())
+    # The reference is transformers' own causal-LM loss (its shift: logits[:, i] predicts
+    # labels[:, i + 1]), labels the tokens themselves with -100 on padding and <image> placeholders,
+    # summed over both micro-batches with one token count: nothing here comes from our labels code.
+    hf_labels = [
+        batch.input_ids.masked_fill((batch.padding == 0) | (batch.input_ids == batch.image_token_id), -100)
+        for batch in batches
+    ]
+    counts = [int((labels[:, 1:] != -100).sum()) for labels in hf_labels]
     assert counts[0] > 3 * counts[1] > 0
-    by_hand = sum(sums) / sum(counts)
+    total = torch.tensor(sum(counts))
+    by_hand = sum(
+        hf(**hf_inputs(batch), labels=labels, num_items_in_batch=total).loss
+        for batch, labels in zip(batches, hf_labels, strict=True)
+    )
+    with torch.no_grad():
+        means = [
+            float(hf(**hf_inputs(batch), labels=labels).loss) for batch, labels in zip(batches, hf_labels, strict=True)
+        ]
     by_hand.backward()
     hf_grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in hf.parameters() if p.grad is not None))
-    mean_of_means = float(sum(s / c for s, c in zip(sums, counts, strict=True)) / 2)
+    mean_of_means = sum(means) / 2
     assert abs(mean_of_means - float(by_hand)) > 0.02 * float(
         by_hand
     )  # the two weightings differ by far more than the tolerance
