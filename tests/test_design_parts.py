@@ -298,6 +298,7 @@ def test_clip_standalone_checkpoint_at_another_resolution_equals_interpolated_tr
         ours, _ = encoder(pixels, full_masks(pixels))
         reference = clip.vision_model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
     assert (ours.reshape(2, 65, -1) - reference).abs().max() <= TOLERANCE
+    assert reference.abs().max() > 0.1  # an absolute tolerance means something only against values this large
 
 
 def test_clip_and_mlp_counts_equal_the_modules(megatron_single_process):
@@ -328,6 +329,7 @@ def test_mlp_connector_equals_idefics2_modality_projection(megatron_single_proce
         reference = hf(features)  # [images, tokens, text hidden]
     assert ours.shape == (per_image, 3, config.text.hidden_size)  # [tokens, images, hidden], as the resampler's
     assert (ours.transpose(0, 1) - reference).abs().max() <= TOLERANCE
+    assert reference.abs().max() > 0.1
     with pytest.raises(ValueError, match=r"this batch has \[16, 37\] vision tokens per image.*image\.resize: square"):
         connector(features.reshape(-1, config.vision.hidden_size)[:53], torch.tensor([37, 16]))
 
@@ -418,6 +420,7 @@ def test_perceiver_with_12_latents_equals_transformers(megatron_single_process):
     reference = hf_logits(hf, batch)
     valid = batch.padding.bool()
     assert (ours - reference)[valid].abs().max() <= TOLERANCE
+    assert reference[valid].abs().max() > 0.1
 
 
 @pytest.mark.first_env_only

@@ -252,16 +252,24 @@ def test_the_decoder_reads_nothing_back_per_layer(megatron_single_process, monke
 
 
 def test_varlen_kernel_only_where_it_runs():
-    """torch's varlen kernel: CUDA, 16-bit, no dropout; elsewhere the per-sequence SDPA path."""
+    """torch's varlen kernel: CUDA only; on the CPU the per-sequence SDPA path, whatever the dtype."""
+    from megatron_vlm.backbones.attention import use_varlen_kernel
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert not use_varlen_kernel(torch.zeros(4, 2, 8, dtype=dtype), 0.0, None)
+
+
+@pytest.mark.gpu
+def test_varlen_kernel_on_a_gpu_for_16_bit_without_dropout():
+    """On a GPU (pytest -m gpu, bench/gpu_check.sh): 16-bit without dropout takes the kernel, fp32
+    or dropout the SDPA path; a torch without the kernel is named rather than passed over."""
     from megatron_vlm.backbones.attention import _varlen_attention, use_varlen_kernel
 
-    cpu = torch.zeros(4, 2, 8, dtype=torch.bfloat16)
-    assert not use_varlen_kernel(cpu, 0.0, None)
-    if _varlen_attention() is not None and torch.cuda.is_available():
-        gpu = cpu.cuda()
-        assert use_varlen_kernel(gpu, 0.0, None)
-        assert not use_varlen_kernel(gpu.float(), 0.0, None)
-        assert not use_varlen_kernel(gpu, 0.1, None)
+    assert _varlen_attention() is not None, f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    gpu = torch.zeros(4, 2, 8, dtype=torch.bfloat16, device="cuda")
+    assert use_varlen_kernel(gpu, 0.0, None) and use_varlen_kernel(gpu.half(), 0.0, None)
+    assert not use_varlen_kernel(gpu.float(), 0.0, None)
+    assert not use_varlen_kernel(gpu, 0.1, None)
 
 
 # --- defect 4: FP8 GEMM shapes under Transformer Engine -----------------------------------------
