@@ -117,6 +117,40 @@ def run_tool(tool: str, *args: str, timeout: int = 600) -> str:
 
 
 @contextlib.contextmanager
+def counted_checkpoints() -> Iterator[list[int]]:
+    """Count the activation checkpoints Megatron-Core takes while inside: full recompute checkpoints
+    each layer's forward, selective each core attention, both through ``tensor_parallel.checkpoint``
+    (what ``TransformerBlock`` and ``Attention`` call). The list's one element is the count; the
+    function itself still runs, so the numbers computed inside are the real ones."""
+    from megatron.core import tensor_parallel
+
+    original, count = tensor_parallel.checkpoint, [0]
+
+    def checkpoint(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    tensor_parallel.checkpoint = checkpoint
+    try:
+        yield count
+    finally:
+        tensor_parallel.checkpoint = original
+
+
+def recompute_granularities(chunks: list) -> set[str]:
+    """The recompute setting every Megatron-Core module of the model chunks was built with
+    (``TransformerConfig.recompute_granularity``; "none" for None)."""
+    from megatron.core.transformer import TransformerConfig
+
+    return {
+        module.config.recompute_granularity or "none"
+        for chunk in chunks
+        for module in chunk.modules()
+        if isinstance(getattr(module, "config", None), TransformerConfig)
+    }
+
+
+@contextlib.contextmanager
 def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
     """A real filesystem of ``size`` (tmpfs) mounted at ``path``: a disk that fills up. The
     disk-full tests need it, so a machine that cannot mount one fails them, naming why (CI runs as

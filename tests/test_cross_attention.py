@@ -10,11 +10,13 @@ import json
 import pytest
 import torch
 from parity import (
+    counted_checkpoints,
     family_batch,
     family_config,
     hf_logits,
     hf_model,
     megatron_inputs,
+    recompute_granularities,
     run_tool,
     run_torchrun,
     training_inputs,
@@ -141,12 +143,18 @@ def test_recomputed_activations_give_the_same_loss_and_gradients(loaded, recompu
     state = hf.state_dict()
     batch = training_inputs(family_batch(config))
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "document_ids", "pixel_values", "labels")}
-    grads = []
+    grads, checkpointed = [], []
     for mode in ("none", recompute):
         (chunk,) = build_model_chunks(config, ParallelConfig(recompute=mode), PrecisionConfig())
+        assert recompute_granularities([chunk]) == {mode}  # the setting reached Megatron-Core
         load_hf_weights([chunk], state.__getitem__, set(state), config, 0, 1)
-        (chunk.train()(**inputs) * batch["loss_mask"]).sum().backward()
+        with counted_checkpoints() as count:
+            (chunk.train()(**inputs) * batch["loss_mask"]).sum().backward()
+        checkpointed.append(count[0])
         grads.append({n: p.grad for n, p in chunk.named_parameters() if p.grad is not None})
+    # Recompute really ran: at least one checkpoint per decoder layer (full: each layer's forward;
+    # selective: each core attention), none without it.
+    assert checkpointed[0] == 0 and checkpointed[1] >= config.text.num_layers, checkpointed
     assert grads[0].keys() == grads[1].keys() and any(".gated_cross_attention." in n for n in grads[0])
     for name, grad in grads[0].items():
         assert torch.allclose(grads[1][name], grad, rtol=1e-5, atol=1e-7), name

@@ -105,6 +105,18 @@ def test_training_steps_match_single_process(results, layout, reference_layout):
             assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
     # The second step sees the first update: equal losses there mean equal parameter updates.
     assert reference[1]["loss"] != reference[0]["loss"]
+    # A recompute layout's equality means something only if recompute ran: its setting reached
+    # every Megatron-Core module, and each step checkpointed at least one call per decoder layer and
+    # micro-batch (full: each layer's forward; selective: each core attention); none elsewhere.
+    args = LAYOUTS[layout][1]
+    mode = args[args.index("--recompute") + 1] if "--recompute" in args else "none"
+    for rank in results[layout]:
+        assert rank["recompute"]["granularities"] == [mode]
+        least = sum(rank["decoder_layers"]) * len(rank["steps"]) * (1 if "--dp-split" in args else 2)
+        if mode == "none":
+            assert rank["recompute"]["checkpoints"] == 0
+        else:
+            assert rank["recompute"]["checkpoints"] >= least > 0
     if layout == "dp2-skewed":  # step 2's parameters came through the forward's all-gather
         ranks = results[layout]
         assert all(rank["param_gather_in_forward"] for rank in ranks)
@@ -122,6 +134,7 @@ def test_logits_match_hf_on_stage2_images(results, layout):
     assert last_stage
     for rank in last_stage:
         assert rank["large_images_max_abs_diff"] <= 1e-4
+        assert rank["large_images_max_abs"] > 0.1
 
 
 def test_pipeline_placement(results):

@@ -39,7 +39,16 @@ def main() -> None:
     import torch
     from megatron.core import parallel_state
     from megatron.core.optimizer import OptimizerConfig
-    from parity import hf_logits, hf_model, make_batch, megatron_inputs, tiny_config, training_inputs
+    from parity import (
+        counted_checkpoints,
+        hf_logits,
+        hf_model,
+        make_batch,
+        megatron_inputs,
+        recompute_granularities,
+        tiny_config,
+        training_inputs,
+    )
 
     from megatron_vlm import distributed
     from megatron_vlm.config import ParallelConfig, PrecisionConfig, TrainableConfig
@@ -119,7 +128,9 @@ def main() -> None:
         ours = forward_logits(large_chunks, megatron_inputs(large_batch), large.text.vocab_size)
         if ours is not None:
             valid = large_batch.padding.bool()
-            result["large_images_max_abs_diff"] = float((ours - hf_logits(large_hf, large_batch))[valid].abs().max())
+            large_reference = hf_logits(large_hf, large_batch)
+            result["large_images_max_abs_diff"] = float((ours - large_reference)[valid].abs().max())
+            result["large_images_max_abs"] = float(large_reference[valid].abs().max())
         del large_chunks, large_hf
 
     # --- training steps: one micro-batch with images, one without any image
@@ -152,7 +163,9 @@ def main() -> None:
             overlap_param_gather=args.overlap_param_gather,
         ),
     )
-    result["steps"] = [train_step(model, optimizer, micro_batches) for _ in range(args.steps)]
+    with counted_checkpoints() as checkpointed:
+        result["steps"] = [train_step(model, optimizer, micro_batches) for _ in range(args.steps)]
+    result["recompute"] = {"granularities": sorted(recompute_granularities(chunks)), "checkpoints": checkpointed[0]}
     # Overlapped parameter gathering: DDP's forward pre-hooks, and an optimizer that leaves it to them.
     result["param_gather_in_forward"] = all(c.use_forward_hook for c in model) and optimizer.config.overlap_param_gather
     if args.overlap_param_gather:  # the last update reaches the shards this rank does not own only now
