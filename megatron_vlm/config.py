@@ -107,6 +107,10 @@ class TextConfig:
     # head); here they are rows of the one table.
     additional_vocab_size: int = 0
 
+    def __post_init__(self) -> None:
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"text.sliding_window={self.sliding_window} must be a positive number of tokens (or null)")
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads

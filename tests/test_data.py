@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_vlm.data.batch import MODEL_INPUTS, attention_mask
+from megatron_vlm.backbones.attention import DocumentLayout
+from megatron_vlm.data.batch import MODEL_INPUTS
 from megatron_vlm.data.images import ImageConfig
 from megatron_vlm.data.loader import DataConfig, MultimodalLoader, SourceConfig, consumed, merge_states
 from megatron_vlm.data.packing import Document, Packer, PackingConfig, collate
@@ -130,12 +131,11 @@ def test_packing_masks_positions_and_labels_respect_documents():
     batch = collate([first], config)
     docs = torch.tensor(first.document_ids + [-1] * (40 - len(first.tokens)))
     assert torch.equal(batch["document_ids"][0], docs)
-    mask = attention_mask(batch["document_ids"])[0, 0]  # the rule the decoder's packed attention follows
-    for q in range(len(first.tokens)):
-        for k in range(len(first.tokens)):
-            allowed = docs[q] == docs[k] and k <= q
-            assert bool(mask[q, k]) == (not allowed)
     lengths = [len(fake_document(p, t, i).tokens) for p, (t, i) in enumerate([(5, 1), (3, 0), (4, 1)])]
+    # The decoder's attention runs each document as its own causal sequence (test_sliding_window
+    # probes which keys it sees): the layout's sequences are the documents, padding dropped.
+    layout = DocumentLayout.of(batch["document_ids"])
+    assert layout.params.bounds == (0, lengths[0], lengths[0] + lengths[1], sum(lengths))
     starts = [0, lengths[0], lengths[0] + lengths[1]]
     for start, length in zip(starts, lengths, strict=True):  # positions restart at every document
         assert batch["position_ids"][0, start : start + length].tolist() == list(range(length))

@@ -6,12 +6,11 @@ A micro-batch is rows of tokens, each token belonging to a document of its row (
 -1 for padding). Attention is causal within a document (and within Mistral's sliding window);
 positions restart at every document; a token's label is the next token of its document, never an
 ``<image>`` placeholder. A right-padded batch is the case of one document per row
-(``one_document_per_row``). Masks follow Megatron's convention: True where attention is NOT allowed.
+(``one_document_per_row``).
 
-No dense attention mask travels with a micro-batch: the model reads the documents from
-``document_ids`` and runs them as packed variable-length sequences (``backbones.attention``), padding
-dropped. ``attention_mask`` below is the same rule written as a dense mask, the reference the
-packed path is tested against.
+No attention mask travels with a micro-batch: the model reads the documents from ``document_ids``
+and runs them as packed variable-length sequences (``backbones.attention``), padding dropped
+(tests/test_sliding_window.py probes which keys its attention sees against transformers' rule).
 
 Keys (``MODEL_INPUTS``): input_ids [b, s], position_ids [b, s], document_ids [b, s] (-1 padding),
 labels [b, s], loss_mask [b, s] float, pixel_values [images, 3, H, W] (batch-major, zero padded
@@ -43,28 +42,6 @@ def position_ids(document_ids: torch.Tensor) -> torch.Tensor:
     index = torch.arange(seq_len, device=document_ids.device).expand(batch, -1)
     last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
     return torch.where(real, index - last_start, torch.zeros_like(index))
-
-
-def attention_mask(document_ids: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
-    """[b, s] document ids -> [b, 1, s, s] bool, True where attention is not allowed.
-
-    A query sees the keys of its own document at or before it, and with ``sliding_window`` only
-    those less than the window behind it (transformers' rule, ``masking_utils.sliding_window_overlay``:
-    the query and ``sliding_window - 1`` keys before it). A padded query sees only itself, so no
-    row is fully masked (attention kernels may return NaN for one)."""
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be a positive number of tokens, got {sliding_window}")
-    seq_len = document_ids.shape[1]
-    real = document_ids >= 0
-    index = torch.arange(seq_len, device=document_ids.device)
-    behind = index[:, None] - index[None, :]  # query position - key position
-    causal = behind >= 0
-    if sliding_window is not None:
-        causal &= behind < sliding_window
-    same = document_ids[:, :, None] == document_ids[:, None, :]
-    allowed = same & causal & real[:, None, :]
-    allowed |= torch.eye(seq_len, dtype=torch.bool, device=document_ids.device)
-    return ~allowed[:, None]
 
 
 def labels_and_loss_mask(
