@@ -49,6 +49,9 @@ def test_paper_recipe_trains_adapters_connector_and_embeddings(model):
             or name in ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight")
         ), name
     assert any(n.startswith("connector.") for n in trainable)
+    # The paper trains the new tokens' embeddings and the output layer with the adapters.
+    assert {"language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"} <= trainable
+    assert any(n.endswith(".lora.a") for n in trainable) and any(n.endswith(".lora.b") for n in trainable)
     assert "vision.patch_embedding.weight" not in trainable
     assert "language_model.decoder.layers.0.mlp.linear_fc1.weight" not in trainable
 
@@ -71,12 +74,12 @@ def test_paper_recipe_trains_adapters_connector_and_embeddings(model):
     ],
 )
 def test_each_part_freezes_independently(model, trainable, frozen_prefix, trained_prefix):
+    """Exactly the named part is frozen: every other parameter still trains."""
     apply_trainable([model], trainable)
+    names = [name for name, _ in model.named_parameters()]
+    assert any(n.startswith(frozen_prefix) for n in names) and any(n.startswith(trained_prefix) for n in names)
     for name, param in model.named_parameters():
-        if name.startswith(frozen_prefix):
-            assert not param.requires_grad, name
-        elif name.startswith(trained_prefix):
-            assert param.requires_grad, name
+        assert param.requires_grad == (not name.startswith(frozen_prefix)), name
 
 
 def test_unknown_lora_target_is_named(model):
