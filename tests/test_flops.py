@@ -43,6 +43,41 @@ def test_forward_flops_match_torch_counter(megatron_single_process, factor):
     assert analytic == pytest.approx(measured, rel=0.02)
 
 
+@pytest.mark.parametrize("window", [None, 8])
+def test_training_step_count_matches_torch_counter_on_forward_and_backward(megatron_single_process, window):
+    """What the trainer reports (``batch_training_flops``: MFU's numerator) against torch's counter
+    over a real forward and backward of the same micro-batch, with and without a sliding window
+    that binds (documents of up to 40 tokens, window 8). The counter sees what the kernels compute:
+    each document's whole score matrix; the count is the causal (windowed) pairs, so the difference,
+    counted here by enumerating every query's keys, is added back."""
+    from megatron_vlm.data.batch import training_inputs
+    from megatron_vlm.perf.flops import batch_training_flops
+
+    base = scaled(1)
+    config = dataclasses.replace(base, text=dataclasses.replace(base.text, sliding_window=window))
+    (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
+    side = 70
+    batch = make_batch(config, images_per_row=[[(side, side)], [], [(side, side), (side, side)]], seq_len=40)
+    micro = training_inputs(batch)
+    inputs = {k: v for k, v in micro.items() if k != "loss_mask"}
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        (model.train()(**inputs) * micro["loss_mask"]).sum().backward()
+    lengths = batch.padding.sum(dim=1).tolist()  # one document per row
+    assert max(lengths) > 3 * (window or 0)
+    pairs = sum(min(query + 1, window or query + 1) for n in lengths for query in range(n))
+    squares = sum(n * n for n in lengths)
+    tokens = sum(lengths)
+    masked_out = decoder_forward_flops(config, tokens, squares) - decoder_forward_flops(config, tokens, pairs)
+    # The pixels need no gradient, so the patch embedding's input gradient (one forward's worth of
+    # its convolution, which 3x counts) is not computed.
+    v = config.vision
+    skipped = 3 * (side // v.patch_size) ** 2 * 2 * v.num_channels * v.patch_size**2 * v.hidden_size
+    reported = batch_training_flops(config, micro)
+    # Exact up to float rounding (measured: equal): the causal pairs are 1% of this step, what the
+    # window removes 2%, so a looser bound would not see them.
+    assert reported + 3 * masked_out - skipped == pytest.approx(counter.get_total_flops(), rel=1e-4)
+
+
 def test_8b_decoder_count_follows_its_parameters():
     """At 8B the formula's decoder term is ~2 FLOPs per weight and token, plus attention."""
     config = load_model_preset("idefics2-8b")
@@ -126,3 +161,42 @@ def test_vision_computes_no_padding_on_mixed_image_sizes(megatron_single_process
     )
     packed["pixel_attention_mask"] = packed["pixel_attention_mask"].to("meta")  # unreadable, as a sync would be
     assert real_patches(config, packed) == patches
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_generated_token_count_matches_torch_counter_on_cached_decoding(megatron_single_process, window):
+    """What evaluation reports per generated token (``generated_token_flops``) against torch's
+    counter on the cached decode steps of a real generation (the prefill's FLOPs taken out: two runs,
+    1 and 1 + k new tokens), with and without a sliding window that binds."""
+    import torch
+
+    from megatron_vlm.inference.generate import GenerationConfig, generate
+    from megatron_vlm.perf.flops import generated_token_flops
+
+    base = scaled(1)
+    config = dataclasses.replace(base, text=dataclasses.replace(base.text, sliding_window=window))
+    (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
+    length, decode_steps = 20, 5
+    prompt = {
+        "input_ids": torch.randint(0, 200, (1, length), generator=torch.Generator().manual_seed(0)),
+        "position_ids": torch.arange(length)[None],
+        "document_ids": torch.zeros(1, length, dtype=torch.long),
+        "pixel_values": None,
+        "pixel_attention_mask": None,
+    }
+    measured = []
+    for new_tokens in (1, 1 + decode_steps):
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+            generate([model], prompt, GenerationConfig(max_new_tokens=new_tokens))
+        measured.append(counter.get_total_flops())
+    positions = range(length, length + decode_steps)  # one forward per token after the prefill's
+    analytic = sum(generated_token_flops(config, position) for position in positions)
+    # The kernel scores the whole cache and masks what the window leaves out; the count is the
+    # attended keys: the difference is added back, counted by hand.
+    masked = sum(
+        decoder_forward_flops(config, 1, position + 1)
+        - decoder_forward_flops(config, 1, min(position + 1, window or 10**9))
+        for position in positions
+    )
+    assert (masked > 0) == (window is not None)
+    assert analytic + masked == pytest.approx(measured[1] - measured[0], rel=1e-4)
