@@ -165,12 +165,25 @@ def test_vision_position_ids_do_not_depend_on_the_device(monkeypatch):
     float32 arange, which shifts the position ids of some grids (9, 18 and 27 patches on a 27-patch
     side, issue #27); made on the host they are transformers' for every grid."""
     from emulated_kernels import CudaArange
+    from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionEmbeddings
 
     from megatron_vlm.backbones import siglip
 
     side = 27
     masks = [torch.ones(1, rows, cols, dtype=torch.bool) for rows in range(1, side + 1) for cols in (1, rows)]
+    # transformers' ids: what its embeddings look up in the position table for each grid.
+    embeddings = Idefics2VisionEmbeddings(Idefics2VisionConfig(hidden_size=8, image_size=side * 14, patch_size=14))
+    looked_up = []
+    embeddings.position_embedding.register_forward_hook(lambda module, args, output: looked_up.append(args[0]))
+    with torch.no_grad():
+        for mask in masks:
+            embeddings(torch.zeros(1, 3, mask.shape[1] * 14, mask.shape[2] * 14), mask)
     expected = [siglip.bucketized_position_ids(mask, side) for mask in masks]
+    differ = [
+        mask.shape[1:] for mask, ours, hf in zip(masks, expected, looked_up, strict=True) if not torch.equal(ours, hf)
+    ]
+    assert not differ, f"position ids other than transformers' on grids {differ}"
     monkeypatch.setattr(siglip, "torch", CudaArange())
     shifted = [
         rows
