@@ -1,0 +1,353 @@
+"""Mutation check (run by hand, not in CI): does the suite notice when the code is broken?
+
+Each mutation below breaks one behaviour a test claims to check (the next-token shift, FP8 GEMMs,
+document boundaries, the <image> loss mask, a TP split of the mapping table, the checkpoint
+manifest, ...). For each, the repository (package, tests, tools, examples) is copied to a temporary
+directory, the one text replacement is applied there (it must match exactly once: a stale mutation
+is an error, not a pass), and the tests named for it run against the copy (``PYTHONPATH`` puts the
+copy before the editable install; torchrun workers and tools inherit it). A mutation is *caught*
+when every one of those tests fails, *survived* when any passes. The unmutated copy runs the same tests first
+(``--baseline``, the default): a test that fails there says nothing about its mutation.
+
+    python bench/mutations.py                    # every mutation; bench/results/mutations.{md,json}
+    python bench/mutations.py --only next_token_shift_removed fp8_linears_return_zeros
+    python bench/mutations.py --list             # names, files and tests, nothing run
+
+A full run takes about 25 minutes on 2 CPU cores (some catching tests launch torchrun processes).
+Add a mutation with every test that claims a behaviour: its old text, its new text, and the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+COPIED = ("megatron_vlm", "tests", "tools", "examples", "slurm", "bench", "pyproject.toml", "setup.py")
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to the repository root
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest node ids, relative to the repository root
+    breaks: str  # the behaviour, in words
+
+
+MUTATIONS: tuple[Mutation, ...] = (
+    Mutation(
+        "next_token_shift_removed",
+        "megatron_vlm/data/batch.py",
+        "    labels = torch.roll(input_ids, shifts=-1, dims=1)\n",
+        "    labels = input_ids.clone()\n",
+        (
+            "tests/test_validation.py::test_training_loss_is_the_token_weighted_mean_of_the_global_batch",
+            "tests/test_data.py::test_packing_masks_positions_and_labels_respect_documents",
+        ),
+        "each position is trained to predict its own token instead of the next one",
+    ),
+    Mutation(
+        "image_token_loss_mask_dropped",
+        "megatron_vlm/data/batch.py",
+        "    loss_mask = (document_ids >= 0) & next_same & (labels != image_token_id)\n",
+        "    loss_mask = (document_ids >= 0) & next_same\n",
+        (
+            "tests/test_validation.py::test_training_loss_is_the_token_weighted_mean_of_the_global_batch",
+            "tests/test_data.py::test_packing_masks_positions_and_labels_respect_documents",
+        ),
+        "positions before an <image> placeholder are trained to predict it",
+    ),
+    Mutation(
+        "document_boundary_ignored_in_labels",
+        "megatron_vlm/data/batch.py",
+        "    loss_mask = (document_ids >= 0) & next_same & (labels != image_token_id)\n",
+        "    loss_mask = (document_ids >= 0) & (labels != image_token_id)\n",
+        ("tests/test_data.py::test_packing_masks_positions_and_labels_respect_documents",),
+        "a document's last token is trained to predict the next document's first (or padding)",
+    ),
+    Mutation(
+        "document_boundary_ignored_in_attention",
+        "megatron_vlm/backbones/attention.py",
+        "        starts[1:] &= (ids[1:] != ids[:-1]) | (torch.arange(1, ids.numel()) % seq == 0)\n",
+        "        starts[1:] &= torch.arange(1, ids.numel()) % seq == 0\n",
+        ("tests/test_model_parity.py::test_packed_documents_match_hf_document_by_document",),
+        "documents packed in one row attend to each other (one causal sequence per row)",
+    ),
+    Mutation(
+        "sliding_window_one_key_wider",
+        "megatron_vlm/backbones/mistral.py",
+        "window_size=None if text.sliding_window is None else (text.sliding_window - 1, 0),",
+        "window_size=None if text.sliding_window is None else (text.sliding_window, 0),",
+        (
+            "tests/test_sliding_window.py::test_the_decoder_attends_each_packed_document_within_the_window",
+            "tests/test_model_parity.py::test_sliding_window_matches_hf",
+        ),
+        "the decoder's sliding window sees one key more than Mistral's",
+    ),
+    Mutation(
+        "tp_split_of_a_row_parallel_weight_transposed",
+        "megatron_vlm/backbones/mistral.py",
+        'Mapping(f"{layer}self_attention.linear_proj.weight", ("layers.*.self_attn.o_proj.weight",), Split.ROW),',
+        'Mapping(f"{layer}self_attention.linear_proj.weight", ("layers.*.self_attn.o_proj.weight",), Split.COLUMN),',
+        (
+            "tests/test_parallel_parity.py::test_logits_match_hf[tp2pp1]",
+            "tests/test_conversion.py::test_round_trip_through_tp2pp2_is_bit_exact_and_loads_in_transformers",
+        ),
+        "the decoder's attention output projection split over TP ranks on its output features",
+    ),
+    Mutation(
+        "recompute_setting_not_passed_to_megatron",
+        "megatron_vlm/backbones/common.py",
+        "        **_RECOMPUTE[parallel.recompute],\n",
+        '        **_RECOMPUTE["none"],\n',
+        (
+            "tests/test_cross_attention.py::test_recomputed_activations_give_the_same_loss_and_gradients",
+            "tests/test_parallel_parity.py::test_training_steps_match_single_process[tp1pp1-full-recompute-tp1pp1]",
+            "tests/test_parallel_parity.py::test_training_steps_match_single_process[tp2pp2-selective-recompute-tp1pp1]",
+        ),
+        "activation recompute never reaches Megatron-Core (the equivalence tests compare no-recompute with itself)",
+    ),
+    Mutation(
+        "checkpoint_manifest_not_checked",
+        "megatron_vlm/training/checkpoint.py",
+        "            problems += integrity.check_files(path, manifest, names[rank::world])\n",
+        "",
+        ("tests/test_fault_tolerance.py::test_flipped_bytes_and_legacy_pickles_are_caught_without_running_them",),
+        "a checkpoint's files are never compared with its manifest (sizes, CRC-32)",
+    ),
+    Mutation(
+        "position_table_resized_transposed",
+        "megatron_vlm/backbones/siglip.py",
+        "    image = table.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)\n",
+        "    image = table.float().reshape(1, old, old, -1).permute(0, 3, 2, 1)\n",
+        ("tests/test_conversion.py::test_siglip_and_mistral_land_exactly_and_train",),
+        "a SigLIP position table resized to another resolution comes out with its grid transposed",
+    ),
+    Mutation(
+        "vision_position_ids_shifted_on_27_patch_tables",
+        "megatron_vlm/backbones/siglip.py",
+        "    bucket_h = torch.bucketize(frac_h.clamp(max=1.0 - 1e-6), boundaries, right=True)\n",
+        "    bucket_h = torch.bucketize(frac_h.clamp(max=1.0 - 1e-6), boundaries, right=patches_per_side != 27)\n",
+        ("tests/test_gpu_paths.py::test_vision_position_ids_do_not_depend_on_the_device",),
+        "SigLIP-SO400M's 27-patch table: some grids' rows get the neighbouring position ids",
+    ),
+    Mutation(
+        "mixture_weight_edited_in_stage1",
+        "examples/data_mixtures/stage1.yaml",
+        "weight: 0.70,",
+        "weight: 0.50,",
+        ("tests/test_data.py::test_paper_mixtures_are_followed",),
+        "the stage-1 mixture no longer has the paper's 70/30 OBELICS/pairs split",
+    ),
+    Mutation(
+        "loader_ignores_mixture_weights",
+        "megatron_vlm/data/loader.py",
+        '        index = int(np.searchsorted(np.cumsum(self.weights), draw, side="right"))\n',
+        "        index = int(draw * len(self.weights))\n",
+        ("tests/test_data.py::test_paper_mixtures_are_followed",),
+        "sources are drawn uniformly whatever their weights",
+    ),
+    Mutation(
+        "lora_adapters_get_no_gradient",
+        "megatron_vlm/models/lora.py",
+        "        return result + module.lora(adapter_input).reshape(result.shape), bias\n",
+        "        return result + module.lora(adapter_input).detach().reshape(result.shape), bias\n",
+        ("tests/test_design_parts.py::test_frozen_and_lora_regimes_on_every_architecture",),
+        "LoRA adapters are applied but never trained",
+    ),
+    Mutation(
+        "lora_freezes_embeddings_and_output_layer",
+        "megatron_vlm/models/lora.py",
+        '            frozen_prefixes.append("language_model.decoder.")\n',
+        '            frozen_prefixes.append("language_model.")\n',
+        ("tests/test_lora.py::test_paper_recipe_trains_adapters_connector_and_embeddings",),
+        "with LoRA on the decoder the new tokens' embeddings and the output layer stop training",
+    ),
+    Mutation(
+        "freezing_vision_also_freezes_the_decoder",
+        "megatron_vlm/models/lora.py",
+        '            frozen_prefixes.append("vision.")\n',
+        '            frozen_prefixes.extend(["vision.", "language_model."])\n',
+        ("tests/test_lora.py::test_each_part_freezes_independently",),
+        "freezing one part freezes another",
+    ),
+    Mutation(
+        "training_flops_without_the_backward",
+        "megatron_vlm/perf/flops.py",
+        "    return 3.0 * flops\n",
+        "    return 2.0 * flops\n",
+        ("tests/test_flops.py::test_training_step_count_matches_torch_counter_on_forward_and_backward",),
+        "MFU's numerator counts the backward as one forward",
+    ),
+    Mutation(
+        "training_flops_ignore_the_sliding_window",
+        "megatron_vlm/perf/flops.py",
+        "    if sliding_window is None or sliding_window >= length:\n",
+        "    if True:\n",
+        ("tests/test_flops.py::test_training_step_count_matches_torch_counter_on_forward_and_backward",),
+        "MFU's numerator counts every causal pair where the window leaves fewer",
+    ),
+    Mutation(
+        "generated_token_flops_ignore_the_sliding_window",
+        "megatron_vlm/perf/flops.py",
+        "        keys = min(keys, config.text.sliding_window)\n",
+        "        keys = keys\n",
+        ("tests/test_flops.py::test_generated_token_count_matches_torch_counter_on_cached_decoding",),
+        "evaluation's FLOPs per generated token count keys outside the window",
+    ),
+    Mutation(
+        "tasks_checkpoint_after_their_launcher_was_killed",
+        "megatron_vlm/training/lifecycle.py",
+        '    return f"Slurm job {job} is {state}: its batch script {how} (the launcher is gone), not checkpointing"\n',
+        "    return None\n",
+        ("tests/test_fault_tolerance.py::test_sigkill_of_srun_makes_the_tasks_exit_without_checkpointing",),
+        "tasks whose srun was SIGKILLed take Slurm's teardown SIGTERM for a preemption and checkpoint",
+    ),
+    Mutation(
+        "export_drops_decoder_layers",
+        "megatron_vlm/conversion/convert.py",
+        "                writer.add(hf_name, tensor)\n                report.tensors += 1\n",
+        '                if "text_model.layers." not in hf_name:\n                    writer.add(hf_name, tensor)\n'
+        "                report.tensors += 1\n",
+        ("tests/test_backbones.py::test_converter_exports_a_checkpoint_written_before_the_redesign",),
+        "the Megatron -> HF export leaves out every decoder layer",
+    ),
+)
+
+
+def copy_repository(destination: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "runs", "results")
+    for name in COPIED:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, destination / name, ignore=ignore)
+        else:
+            shutil.copy2(source, destination / name)
+
+
+def apply(mutation: Mutation, root: Path) -> None:
+    path = root / mutation.file
+    text = path.read_text()
+    count = text.count(mutation.old)
+    if count != 1:
+        raise ValueError(f"mutation {mutation.name}: its text occurs {count} times in {mutation.file} (must be once)")
+    path.write_text(text.replace(mutation.old, mutation.new))
+
+
+def run_tests(root: Path, tests: tuple[str, ...], timeout: int) -> tuple[list[str], float, str]:
+    """(the named tests that failed, seconds, the run's last lines)."""
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return list(tests), time.perf_counter() - started, f"timed out after {timeout} s"
+    seconds = time.perf_counter() - started
+    failing = [
+        line.split(" ", 1)[1].split(" - ")[0]
+        for line in done.stdout.splitlines()
+        if line.startswith(("FAILED", "ERROR"))
+    ]
+    # A test named without its parameters fails when any of its parametrisations does.
+    failed = [test for test in tests if any(f == test or f.startswith(test + "[") for f in failing)]
+    if done.returncode not in (0, 1):  # collection errors, usage errors: every named test counts as failed
+        failed = list(tests)
+    return failed, seconds, "\n".join(done.stdout.splitlines()[-3:])
+
+
+def check(mutation: Mutation, baseline: bool, timeout: int) -> dict:
+    """Caught: every test named for the mutation fails on the mutated copy."""
+    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+        root = Path(tmp)
+        copy_repository(root)
+        result = {**asdict(mutation), "baseline_failed": None}
+        if baseline:
+            failed, _, detail = run_tests(root, mutation.tests, timeout)
+            result["baseline_failed"] = failed
+            if failed:
+                return {
+                    **result,
+                    "caught": None,
+                    "missed_by": [],
+                    "seconds": 0.0,
+                    "detail": f"baseline fails: {detail}",
+                }
+        apply(mutation, root)
+        failed, seconds, detail = run_tests(root, mutation.tests, timeout)
+        missed = [test for test in mutation.tests if test not in failed]
+        return {**result, "caught": not missed, "missed_by": missed, "seconds": round(seconds, 1), "detail": detail}
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        f"# Mutation check ({date.today().isoformat()}, `python bench/mutations.py`)",
+        "",
+        "Each row breaks one behaviour in a copy of the repository and runs the tests that claim it.",
+        "Caught: every one of those tests fails on the mutated copy (and passes on the unmutated one).",
+        "",
+        "| mutation | file | what it breaks | caught | by (each of these tests fails) | s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        verdict = {True: "yes", False: "**NO**", None: "baseline fails"}[r["caught"]]
+        tests = "<br>".join(
+            f"{'missed: ' if t in r['missed_by'] else ''}`{t.removeprefix('tests/')}`" for t in r["tests"]
+        )
+        lines.append(f"| `{r['name']}` | `{r['file']}` | {r['breaks']} | {verdict} | {tests} | {r['seconds']} |")
+    caught = sum(1 for r in results if r["caught"])
+    lines += ["", f"{caught} of {len(results)} mutations caught."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", default=None, help="mutation names (default: all)")
+    parser.add_argument("--list", action="store_true", help="print the mutations and their tests, run nothing")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of each mutation's tests")
+    parser.add_argument("--timeout", type=int, default=1200, help="seconds per pytest run")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where mutations.{md,json} go (full runs only)")
+    args = parser.parse_args()
+    known = {m.name: m for m in MUTATIONS}
+    unknown = sorted(set(args.only or ()) - set(known))
+    if unknown:
+        parser.error(f"unknown mutations {unknown}; known: {sorted(known)}")
+    chosen = [known[name] for name in args.only] if args.only else list(MUTATIONS)
+    if args.list:  # with whether each text still matches once (a stale mutation is an error when run)
+        for m in chosen:
+            found = (ROOT / m.file).read_text().count(m.old)
+            state = "applies" if found == 1 else f"STALE: its text occurs {found} times"
+            print(f"{m.name}  ({m.file}, {state}): {m.breaks}\n    " + "\n    ".join(m.tests))
+        return 0
+    results = []
+    for mutation in tqdm(chosen, desc="mutations", unit="mutation"):
+        results.append(check(mutation, not args.no_baseline, args.timeout))
+        r = results[-1]
+        verdict = {True: "caught", False: "SURVIVED", None: "baseline fails"}[r["caught"]]
+        missed = f" missed by {r['missed_by']}" if r["missed_by"] else ""
+        tqdm.write(f"{mutation.name}: {verdict} ({r['seconds']} s){missed}")
+    report = table(results)
+    print(report)
+    if args.only is None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "mutations.md").write_text(report)
+        (args.out / "mutations.json").write_text(json.dumps(results, indent=1) + "\n")
+    return 0 if all(r["caught"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
