@@ -218,6 +218,58 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tasks whose srun was SIGKILLed take Slurm's teardown SIGTERM for a preemption and checkpoint",
     ),
     Mutation(
+        "fp8_linears_return_zeros",
+        "megatron_vlm/models/fp8.py",
+        "output = _Fp8Matmul.apply(input, weight, RECIPES[recipe], allreduce_dgrad, tp_group, casts)",
+        "output = _Fp8Matmul.apply(input, weight, RECIPES[recipe], allreduce_dgrad, tp_group, casts) * 0",
+        (
+            "tests/test_fp8.py::test_fp8_model_trains_like_its_bf16_twin",
+            "tests/test_fp8.py::test_fp8_linear_output_and_gradients_close_to_fp32",
+        ),
+        "every FP8 linear returns zeros",
+    ),
+    Mutation(
+        "fp8_weight_reshaped_not_transposed",
+        "megatron_vlm/models/fp8.py",
+        "torch._scaled_mm(input8, weight8.t(),",
+        "torch._scaled_mm(input8, _column_major(weight8.reshape(weight8.shape[1], -1)),",
+        (
+            "tests/test_fp8.py::test_fp8_model_trains_like_its_bf16_twin",
+            "tests/test_fp8.py::test_fp8_linear_output_and_gradients_close_to_fp32",
+        ),
+        "the FP8 forward GEMM reads its weight reshaped instead of transposed",
+    ),
+    Mutation(
+        "fp8_casts_without_scaling",
+        "megatron_vlm/models/fp8.py",
+        "    scale = torch.finfo(dtype).max / amax\n",
+        "    scale = torch.ones_like(amax)\n",
+        (
+            "tests/test_fp8.py::test_fp8_model_trains_like_its_bf16_twin",
+            "tests/test_fp8.py::test_fp8_linear_output_and_gradients_close_to_fp32",
+        ),
+        "tensors are cast to FP8 unscaled: small gradients flush to zero",
+    ),
+    Mutation(
+        "fp8_weight_gradient_scale_dropped",
+        "megatron_vlm/models/fp8.py",
+        "                scale_a=grad_scale,\n                scale_b=input_scale,",
+        "                scale_a=torch.ones_like(grad_scale),\n                scale_b=input_scale,",
+        (
+            "tests/test_fp8.py::test_fp8_model_trains_like_its_bf16_twin",
+            "tests/test_fp8.py::test_fp8_linear_output_and_gradients_close_to_fp32",
+        ),
+        "the weight-gradient GEMM forgets the gradient's scale",
+    ),
+    Mutation(
+        "fp8_forward_input_in_e5m2",
+        "megatron_vlm/models/fp8.py",
+        "        input8, input_scale = casts.rows(rows, E4M3)\n",
+        "        input8, input_scale = casts.rows(rows, E5M2)\n",
+        ("tests/test_fp8.py::test_fp8_linear_output_and_gradients_close_to_fp32",),
+        "the forward casts its input to e5m2 (the gradients' format) instead of e4m3",
+    ),
+    Mutation(
         "export_drops_decoder_layers",
         "megatron_vlm/conversion/convert.py",
         "                writer.add(hf_name, tensor)\n                report.tensors += 1\n",
