@@ -101,7 +101,10 @@ def test_parquet_with_embedded_bytes_paths_and_mirrored_urls(tmp_path, jpegs, to
 
 def test_obelics_documents_from_parquet_and_a_datasets_arrow_directory(tmp_path, jpegs, tokenizer):
     """OBELICS' schema: texts / images lists with None holes plus metadata columns; the same rows
-    as parquet and as a save_to_disk Arrow directory give the same shards."""
+    as parquet and as `datasets` save_to_disk directories (written by `datasets` itself, the 'test'
+    extra installs it: one data file, and two with num_shards=2) give the same shards."""
+    import datasets
+
     rows = {
         "images": [[{"bytes": jpegs[0], "path": None}, None, None], [None, {"bytes": jpegs[2], "path": None}]],
         "texts": [[None, "An astronaut.", "Then space."], ["Morning coffee:", None]],
@@ -109,34 +112,40 @@ def test_obelics_documents_from_parquet_and_a_datasets_arrow_directory(tmp_path,
         "general_metadata": ['{"url": "https://a"}', '{"url": "https://b"}'],
     }
     parquet.write_table(pa.table(rows), tmp_path / "obelics.parquet")
-    arrow_dir = tmp_path / "obelics_arrow"
-    try:
-        import datasets
-
-        features = datasets.Features(
-            {
-                "images": datasets.Sequence(datasets.Image()),
-                "texts": datasets.Sequence(datasets.Value("string")),
-                "metadata": datasets.Value("string"),
-                "general_metadata": datasets.Value("string"),
-            }
-        )
-        datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(arrow_dir))
-    except ModuleNotFoundError:  # the same layout written by pyarrow: an IPC stream + state.json
-        arrow_dir.mkdir()
-        with pa.ipc.new_stream(str(arrow_dir / "data-00000-of-00001.arrow"), pa.table(rows).schema) as writer:
-            writer.write_table(pa.table(rows))
-        state = {"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}
-        (arrow_dir / "state.json").write_text(json.dumps(state))
-    assert {"data-00000-of-00001.arrow", "state.json"} <= {p.name for p in arrow_dir.iterdir()}
+    features = datasets.Features(
+        {
+            "images": datasets.Sequence(datasets.Image()),
+            "texts": datasets.Sequence(datasets.Value("string")),
+            "metadata": datasets.Value("string"),
+            "general_metadata": datasets.Value("string"),
+        }
+    )
+    dataset = datasets.Dataset.from_dict(rows, features=features)
+    arrow_dirs = {1: tmp_path / "obelics_arrow", 2: tmp_path / "obelics_arrow_2"}
+    for shards, directory in arrow_dirs.items():
+        dataset.save_to_disk(str(directory), num_shards=shards)
+        # What save_to_disk writes: its data files (IPC streams), state.json listing them in order,
+        # and dataset_info.json with the features (the Image feature inside the images list).
+        data_files = [f"data-{i:05d}-of-{shards:05d}.arrow" for i in range(shards)]
+        assert sorted(p.name for p in directory.iterdir()) == [*data_files, "dataset_info.json", "state.json"]
+        state = json.loads((directory / "state.json").read_text())
+        assert state["_data_files"] == [{"filename": name} for name in data_files] and state["_fingerprint"]
+        info = json.loads((directory / "dataset_info.json").read_text())
+        assert info["features"]["images"]["feature"] == {"_type": "Image"}, info["features"]
+        lengths = [pa.ipc.open_stream(directory / name).read_all().num_rows for name in data_files]
+        assert lengths == ([2] if shards == 1 else [1, 1])  # with two files, one document in each
 
     one = preprocess([tmp_path / "obelics.parquet"], tmp_path / "pq", samples_per_shard=4, progress=False)
-    two = preprocess([arrow_dir], tmp_path / "arrow", samples_per_shard=4, name="obelics", progress=False)
-    assert one.written == two.written == 2 and not one.rejected and not two.rejected
+    two = preprocess([arrow_dirs[1]], tmp_path / "arrow", samples_per_shard=4, name="obelics", progress=False)
+    three = preprocess([arrow_dirs[2]], tmp_path / "arrow2", samples_per_shard=4, name="obelics", progress=False)
+    assert one.written == two.written == three.written == 2
+    assert not one.rejected and not two.rejected and not three.rejected
     first, second = read_all(tmp_path / "pq")
     assert first.kind == "interleaved" and first.segments == [jpegs[0], "An astronaut.", "Then space."]
     assert second.segments == ["Morning coffee:", jpegs[2]]
     assert [s.segments for s in read_all(tmp_path / "arrow")] == [first.segments, second.segments]
+    assert three.shards == ["obelics-00000.tar", "obelics-00001.tar"]  # one per data file, in state.json's order
+    assert [s.segments for s in read_all(tmp_path / "arrow2")] == [first.segments, second.segments]
     loader_yields(tmp_path / "pq", tokenizer, seq_len=384)
 
 
@@ -344,7 +353,7 @@ def test_help_documents_every_format():
 def test_the_trainer_trains_on_shards_from_parquet_img2dataset_and_pdfs(tmp_path, jpegs):
     """The tiny mixture (obelics / pairs / pdfs) fed from the three shipped formats at once: OBELICS
     documents in a parquet with embedded bytes, an img2dataset tar indexed in place, and a tar of
-    PDFs; the trainer runs, its loss finite, and reads every source."""
+    PDFs; the trainer runs, its loss finite, and reads every source (its data trace)."""
     from test_training import environment, trainer_args
 
     documents = {
@@ -374,6 +383,10 @@ def test_the_trainer_trains_on_shards_from_parquet_img2dataset_and_pdfs(tmp_path
         "training.warmup_steps=1",
         "training.log_interval=1",
         "training.save_interval=3",
+        # The data seed is the training seed; seed 0 draws all three sources in three steps (1234,
+        # the preset's, leaves pdfs out until step 4).
+        "training.seed=0",
+        "data.trace=true",  # OUT/data_trace: the source and sample positions of every micro-batch
     ]
     command = trainer_args(run, root, *overrides)
     done = subprocess.run(
@@ -388,3 +401,6 @@ def test_the_trainer_trains_on_shards_from_parquet_img2dataset_and_pdfs(tmp_path
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 3 and np.isfinite(results["loss"]), results
     assert "step      3/3" in done.stdout and "skipped samples 0" in done.stdout
+    trace = [json.loads(line) for line in (run / "data_trace" / "rank00000.jsonl").read_text().splitlines()]
+    assert len(trace) == 3 * 2 and {line["source"] for line in trace} == {"obelics", "pairs", "pdfs"}, trace
+    assert all(line["positions"] for line in trace), trace

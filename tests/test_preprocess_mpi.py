@@ -1,5 +1,6 @@
 """tools/preprocess_data.py as an MPI job (mpich's mpiexec, mpi4py): 1 and 3 ranks and a plain run give
-the same output directory byte for byte (shards, indexes, validation split, report)."""
+the same output directory byte for byte (shards, indexes, validation split, report), and on 3 ranks
+each rank reads its own slice of the input files (the summary's per-rank counts)."""
 
 import io
 import json
@@ -77,6 +78,16 @@ def test_output_is_the_same_on_1_and_3_ranks(tmp_path):
     plain = run_tool(inputs, tmp_path / "plain", None)
     one = run_tool(inputs, tmp_path / "one", 1)
     three = run_tool(inputs, tmp_path / "three", 3)
+    # Who did the work: the units (input files, by number) each rank read, their rows and the samples it
+    # wrote. Rank r of 3 takes units r, r + 3: pairs.jsonl (13 rows) and docs.tar (2 PDFs, 4 pages) on
+    # rank 0, photos.parquet (9) on rank 1, the img2dataset tar (5) on rank 2.
+    everything = [{"rank": 0, "units": [0, 1, 2, 3], "rows": 13 + 9 + 5 + 2, "samples": 13 + 9 + 5 + 4}]
+    assert plain.pop("ranks") == one.pop("ranks") == everything
+    assert three.pop("ranks") == [
+        {"rank": 0, "units": [0, 3], "rows": 13 + 2, "samples": 13 + 4},
+        {"rank": 1, "units": [1], "rows": 9, "samples": 9},
+        {"rank": 2, "units": [2], "rows": 5, "samples": 5},
+    ]
     assert plain == one == three
     assert plain["rows"] == 13 + 9 + 5 + 2 and plain["written"] + plain["validation"] == 13 + 9 + 5 + 4
     assert plain["validation"] > 0 and plain["reindexed"] == [str(tmp_path / "00000.tar")]

@@ -1,6 +1,8 @@
 """The README's run command, as a user runs it: `bash slurm/pretrain_idefics2.sh` trains the tiny
 preset on the bundled data (built on first use), and running it again resumes (shortened here with
-OVERRIDES). .ci/run runs it in both environments (Megatron-Core 0.16.1 and 0.19.2)."""
+OVERRIDES). Marked first_env_only: .ci/run runs it in environment A only (Python 3.11, Megatron-Core
+0.16.1); environment B (Megatron-Core 0.19.2) leaves it out with -m 'not first_env_only', and runs the
+same script under sbatch in tests/test_slurm.py."""
 
 import json
 import os

@@ -25,7 +25,8 @@ Images given as http(s) URLs are read from a local mirror (--url-mirror), never 
 
 Every image is decoded and checked (corrupt, missing, absurd sizes); rejected rows are counted by
 reason and listed in NAME.report.json; images DALI decodes differently are stored as PNG and the shard
-index records it. The last line printed is a JSON summary (written, validation, rejected by reason).
+index records it. The last line printed is a JSON summary (written, validation, rejected by reason;
+"ranks": per rank the input files it read, by number, their rows and the samples it wrote).
 
 Under mpiexec / mpirun / srun (detected from the launcher's environment; needs mpi4py) each rank takes
 a fixed slice of the input files and writes their shards; rank 0 names them and writes the report. The
@@ -118,6 +119,7 @@ def main() -> int:
     )
     if rank == 0:
         summary = {k: v for k, v in report.to_dict().items() if k != "rejects"}
+        summary["ranks"] = report.ranks
         print(json.dumps(summary))
     return 0 if report.written + report.validation else 1
 

@@ -79,6 +79,9 @@ class PreprocessReport:
     validation_shards: list[str] = field(default_factory=list)
     converted: Counter = field(default_factory=Counter)  # images stored re-encoded, by reason
     reindexed: list[str] = field(default_factory=list)  # input tars taken as they are
+    # Per rank: the units it read, their rows and the samples it wrote (training + validation). Not
+    # in NAME.report.json (that file is the same whatever the ranks); the tool's summary prints it.
+    ranks: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -449,6 +452,16 @@ def _merge(unit_reports: list[dict[str, Any]], parts: Path, out_dir: Path, name:
     return report
 
 
+def _rank_report(rank: int, unit_reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """What one rank did, from the unit reports it sent (comm.gather orders them by rank)."""
+    return {
+        "rank": rank,
+        "units": [u["unit"] for u in unit_reports],
+        "rows": sum(u["rows"] for u in unit_reports),
+        "samples": sum(u["written"] + u["validation"] for u in unit_reports),
+    }
+
+
 def _release_big_buffers_at_once() -> None:
     """glibc only: allocations above 128 KiB (image bytes, decoded pixels, Arrow pages) are mmapped
     and go back to the OS when freed. By default glibc raises that threshold after the first such
@@ -544,6 +557,7 @@ def preprocess(
             shutil.rmtree(parts, ignore_errors=True)
         else:
             report = _merge([u for reports, _ in gathered for u in reports], parts, out_dir, name)
+            report.ranks = [_rank_report(number, reports) for number, (reports, _) in enumerate(gathered)]
     if comm is not None:
         report, errors = comm.bcast((report, errors), root=0)
     if errors:
