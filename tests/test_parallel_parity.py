@@ -24,7 +24,8 @@ LAYOUTS = {
     "tp1pp1-full-recompute": (1, ["--recompute", "full"]),
     "tp2pp2-selective-recompute": (4, ["--tp", "2", "--pp", "2", "--recompute", "selective"]),
     "tp1pp1-lora": (1, ["--tp", "1", "--pp", "1", "--lora"]),
-    "tp2pp2-lora": (4, ["--tp", "2", "--pp", "2", "--lora"]),
+    # Saves its trained model: loaded at TP1 below (adapters merged on load).
+    "tp2pp2-lora": (4, ["--tp", "2", "--pp", "2", "--lora", "--save"]),
     "tp2-sp-lora": (2, ["--tp", "2", "--sequence-parallel", "--lora"]),
 }
 
@@ -63,7 +64,7 @@ class LayoutResults(dict):
         nproc, args = LAYOUTS[name]
         out = self.tmp_path_factory.mktemp(name)
         run_torchrun("parity_worker.py", nproc, [*args, "--out", str(out)])
-        self[name] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+        self[name] = [{**json.loads((out / f"rank{r}.json").read_text()), "out": str(out)} for r in range(nproc)]
         return self[name]
 
 
@@ -160,6 +161,35 @@ def test_lora_training_leaves_backbones_frozen(results):
         assert rank["frozen_parameters"] > 0
         assert rank["frozen_unchanged"]
     assert results["tp1pp1-lora"][0]["steps"][1]["loss"] != results["tp1pp1"][0]["steps"][1]["loss"]
+
+
+@pytest.mark.first_env_only
+def test_lora_checkpoint_saved_at_tp2pp2_loads_merged_at_tp1(results, megatron_single_process):
+    """The adapters trained at TP2 x PP2 (each rank's slices of A and B, the gated fc1's B in the
+    per-rank [gate; up] layout) saved, loaded in one process at TP1 and folded into their weights:
+    the same logits as the TP2 x PP2 model gave after training."""
+    from pathlib import Path
+
+    import torch
+    from parity import make_batch, megatron_inputs, tiny_config
+    from safetensors.torch import load_file
+
+    from megatron_vlm.config import ParallelConfig, PrecisionConfig
+    from megatron_vlm.models.checkpoint_io import load_weights
+    from megatron_vlm.models.idefics2 import build_model_chunks, gather_logits
+
+    out = Path(results["tp2pp2-lora"][0]["out"])
+    config = tiny_config()
+    (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
+    metadata = load_weights([model], out / "checkpoint", config)
+    assert metadata["trainable"]["lora_rank"] == 4
+    assert not any(".lora." in name for name, _ in model.named_parameters())  # merged
+    with torch.no_grad():
+        ours = gather_logits(model.eval()(**megatron_inputs(make_batch(config))), config.text.vocab_size)
+    expected = load_file(str(out / "trained_logits.safetensors"))["logits"]
+    valid = make_batch(config).padding.bool()
+    assert float((ours - expected)[valid].abs().max()) <= 1e-4 * float(expected[valid].abs().max())
+    assert float(expected[valid].abs().max()) > 0.1
 
 
 @pytest.mark.parametrize("layout", layouts("tp2pp1", "tp2pp2", "pp2vpp2"))

@@ -201,6 +201,10 @@ def _add_adapter(base: nn.Module, adapter: LoRAAdapter, kind: LinearKind, gated:
             f"{prefix}lora.",
             axis,
             sharded_offsets,
+            # Named, as Megatron's own linears do: given only the data-parallel group, Megatron-Core
+            # leaves the TP group unset and records every TP rank's slice as the whole tensor (at
+            # TP > 1 the save is refused: an invalid access pattern).
+            tp_group=getattr(base, "tp_group", None) or parallel_state.get_tensor_model_parallel_group(),
             dp_cp_group=metadata["dp_cp_group"],
         )
         if gated:  # B's rows follow fc1's per-rank [gate_r; up_r] layout

@@ -33,6 +33,9 @@ def main() -> None:
         action="store_true",
         help="count pipeline shape exchanges and device syncs, with the batched p2p branch a GPU takes",
     )
+    parser.add_argument(
+        "--save", action="store_true", help="after training, save the model (adapters too) and its logits into --out"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -176,6 +179,16 @@ def main() -> None:
         result["checksum_after_step"] = checksum()
         with parameters_gathered(model):
             result["checksum_gathered"] = checksum()
+    if args.save:  # what a later job loads elsewhere: the trained model at this layout, its logits
+        from safetensors.torch import save_file
+
+        from megatron_vlm.models.checkpoint_io import save_model
+
+        trained = forward_logits(chunks, inputs, config.text.vocab_size)
+        lora = TrainableConfig(lora_rank=4, lora_alpha=8.0) if args.lora else None
+        save_model(chunks, args.out / "checkpoint", config, lora)
+        if trained is not None and tp_rank == 0:
+            save_file({"logits": trained.contiguous()}, str(args.out / "trained_logits.safetensors"))
     frozen_after = {n: p for c in chunks for n, p in c.named_parameters() if not p.requires_grad}
     result["frozen_parameters"] = len(frozen_before)
     result["frozen_unchanged"] = all(torch.equal(frozen_before[n], frozen_after[n]) for n in frozen_before)
