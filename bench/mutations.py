@@ -6,11 +6,11 @@ manifest, ...). For each, the repository (package, tests, tools, examples) is co
 directory, the one text replacement is applied there (it must match exactly once: a stale mutation
 is an error, not a pass), and the tests named for it run against the copy (``PYTHONPATH`` puts the
 copy before the editable install; torchrun workers and tools inherit it). A mutation is *caught*
-when every one of those tests fails, *survived* when any passes. The unmutated copy runs the same tests first
-(``--baseline``, the default): a test that fails there says nothing about its mutation.
+when every one of those tests fails, *survived* when any passes. The unmutated copy runs the same
+tests first (unless ``--no-baseline``): a test that fails there says nothing about its mutation.
 
     python bench/mutations.py                    # every mutation; bench/results/mutations.{md,json}
-    python bench/mutations.py --only next_token_shift_removed fp8_linears_return_zeros
+    python bench/mutations.py --only next_token_shift_removed fp8_linears_return_zeros   # merged in
     python bench/mutations.py --list             # names, files and tests, nothing run
 
 A full run takes about 25 minutes on 2 CPU cores (some catching tests launch torchrun processes).
@@ -401,7 +401,7 @@ def check(mutation: Mutation, baseline: bool, timeout: int) -> dict:
         return {**result, "caught": not missed, "missed_by": missed, "seconds": round(seconds, 1), "detail": detail}
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict], defined: int | None = None) -> str:
     lines = [
         f"# Mutation check ({date.today().isoformat()}, `python bench/mutations.py`)",
         "",
@@ -419,6 +419,8 @@ def table(results: list[dict]) -> str:
         lines.append(f"| `{r['name']}` | `{r['file']}` | {r['breaks']} | {verdict} | {tests} | {r['seconds']} |")
     caught = sum(1 for r in results if r["caught"])
     lines += ["", f"{caught} of {len(results)} mutations caught."]
+    if defined is not None and defined > len(results):
+        lines.append(f"{defined - len(results)} defined mutations have no result yet (`--only NAME` runs them).")
     return "\n".join(lines) + "\n"
 
 
@@ -428,7 +430,9 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="print the mutations and their tests, run nothing")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of each mutation's tests")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per pytest run")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where mutations.{md,json} go (full runs only)")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="where mutations.{md,json} go (merged with earlier runs)"
+    )
     args = parser.parse_args()
     known = {m.name: m for m in MUTATIONS}
     unknown = sorted(set(args.only or ()) - set(known))
@@ -448,12 +452,21 @@ def main() -> int:
         verdict = {True: "caught", False: "SURVIVED", None: "baseline fails"}[r["caught"]]
         missed = f" missed by {r['missed_by']}" if r["missed_by"] else ""
         tqdm.write(f"{mutation.name}: {verdict} ({r['seconds']} s){missed}")
-    report = table(results)
-    print(report)
-    if args.only is None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "mutations.md").write_text(report)
-        (args.out / "mutations.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(table(results))
+    # The results files hold every mutation defined: this run's results replace those of the same
+    # name (and the same text: an edited mutation's old result is dropped), the rest are kept.
+    saved = args.out / "mutations.json"
+    previous = {r["name"]: r for r in json.loads(saved.read_text())} if saved.exists() else {}
+    merged = {**previous, **{r["name"]: r for r in results}}
+    current = [
+        merged[m.name]
+        for m in MUTATIONS
+        if m.name in merged
+        and (merged[m.name]["old"], merged[m.name]["new"], tuple(merged[m.name]["tests"])) == (m.old, m.new, m.tests)
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "mutations.md").write_text(table(current, len(MUTATIONS)))
+    saved.write_text(json.dumps(current, indent=1) + "\n")
     return 0 if all(r["caught"] for r in results) else 1
 
 
