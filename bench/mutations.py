@@ -326,6 +326,31 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the gated fc1 adapter's B saved without the per-rank [gate; up] layout: TP1 reads gate and up mixed",
     ),
     Mutation(
+        "vqa_accuracy_scores_the_references",
+        "megatron_vlm/evaluation/tasks/base.py",
+        '        scores = {"accuracy": vqa_score((r["prediction"], r["references"]) for r in records)}\n',
+        '        scores = {"accuracy": vqa_score((max(r["references"], key=r["references"].count), r["references"])'
+        " for r in records)}\n",
+        ("tests/test_readme_run.py::test_readme_command_trains_then_resumes",),
+        "the benchmark accuracy a run logs is not that of its predictions (here: of the most common answer)",
+    ),
+    Mutation(
+        "schedule_advances_on_skipped_steps",
+        "megatron_vlm/training/loop.py",
+        '        if step["updated"] and math.isfinite(step["loss"]):\n            scheduler.step(increment=1)\n',
+        '        scheduler.step(increment=1)\n        if step["updated"] and math.isfinite(step["loss"]):\n            pass\n',
+        ("tests/test_training.py::test_nonfinite_steps_are_skipped_then_the_run_stops",),
+        "a step skipped for a non-finite loss still moves the learning-rate schedule",
+    ),
+    Mutation(
+        "skipped_steps_metric_saturates",
+        "megatron_vlm/training/loop.py",
+        '"skipped_steps": float(skipped_steps),',
+        '"skipped_steps": float(skipped_steps > 0),',
+        ("tests/test_training.py::test_nonfinite_steps_are_skipped_then_the_run_stops",),
+        "the skipped-steps metric stops counting at one",
+    ),
+    Mutation(
         "export_drops_decoder_layers",
         "megatron_vlm/conversion/convert.py",
         "                writer.add(hf_name, tensor)\n                report.tensors += 1\n",

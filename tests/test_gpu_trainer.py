@@ -123,8 +123,7 @@ def check_gpu_run(output: Path, log: str, fp8: str | None, fp8_backend: str | No
 
     # Generation with the KV cache on the GPU: the tiny VQAv2 scored 4-shot at the end.
     assert "| benchmarks vqav2 " in log
-    scores = [(event.step, event.value) for event in events.Scalars("benchmark/vqav2/accuracy")]
-    assert [step for step, _ in scores] == [STEPS] and 0 <= scores[0][1] <= 100, scores
+    check_benchmark_score(output, events, STEPS)
 
     checkpoints = output / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == f"iter_{STEPS:07d}"
@@ -139,6 +138,24 @@ def check_gpu_run(output: Path, log: str, fp8: str | None, fp8_backend: str | No
     assert results["loss"] == pytest.approx(losses[STEPS], rel=1e-6)
     assert results["tokens_per_second"] > 0 and results["peak_tflops_per_rank"] > 0
     assert 0 < results["mfu"] < 1
+
+
+def check_benchmark_score(output: Path, events, step: int) -> None:
+    """The VQAv2 accuracy logged at ``step`` is the official VQA accuracy (``vqa_score``, checked
+    against the official code in tests/test_eval_metrics.py) of the predictions the run wrote for
+    that step, on the preset's 8 questions, and results.json's history says the same."""
+    from megatron_vlm.evaluation.metrics import vqa_score
+
+    scores = [(event.step, event.value) for event in events.Scalars("benchmark/vqav2/accuracy")]
+    assert [s for s, _ in scores] == [step], scores
+    path = output / "benchmarks" / f"step_{step:07d}" / "vqav2.predictions.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 8 and all(len(r["references"]) == 10 for r in records), records
+    expected = vqa_score((r["prediction"], r["references"]) for r in records)
+    assert scores[0][1] == pytest.approx(expected, abs=1e-4), (scores, [r["prediction"] for r in records])
+    (entry,) = json.loads((output / "results.json").read_text())["benchmarks"]
+    assert entry["step"] == step and entry["vqav2"]["n"] == 8
+    assert entry["vqav2"]["accuracy"] == pytest.approx(expected, abs=1e-9)
 
 
 @pytest.mark.parametrize(

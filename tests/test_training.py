@@ -196,8 +196,11 @@ def test_mpi_launch(data_root, tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(data_root, tmp_path):
-    """A learning rate that blows the weights up: NaN/Inf steps are skipped and counted, and past
-    the limit the run stops with a message naming the cause."""
+    """A learning rate that blows the weights up: NaN/Inf steps are skipped (the learning-rate
+    schedule does not advance on them) and counted (in the log and in TensorBoard), and past the
+    limit the run stops with a message naming the cause."""
+    import math
+
     with pytest.raises(RuntimeError) as error:
         run(
             train_command(
@@ -205,6 +208,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(data_root, tmp_path):
                 tmp_path / "nan",
                 data_root,
                 "training.lr=1e30",
+                "training.warmup_steps=5",
                 "training.max_nonfinite_steps=2",
                 "training.log_interval=1",
                 "training.train_steps=20",
@@ -214,6 +218,17 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(data_root, tmp_path):
     message = str(error.value)
     assert "3 steps with NaN/Inf loss or gradients (limit 2): lower the learning rate or check the data" in message
     assert message.count("update skipped") >= 3
+    losses = scalars(tmp_path / "nan" / "tensorboard", "loss")
+    first = min(step for step, loss in losses.items() if not math.isfinite(loss))  # the first skipped step
+    for count in (1, 2, 3):
+        assert f"step {first + count - 1}: non-finite loss or gradients, update skipped ({count} so far)" in message
+    # Steps up to the second skip are logged (the third raises before its line), the earlier ones finite.
+    assert sorted(losses) == list(range(1, first + 2)) and all(math.isfinite(losses[s]) for s in range(1, first))
+    skipped = scalars(tmp_path / "nan" / "tensorboard", "skipped_steps")
+    assert skipped == {step: float(max(0, step - first + 1)) for step in losses}, skipped
+    # Linear warm-up over 5 steps, advanced by updated steps only: held from the first skipped step on.
+    rates = scalars(tmp_path / "nan" / "tensorboard", "learning_rate")
+    assert rates == {step: pytest.approx(1e30 * min(step, first - 1) / 5, rel=1e-6) for step in losses}, rates
 
 
 @pytest.mark.first_env_only
