@@ -43,7 +43,9 @@ def _mistral_directory() -> Path:
 def _mistral() -> Any:
     from transformers import LlamaTokenizer
 
-    return LlamaTokenizer.from_pretrained(str(_mistral_directory()), legacy=False)
+    # Mistral's tokenizer_config adds BOS (add_bos_token), as the released Idefics2's does; a bare
+    # tokenizer.model loads without it, and prompts would then start differently from training data.
+    return LlamaTokenizer.from_pretrained(str(_mistral_directory()), legacy=False, add_bos_token=True)
 
 
 # Tokenizers available offline, by the name a text recipe gives.
@@ -82,12 +84,41 @@ def image_prompt(image_seq_len: int, split: bool) -> str:
 _WORD_AFTER_CLOSING_FAKE = re.compile(rf"{re.escape(FAKE_IMAGE_TOKEN)}(?=[^\s<])")
 
 
+def _substitute(pattern: re.Pattern[str], replacement: str, text: str, flags: list[int]) -> tuple[str, list[int]]:
+    """``pattern.sub(replacement, text)`` carrying one flag (an int: bits) per character along:
+    replaced text gets 0, except a trailing space the replacement adds, which takes the flag of the
+    character after it (the space joins that word's token)."""
+    pieces, out_flags, last = [], [], 0
+    for match in pattern.finditer(text):
+        pieces.append(text[last : match.start()])
+        out_flags += flags[last : match.start()]
+        added = match.expand(replacement)
+        pieces.append(added)
+        following = flags[match.end()] if match.end() < len(flags) else 0
+        core = len(added.rstrip(" "))
+        out_flags += [0] * core + [following] * (len(added) - core)
+        last = match.end()
+    pieces.append(text[last:])
+    out_flags += flags[last:]
+    return "".join(pieces), out_flags
+
+
+def expand_image_placeholders_with_flags(
+    text: str, flags: list[int], image_seq_len: int, split: bool = False
+) -> tuple[str, list[int]]:
+    """``expand_image_placeholders`` with a flag per character carried to the expanded text (the
+    chat data marks its answers' characters so; image tokens get 0)."""
+    if len(flags) != len(text):
+        raise ValueError(f"{len(flags)} flags for {len(text)} characters")
+    text, flags = _substitute(re.compile(re.escape(IMAGE_TOKEN)), image_prompt(image_seq_len, split), text, flags)
+    text, flags = _substitute(re.compile(re.escape(FAKE_IMAGE_TOKEN * 2)), FAKE_IMAGE_TOKEN, text, flags)
+    return _substitute(_WORD_AFTER_CLOSING_FAKE, f"{FAKE_IMAGE_TOKEN} ", text, flags)
+
+
 def expand_image_placeholders(text: str, image_seq_len: int, split: bool = False) -> str:
     """Expand each <image> as Idefics2 does: adjacent fake tokens merged, and a word glued to a
     closing fake token separated by a space (so it tokenizes as a word start)."""
-    text = text.replace(IMAGE_TOKEN, image_prompt(image_seq_len, split))
-    text = text.replace(FAKE_IMAGE_TOKEN * 2, FAKE_IMAGE_TOKEN)
-    return _WORD_AFTER_CLOSING_FAKE.sub(f"{FAKE_IMAGE_TOKEN} ", text)
+    return expand_image_placeholders_with_flags(text, [0] * len(text), image_seq_len, split)[0]
 
 
 def tokenize_prompts(tokenizer: Any, texts: list[str], image_seq_len: int, split: bool = False) -> list[list[int]]:
