@@ -7,6 +7,7 @@
 
 INPUT is a file or a directory; the format is detected from the file type and, for tables, the columns:
   *.jsonl          rows (layouts below); image paths relative to the file
+  *.json           a JSON array of rows (LLaVA's instruction files), read whole
   *.parquet        read in record batches (never a whole file or row group in memory); images as
                    bytes, {"bytes", "path"} structs (the `datasets` Image feature), paths or URLs
   *.arrow, a `datasets` save_to_disk directory (data-*.arrow + state.json / dataset_info.json)
@@ -21,6 +22,10 @@ Table layouts (from the columns; --kind / --image-column / --text-column overrid
   interleaved      texts + images: lists of equal length with None holes (OBELICS); other columns ignored
   pair             an image column (image, jpg, png, webp, img, image_url, url) + caption / txt / alt_text
   page             an image column + text
+  conversation     instruction data, turns and roles kept (fine-tuning; the loss is on the answers):
+                   The Cauldron (images + texts of {user, assistant}), LLaVA (conversations of
+                   {from, value} with <image> placeholders + image), chat messages (messages of
+                   {role, content} + images), Alpaca (instruction, input, output); text-only rows too
 Images given as http(s) URLs are read from a local mirror (--url-mirror), never downloaded.
 
 Every image is decoded and checked (corrupt, missing, absurd sizes); rejected rows are counted by
@@ -64,7 +69,9 @@ def main() -> int:
     parser.add_argument("inputs", type=Path, nargs="+", help="files or directories (formats above)")
     parser.add_argument("--out", type=Path, required=True, help="output directory for the shards")
     parser.add_argument("--name", help="shard name prefix (default: first input's stem)")
-    parser.add_argument("--kind", choices=["interleaved", "pair", "page"], help="force the row layout of tables")
+    parser.add_argument(
+        "--kind", choices=["interleaved", "pair", "page", "conversation"], help="force the row layout of tables"
+    )
     parser.add_argument("--image-column", help="the column holding images (a list of them for interleaved)")
     parser.add_argument("--text-column", help="the column holding texts (a list of them for interleaved)")
     parser.add_argument(

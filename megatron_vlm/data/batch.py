@@ -45,15 +45,19 @@ def position_ids(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 def labels_and_loss_mask(
-    input_ids: torch.Tensor, document_ids: torch.Tensor, image_token_id: int
+    input_ids: torch.Tensor, document_ids: torch.Tensor, image_token_id: int, trained: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token labels [b, s] (0 where they do not count) and the float loss mask: a position
     counts when it and the next token are in the same document and the next token is not an
-    <image> placeholder (its embedding is replaced by image features: nothing to predict)."""
+    <image> placeholder (its embedding is replaced by image features: nothing to predict); with
+    ``trained`` [b, s] bool (conversations: the answer tokens) also only when the next token is
+    one to train on."""
     labels = torch.roll(input_ids, shifts=-1, dims=1)
     next_same = torch.roll(document_ids, shifts=-1, dims=1) == document_ids
     next_same[:, -1] = False
     loss_mask = (document_ids >= 0) & next_same & (labels != image_token_id)
+    if trained is not None:
+        loss_mask &= torch.roll(trained.bool(), shifts=-1, dims=1)
     return labels.masked_fill(~loss_mask, 0), loss_mask.float()
 
 
@@ -63,15 +67,19 @@ def micro_batch(
     pixel_values: torch.Tensor,
     pixel_attention_mask: torch.Tensor,
     image_token_id: int,
+    trained: torch.Tensor | None = None,
 ) -> MicroBatch:
     """Tokens [b, s] and their document ids [b, s] (-1 padding), with the batch's images already
     padded (``images.pad_images``) -> the micro-batch every model input, label and mask comes from.
-    (The decoder's sliding window is the model's: ``TextConfig.sliding_window``.)"""
+    ``trained`` [b, s]: the tokens whose prediction is trained on (None: every token; conversations
+    mark their answers). (The decoder's sliding window is the model's: ``TextConfig.sliding_window``.)"""
     if input_ids.shape != document_ids.shape or input_ids.dim() != 2:
         raise ValueError(
             f"input_ids {tuple(input_ids.shape)} and document_ids {tuple(document_ids.shape)} must be one [b, s] shape"
         )
-    labels, loss_mask = labels_and_loss_mask(input_ids, document_ids, image_token_id)
+    if trained is not None and trained.shape != input_ids.shape:
+        raise ValueError(f"trained {tuple(trained.shape)} must have the tokens' shape {tuple(input_ids.shape)}")
+    labels, loss_mask = labels_and_loss_mask(input_ids, document_ids, image_token_id, trained)
     return {
         "input_ids": input_ids,
         "position_ids": position_ids(document_ids),

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from megatron_vlm.data.chat import chat_template, encode_conversation
 from megatron_vlm.data.dali import image_processor
 from megatron_vlm.data.images import ImageConfig
 from megatron_vlm.data.packing import Document, Packer, PackingConfig, collate, image_runs
@@ -193,6 +194,7 @@ class MultimodalLoader:
         dp_rank: int = 0,
         dp_size: int = 1,
         lanes: int | None = None,
+        family: str = "idefics2",
     ) -> None:
         if not config.sources:
             raise ValueError("the data config names no source")
@@ -202,6 +204,7 @@ class MultimodalLoader:
         self.config = config
         self.tokenizer = tokenizer
         self.image_seq_len = image_seq_len
+        self.family = family  # the model's: its chat template renders conversation samples
         self.images = image_processor(config.image, config.image_backend)
         # The training stream may be read in a prefetch thread while the evaluator encodes validation
         # documents in the training thread: the tokenizer and the image processor (DALI pipelines
@@ -266,15 +269,36 @@ class MultimodalLoader:
                 images = [crop for crops in self.images(sample.images) for crop in crops]
             except CorruptSample as error:
                 raise CorruptSample(error.reason, f"{sample.key}: {error}") from error
-            tokens = self.tokens(sample, source)
+            tokens, trained, cuts = self.text(sample, source)
         image_token_id = self.packing[source].image_token_id
         if len(image_runs(tokens, image_token_id)) != len(images):
             raise CorruptSample("missing_field", f"{sample.key}: the text itself contains image tokens")
-        return Document(tokens, images, source, position)
+        return Document(tokens, images, source, position, trained, cuts)
+
+    def text(self, sample: Sample, source: str) -> tuple[list[int], list[bool] | None, list[int] | None]:
+        """A sample's tokens without decoding its images (each image stands for a fixed number of
+        placeholder runs), which are trained on (None: all) and where it may be cut (None: outside
+        images anywhere): what packing needs to know of a document. A conversation is rendered with
+        the model family's chat template, tokenized as its processor does; its answers are trained on."""
+        if sample.kind != "conversation":
+            return self.tokens(sample, source), None, None
+        try:
+            template = chat_template(self.family)
+        except ValueError as error:
+            raise CorruptSample("no_chat_template", f"{sample.key}: {error}") from error
+        with self._encoding:
+            encoded = encode_conversation(
+                self.tokenizer, template, sample.conversation(), self.image_seq_len, self.config.image.split
+            )
+        expected = len(sample.images) * self.config.image.images_per_image
+        if len(image_runs(encoded.tokens, self.packing[source].image_token_id)) != expected:
+            raise CorruptSample("missing_field", f"{sample.key}: the text itself contains image tokens")
+        return encoded.tokens, encoded.trained, encoded.exchange_ends
 
     def tokens(self, sample: Sample, source: str) -> list[int]:
-        """A sample's tokens without decoding its images (each image stands for a fixed number of
-        placeholder runs): what packing needs to know of a document."""
+        """A sample's tokens (``text``'s first part)."""
+        if sample.kind == "conversation":
+            return self.text(sample, source)[0]
         pieces = []
         for segment in sample.segments:
             if isinstance(segment, bytes):

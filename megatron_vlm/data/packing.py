@@ -10,7 +10,7 @@ A document never loses part of an image: truncation cuts before the first run th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,10 @@ class Document:
     images: list[torch.Tensor]  # processed images [3, h, w], one per <image> run, in order (any device)
     source: str = ""
     position: int = -1  # where it came from in its source's stream (for exact resume)
+    # A conversation's: which tokens are trained on (its answers; None: all), and the token counts
+    # at which it may be cut (after each exchange; None: anywhere outside an image).
+    trained: list[bool] | None = None
+    cuts: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,12 +56,25 @@ def image_runs(tokens: list[int], image_token_id: int) -> list[tuple[int, int]]:
 
 def fit(document: Document, config: PackingConfig, room: int, image_room: int) -> Document | None:
     """The longest prefix of ``document`` within ``room`` tokens and ``image_room`` images that
-    keeps every image whole; None if not even one token of text fits before the first image."""
+    keeps every image whole; None if not even one token of text fits before the first image. A
+    conversation is cut only after an exchange (the turns that fit are kept): None if not even its
+    first exchange fits."""
     runs = image_runs(document.tokens, config.image_token_id)
     if len(runs) != len(document.images):
         raise ValueError(f"{len(runs)} <image> runs but {len(document.images)} images")
     if any(end - start != config.image_seq_len for start, end in runs):
         raise ValueError(f"an <image> run is not {config.image_seq_len} tokens long")
+    if document.cuts is not None:
+        fitting = [c for c in document.cuts if c <= room and sum(end <= c for _, end in runs) <= image_room]
+        if not fitting:
+            return None
+        cut = max(fitting)
+        kept = sum(end <= cut for _, end in runs)
+        trained = document.trained[:cut] if document.trained is not None else None
+        cuts = [c for c in document.cuts if c <= cut]
+        return Document(
+            document.tokens[:cut], document.images[:kept], document.source, document.position, trained, cuts
+        )
     cut = min(room, len(document.tokens))
     kept = 0
     for start, end in runs:
@@ -70,7 +87,8 @@ def fit(document: Document, config: PackingConfig, room: int, image_room: int) -
         cut -= 1
     if cut <= 0:
         return None
-    return Document(document.tokens[:cut], document.images[:kept], document.source, document.position)
+    trained = document.trained[:cut] if document.trained is not None else None
+    return Document(document.tokens[:cut], document.images[:kept], document.source, document.position, trained)
 
 
 @dataclass
@@ -79,6 +97,7 @@ class PackedSequence:
     document_ids: list[int]  # -1 for padding
     images: list[torch.Tensor]
     positions: list[int]  # stream positions of the documents it holds
+    trained: list[bool] = field(default_factory=list)  # per token: its prediction is trained on ([]: all)
 
 
 class Packer:
@@ -113,6 +132,7 @@ class Packer:
             self._current.tokens += piece.tokens
             self._current.document_ids += [doc_id] * len(piece.tokens)
             self._current.images += piece.images
+            self._current.trained += piece.trained if piece.trained is not None else [True] * len(piece.tokens)
             self._current.positions.append(piece.position)
             self._current_documents.append(document)
             if not config.pack or len(self._current.tokens) >= config.seq_len:
@@ -138,11 +158,17 @@ def collate(sequences: list[PackedSequence], config: PackingConfig, seq_len: int
     batch = len(sequences)
     input_ids = torch.full((batch, seq_len), config.pad_token_id, dtype=torch.long)
     documents = torch.full((batch, seq_len), -1, dtype=torch.long)
+    trained = torch.zeros((batch, seq_len), dtype=torch.bool)
     for row, sequence in enumerate(sequences):
         input_ids[row, : len(sequence.tokens)] = torch.tensor(sequence.tokens)
         documents[row, : len(sequence.document_ids)] = torch.tensor(sequence.document_ids)
+        flags = sequence.trained or [True] * len(sequence.tokens)
+        trained[row, : len(flags)] = torch.tensor(flags, dtype=torch.bool)
     images = [image for s in sequences for image in s.images]
     pixel_values, pixel_mask = pad_images(images)
-    batch = micro_batch(input_ids, documents, pixel_values, pixel_mask, config.image_token_id)
+    everything = all(all(s.trained) for s in sequences)  # pretraining: no answer mask at all
+    batch = micro_batch(
+        input_ids, documents, pixel_values, pixel_mask, config.image_token_id, None if everything else trained
+    )
     batch["image_sizes"] = [tuple(image.shape[-2:]) for image in images]  # on the host, wherever the pixels are
     return batch

@@ -41,6 +41,7 @@ from typing import Any
 
 from PIL import Image
 
+from megatron_vlm.data.chat import check_conversation
 from megatron_vlm.data.images import ImageLimits, canonical_encoding, size_problem
 from megatron_vlm.data.readers import (
     Columns,
@@ -191,6 +192,13 @@ def record_samples(record: Record, options: Options) -> list[Sample | Rejected]:
                 data, extension = _image(image, record.base, options.limits)
                 segments.append(data)
                 extensions.append(extension)
+        if record.turns is not None:  # a conversation: text-only ones too, but something to train on
+            sample = Sample(record.key, record.kind, segments, extensions, record.turns)
+            try:
+                check_conversation(sample.conversation())
+            except ValueError as error:
+                raise Rejected("missing_field", str(error)) from error
+            return [sample]
         if not any(isinstance(s, bytes) for s in segments) or not any(isinstance(s, str) for s in segments):
             raise Rejected("missing_field", "a sample needs at least one image and one text")
         return [Sample(record.key, record.kind, segments, extensions)]

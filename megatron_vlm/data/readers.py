@@ -5,6 +5,7 @@ each, in a fixed order), the granularity at which MPI ranks share the work. Form
 file type and, for tables, the columns:
 
   *.jsonl                      one row per line (the layouts below)
+  *.json                       a JSON array of rows (LLaVA's instruction files; read whole)
   *.parquet                    read by record batches of a bounded byte size, never a whole row group
   *.arrow / a `datasets` directory
                                ``save_to_disk`` output (data-*.arrow IPC streams + state.json), read by
@@ -18,6 +19,17 @@ Table layouts (the columns pick one; ``--image-column`` / ``--text-column`` / ``
                None hole (OBELICS); other columns (url, metadata, ...) are ignored
   pair         an image column (image, jpg, png, webp, img, image_url, url) + caption / txt / alt_text
   page         an image column + ``text`` (the existing jsonl convention for page + its text)
+  conversation (instruction data; turns and roles kept) one of
+               - The Cauldron: ``images`` (a list) + ``texts``, a list of {user, assistant, source};
+                 the images go at the start of the first user turn (as transformers' Idefics2
+                 fine-tuning examples put them)
+               - LLaVA: ``conversations``, a list of {from: human | gpt | system, value} with ``<image>``
+                 placeholders, and ``image``: a path or a list of paths (none: text only); images
+                 without placeholders go at the start of the first user turn, and the newline LLaVA
+                 puts beside a placeholder is dropped
+               - chat messages: ``messages``, a list of {role, content}, content a text or a list of
+                 {type: text, text} / {type: image} parts, and ``images`` for those parts in order
+               - Alpaca: ``instruction`` (+ ``input``) + ``output``, text only
 An image value is the encoded bytes, a ``{"bytes", "path"}`` struct (the `datasets` Image feature;
 ``path`` is used when ``bytes`` is null), a path relative to the input file, or an http(s) URL looked up
 in a local mirror (``UrlMirror``): nothing is downloaded.
@@ -68,6 +80,7 @@ class Record:
     page_texts: list[str] | None = None
     span: tuple[int, int] | None = None  # (offset, size) of its members in a tar taken as it is
     member_names: tuple[str, ...] = ()
+    turns: list[tuple[str, int]] | None = None  # a conversation's (role, positions) per turn
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,8 @@ def _file_unit(path: Path) -> Unit:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return Unit(path, "jsonl")
+    if suffix == ".json":
+        return Unit(path, "json")
     if suffix == ".parquet":
         return Unit(path, "parquet")
     if suffix == ".arrow":
@@ -122,7 +137,7 @@ def _file_unit(path: Path) -> Unit:
         return Unit(path, _tar_format(path))
     if suffix == ".pdf":
         return Unit(path, "pdf-file")
-    raise InputError(f"{path}: unknown input type {suffix!r} (jsonl, parquet, arrow, tar, pdf or a directory)")
+    raise InputError(f"{path}: unknown input type {suffix!r} (jsonl, json, parquet, arrow, tar, pdf or a directory)")
 
 
 def _arrow_files(directory: Path) -> list[Path]:
@@ -155,9 +170,9 @@ def expand_inputs(inputs: list[Path]) -> list[Unit]:
         # An img2dataset output directory holds NNNNN.tar plus NNNNN.parquet metadata (no images): its
         # tars are the data. Otherwise every readable file, sorted.
         tars = sorted(path.glob("*.tar"))
-        found = tars or sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet", ".arrow"))
+        found = tars or sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet", ".arrow"))
         if not found:
-            raise InputError(f"{path}: no jsonl, parquet, arrow, tar or pdf files in this directory")
+            raise InputError(f"{path}: no jsonl, json, parquet, arrow, tar or pdf files in this directory")
         units += [_file_unit(p) for p in found]
     return units
 
@@ -176,9 +191,108 @@ def _layout(fields: list[str], columns: Columns) -> tuple[str, str, str]:
     return columns.kind or TEXT_COLUMNS.get(text, "pair"), image, text
 
 
+CONVERSATION_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _conversation_layout(row: dict[str, Any]) -> str | None:
+    """Which conversation layout a row is in, if any."""
+    if "conversations" in row:
+        return "llava"
+    if "messages" in row:
+        return "messages"
+    texts = row.get("texts")
+    if isinstance(texts, list) and texts and isinstance(texts[0], dict):
+        return "cauldron"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    return None
+
+
+def _listed(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _conversation_record(key: str, row: dict[str, Any], base: str, layout: str) -> Record:
+    """A conversation row -> Record (positions in order, ``turns`` saying whose); a malformed one
+    becomes an invalid Record naming what is wrong."""
+    turns: list[tuple[str, list[tuple[Any, Any]]]] = []  # (role, positions)
+    images: list[Any] = []
+    if layout == "cauldron":
+        images = _listed(row.get("images"))
+        for number, pair in enumerate(row["texts"]):
+            if (
+                not isinstance(pair, dict)
+                or not isinstance(pair.get("user"), str)
+                or not isinstance(pair.get("assistant"), str)
+            ):
+                raise ValueError(f"texts[{number}] is not a {{user, assistant}} pair of texts")
+            turns += [("user", [(pair["user"], None)]), ("assistant", [(pair["assistant"], None)])]
+        turns[0] = ("user", [(None, image) for image in images] + turns[0][1]) if turns else ("user", [])
+        images = []
+    elif layout == "llava":
+        images = _listed(row.get("image"))
+        for number, message in enumerate(row["conversations"] or []):
+            if not isinstance(message, dict) or message.get("from") not in CONVERSATION_ROLES:
+                raise ValueError(f"conversations[{number}] has no known 'from' (one of {sorted(CONVERSATION_ROLES)})")
+            value = message.get("value")
+            if not isinstance(value, str):
+                raise ValueError(f"conversations[{number}] has no text 'value'")
+            parts: list[tuple[Any, Any]] = []
+            for index, piece in enumerate(value.split("<image>")):
+                if index:
+                    parts.append((None, "<image>"))
+                piece = piece.removeprefix("\n") if index else piece
+                piece = piece.removesuffix("\n") if index < value.count("<image>") else piece
+                if piece:
+                    parts.append((piece, None))
+            turns.append((CONVERSATION_ROLES[message["from"]], parts))
+    elif layout == "messages":
+        images = _listed(row.get("images"))
+        for number, message in enumerate(row["messages"] or []):
+            if not isinstance(message, dict) or message.get("role") not in CONVERSATION_ROLES:
+                raise ValueError(f"messages[{number}] has no known 'role'")
+            content = message.get("content")
+            parts = []
+            for part in [{"type": "text", "text": content}] if isinstance(content, str) else _listed(content):
+                if isinstance(part, dict) and part.get("type") == "image":
+                    parts.append((None, "<image>"))
+                elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                    parts.append((part["text"], None))
+                else:
+                    raise ValueError(f"messages[{number}] has a content part that is neither a text nor an image")
+            turns.append((CONVERSATION_ROLES[message["role"]], parts))
+    else:  # alpaca
+        instruction, extra = row.get("instruction"), row.get("input")
+        if not isinstance(instruction, str) or not isinstance(row.get("output"), str):
+            raise ValueError("instruction and output must be texts")
+        question = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
+        turns = [("user", [(question, None)]), ("assistant", [(row["output"], None)])]
+    # Placeholders take the row's images in order; images without any go to the first user turn.
+    placeholders = sum(1 for _, parts in turns for _, image in parts if image == "<image>")
+    if placeholders == 0 and images:
+        first = next((i for i, (role, _) in enumerate(turns) if role == "user"), None)
+        if first is None:
+            raise ValueError("images but no user turn to put them in")
+        turns[first] = ("user", [(None, "<image>")] * len(images) + turns[first][1])
+        placeholders = len(images)
+    if placeholders != len(images):
+        raise ValueError(f"{placeholders} <image> placeholders for {len(images)} images")
+    queue = iter(images)
+    positions = [(text, next(queue) if image == "<image>" else image) for _, parts in turns for text, image in parts]
+    return Record(key, "conversation", positions, base, turns=[(role, len(parts)) for role, parts in turns])
+
+
 def row_record(key: str, row: dict[str, Any], base: str, columns: Columns) -> Record:
     """A table row -> Record; a row that does not fit its layout becomes an invalid Record (rejected
     later, counted as ``missing_field``) rather than an exception."""
+    layout = _conversation_layout(row) if columns.kind in (None, "conversation") else None
+    if columns.kind == "conversation" and layout is None:
+        return Record(key, "conversation", base=base, invalid="missing_field:no conversation layout in its fields")
+    if layout is not None:
+        try:
+            return _conversation_record(key, row, base, layout)
+        except (ValueError, TypeError, KeyError) as error:
+            return Record(key, "conversation", base=base, invalid=f"missing_field:{layout} row: {error}")
     try:
         kind, image_column, text_column = _layout(list(row), columns)
     except KeyError as error:
@@ -207,6 +321,23 @@ def _jsonl_records(path: Path, columns: Columns) -> Iterator[Record]:
                 yield Record(key, "?", base=base, invalid=f"invalid_row:{path.name} line {number + 1}: not an object")
                 continue
             yield row_record(key, row, base, columns)
+
+
+def _json_records(path: Path, columns: Columns) -> Iterator[Record]:
+    """A JSON array of rows (LLaVA ships its instruction data so): read whole, as it must be."""
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: not JSON ({error})") from error
+    if not isinstance(rows, list):
+        raise InputError(f"{path}: a .json input must be an array of rows (or use JSON Lines: .jsonl)")
+    base = str(path.parent)
+    for number, row in enumerate(rows):
+        key = safe_key(f"{path.stem}-{number:08d}")
+        if not isinstance(row, dict):
+            yield Record(key, "?", base=base, invalid=f"invalid_row:{path.name} item {number}: not an object")
+            continue
+        yield row_record(key, row, base, columns)
 
 
 def _table_records(batches: Iterator[Any], path: Path, columns: Columns) -> Iterator[Record]:
@@ -466,6 +597,8 @@ def records(unit: Unit, columns: Columns) -> Iterator[Record]:
     """The unit's records in file order, streamed."""
     if unit.format == "jsonl":
         return _jsonl_records(unit.path, columns)
+    if unit.format == "json":
+        return _json_records(unit.path, columns)
     if unit.format == "parquet":
         return _table_records(_parquet_batches(unit.path), unit.path, columns)
     if unit.format == "arrow":

@@ -1,10 +1,13 @@
 """webdataset tar shards with an index, for the three layouts of the paper's data.
 
 A sample is a list of segments in document order, each a text (str) or an encoded image (bytes),
-with a ``kind``: "interleaved" (OBELICS-style web documents), "pair" (image + caption) or "page"
-(a document page image + its text). In the tar, members sharing a key form a sample:
+with a ``kind``: "interleaved" (OBELICS-style web documents), "pair" (image + caption), "page"
+(a document page image + its text) or "conversation" (turns of a role each: its segments are the
+turns' contents in order, ``turns`` says whose and how many). In the tar, members sharing a key
+form a sample:
 
     KEY.json            {"kind": ..., "layout": ["text", "image", ...], "texts": [...]}
+                        (a conversation adds "turns": [[role, segments], ...])
     KEY.<i>.<ext>       the i-th image of an interleaved document
     KEY.<ext> + KEY.txt the image and text of a pair or a page, as webdataset captioning datasets
                         store them, so ``energon prepare --sample-type CaptioningSample`` reads
@@ -29,10 +32,11 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from megatron_vlm.data.images import conversion_note
 
-KINDS = ("interleaved", "pair", "page")
+KINDS = ("interleaved", "pair", "page", "conversation")
 SINGLE_IMAGE_KINDS = ("pair", "page")  # stored in webdataset's captioning layout
 INDEX_SUFFIX = ".idx.json"
 
@@ -43,6 +47,27 @@ class Sample:
     kind: str
     segments: list[str | bytes]
     image_extensions: list[str] = field(default_factory=list)  # one per image segment
+    turns: list[tuple[str, int]] | None = None  # a conversation's: (role, its number of segments) in order
+
+    def __post_init__(self) -> None:
+        if (self.kind == "conversation") != (self.turns is not None):
+            raise ValueError(f"sample {self.key}: turns are given exactly for conversations (kind {self.kind!r})")
+        if self.turns is not None and sum(count for _, count in self.turns) != len(self.segments):
+            raise ValueError(
+                f"sample {self.key}: its turns hold {sum(c for _, c in self.turns)} segments, not {len(self.segments)}"
+            )
+
+    def conversation(self) -> list[Any]:
+        """A conversation's turns (``chat.Turn``), their images as the encoded bytes."""
+        from megatron_vlm.data.chat import Turn
+
+        if self.turns is None:
+            raise ValueError(f"sample {self.key} is a {self.kind}, not a conversation")
+        turns, start = [], 0
+        for role, count in self.turns:
+            turns.append(Turn(role, list(self.segments[start : start + count])))
+            start += count
+        return turns
 
     @property
     def images(self) -> list[bytes]:
@@ -87,6 +112,8 @@ class ShardWriter:
             raise ValueError(f"sample key {sample.key!r} must not contain '.' or '/'")
         layout = ["image" if isinstance(s, bytes) else "text" for s in sample.segments]
         meta = {"kind": sample.kind, "layout": layout, "texts": sample.texts}
+        if sample.turns is not None:
+            meta["turns"] = [list(turn) for turn in sample.turns]
         members = [(f"{sample.key}.json", json.dumps(meta, ensure_ascii=False).encode())]
         extensions = list(sample.image_extensions) + ["jpg"] * len(sample.images)
         # A re-encoded image is a PNG whatever it was: its member must say so (webdataset decodes by
@@ -214,7 +241,11 @@ def _assemble(key: str, members: dict[str, bytes], shard_name: str) -> Sample:
             segments.append(data)
             extensions.append(extension)
             image_index += 1
-    return Sample(key, kind, segments, extensions)
+    turns = meta.get("turns") if kind == "conversation" else None
+    try:
+        return Sample(key, kind, segments, extensions, [(role, count) for role, count in turns] if turns else turns)
+    except (ValueError, TypeError) as error:
+        raise CorruptSample("missing_field", f"{where}: {error}") from error
 
 
 def shard_paths(pattern_or_dir: str | Path) -> list[Path]:

@@ -106,12 +106,12 @@ class ValidationSet:
         for position in positions:
             try:
                 sample = split.read(position)
-                tokens = self.loader.tokens(sample, name)
+                tokens, trained, cuts = self.loader.text(sample, name)
             except CorruptSample as error:
                 self._skip(split, position, error)
                 continue
             images = [placeholder] * (len(sample.images) * self.loader.config.image.images_per_image)
-            packer.add(Document(tokens, images, name, position))
+            packer.add(Document(tokens, images, name, position, trained, cuts))
             planned += 1
         self.chosen[name] = planned - packer.dropped
         if packer.dropped:

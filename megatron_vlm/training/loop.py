@@ -126,6 +126,7 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         parallel_state.get_data_parallel_world_size(),
         # One lane per micro-batch of the global batch: the stream does not depend on the DP size.
         lanes=training.global_batch_size // run.data.micro_batch_size,
+        family=run.model.family,  # conversations are rendered with the family's chat template
     )
 
     reports = (

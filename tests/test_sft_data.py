@@ -1,0 +1,266 @@
+"""Conversation data for instruction fine-tuning (issue #23): The Cauldron's parquet layout, LLaVA's
+JSON and text-only instruction sets, preprocessed into shards that keep turns and roles; the loader
+renders them with the Idefics2 chat template exactly as transformers' Idefics2Processor tokenizes
+``apply_chat_template(...)`` of the same conversation, token for token, and trains on the answers
+and their ``<end_of_utterance>`` only; packing cuts a conversation only between exchanges."""
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as parquet
+import pytest
+from PIL import Image
+from skimage import data as photos
+
+from megatron_vlm.data.chat import IDEFICS2_TEMPLATE, Turn, messages
+from megatron_vlm.data.images import ImageConfig
+from megatron_vlm.data.loader import DataConfig, MultimodalLoader, SourceConfig
+from megatron_vlm.data.packing import Packer, PackingConfig, collate
+from megatron_vlm.data.preprocess import preprocess
+from megatron_vlm.data.shards import Shard, shard_paths
+from megatron_vlm.data.tokens import load_tokenizer
+
+IMAGES = ImageConfig(longest_edge=112, shortest_edge=56)
+IMAGE_SEQ_LEN, IMAGE_TOKEN_ID, END_OF_UTTERANCE_ID = 8, 32001, 32002
+
+# HuggingFaceM4/idefics2-8b's processor chat template, as the Hub's processor_config.json holds it.
+HUB_IDEFICS2_TEMPLATE = (
+    "{% for message in messages %}{{message['role'].capitalize()}}{% if message['content'][0]['type'] == 'image' %}"
+    "{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}"
+    "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# Questions and answers written for these photos (scikit-image's).
+CAULDRON = [
+    {  # single turn
+        "images": ["astronaut"],
+        "texts": [{"user": "Who is in the photo?", "assistant": "An astronaut in a white suit.", "source": "ours"}],
+    },
+    {  # multi-turn about one image
+        "images": ["chelsea"],
+        "texts": [
+            {"user": "What animal is this?", "assistant": "A cat.", "source": "ours"},
+            {"user": "What colour are its eyes?", "assistant": "Yellow-green.", "source": "ours"},
+        ],
+    },
+    {  # two images
+        "images": ["coffee", "rocket"],
+        "texts": [{"user": "Which one flies?", "assistant": "The rocket, not the coffee.", "source": "ours"}],
+    },
+    {  # text only
+        "images": [],
+        "texts": [{"user": "What is 12 times 3?", "assistant": "36.", "source": "ours"}],
+    },
+]
+LLAVA = [
+    {
+        "id": "a",
+        "image": "astronaut.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is the person holding?"},
+            {"from": "gpt", "value": "A helmet under the arm? No: nothing, the hands are empty."},
+            {"from": "human", "value": "Where might this be?"},
+            {"from": "gpt", "value": "In front of a flag, in a studio."},
+        ],
+    },
+    {
+        "id": "b",
+        "image": ["coffee.jpg", "chelsea.jpg"],
+        "conversations": [
+            {"from": "human", "value": "Compare <image> with <image>."},
+            {"from": "gpt", "value": "A drink and a cat."},
+        ],
+    },
+    {"id": "c", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"}]},
+]
+
+
+def jpeg(name: str) -> bytes:
+    image = Image.fromarray(getattr(photos, name)())
+    image.thumbnail((96, 96))
+    output = io.BytesIO()
+    image.convert("RGB").save(output, format="JPEG", quality=90)
+    return output.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    rows = [
+        {
+            "images": [{"bytes": jpeg(name), "path": None} for name in row["images"]],
+            "texts": row["texts"],
+        }
+        for row in CAULDRON
+    ]
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    turn = pa.struct([("user", pa.string()), ("assistant", pa.string()), ("source", pa.string())])
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("images", pa.list_(image)), ("texts", pa.list_(turn))]))
+    parquet.write_table(table, root / "cauldron.parquet")
+    for name in ("astronaut", "coffee", "chelsea"):
+        (root / f"{name}.jpg").write_bytes(jpeg(name))
+    (root / "llava.json").write_text(json.dumps(LLAVA))
+    reports = {
+        name: preprocess([root / file], root / name, samples_per_shard=10, progress=False)
+        for name, file in (("cauldron", "cauldron.parquet"), ("llava", "llava.json"))
+    }
+    for report in reports.values():
+        assert report.written == report.rows and not report.rejected, report.rejected
+    return root
+
+
+def samples(directory: Path) -> list:
+    return [sample for path in shard_paths(directory) for sample in Shard(path)]
+
+
+def loader(directory: Path, tokenizer, seq_len: int = 512) -> MultimodalLoader:
+    config = DataConfig(sources=(SourceConfig("sft", str(directory), 1.0, seq_len),), image=IMAGES, micro_batch_size=1)
+    return MultimodalLoader(config, tokenizer, IMAGE_SEQ_LEN, IMAGE_TOKEN_ID)
+
+
+def transformers_ids(tokenizer, turns: list[Turn]) -> list[int]:
+    """transformers' Idefics2Processor on apply_chat_template of the conversation (the Hub template)."""
+    from transformers import Idefics2ImageProcessor, Idefics2Processor
+
+    processor = Idefics2Processor(
+        image_processor=Idefics2ImageProcessor(do_image_splitting=IMAGES.split),
+        tokenizer=tokenizer,
+        image_seq_len=IMAGE_SEQ_LEN,
+        chat_template=HUB_IDEFICS2_TEMPLATE,
+    )
+    text = processor.apply_chat_template(messages(turns))
+    images = [Image.open(io.BytesIO(part)) for turn in turns for part in turn.images]
+    out = processor(text=[text], images=[images] if images else None)
+    return [int(token) for token in out["input_ids"][0]]
+
+
+def answer_runs(tokens: list[int], trained: list[bool], tokenizer) -> list[str]:
+    """The trained tokens as text, one string per contiguous run."""
+    runs, current = [], []
+    for token, flag in zip(tokens, trained, strict=True):
+        if flag:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    return runs + ([tokenizer.decode(current)] if current else [])
+
+
+def test_the_template_is_the_hubs():
+    assert IDEFICS2_TEMPLATE == HUB_IDEFICS2_TEMPLATE
+
+
+@pytest.mark.parametrize("layout", ["cauldron", "llava"])
+def test_conversations_tokenize_as_transformers_and_train_on_answers_only(shards, tokenizer, layout):
+    rows = CAULDRON if layout == "cauldron" else LLAVA
+    stored = samples(shards / layout)
+    assert [s.kind for s in stored] == ["conversation"] * len(rows)
+    data = loader(shards / layout, tokenizer)
+    for row, sample in zip(rows, stored, strict=True):
+        turns = sample.conversation()
+        if layout == "cauldron":  # the images lead the first user turn; then user/assistant pairs
+            assert [t.role for t in turns] == ["user", "assistant"] * len(row["texts"])
+            assert turns[0].content[: len(row["images"])] == [jpeg(name) for name in row["images"]]
+            answers = [pair["assistant"] for pair in row["texts"]]
+        else:
+            assert [t.role for t in turns] == [
+                {"human": "user", "gpt": "assistant"}[m["from"]] for m in row["conversations"]
+            ]
+            answers = [m["value"] for m in row["conversations"] if m["from"] == "gpt"]
+        document = data.encode(sample, "sft", 0)
+        assert document.tokens == transformers_ids(tokenizer, turns), sample.key
+        assert len(document.images) == len(sample.images)
+        # Trained: each answer and its <end_of_utterance>, nothing else (the runs are decoded
+        # independently of how they were marked).
+        assert answer_runs(document.tokens, document.trained, tokenizer) == [
+            f"{answer}<end_of_utterance>" for answer in answers
+        ]
+        eou = [i for i, t in enumerate(document.tokens) if t == END_OF_UTTERANCE_ID]
+        assert [document.trained[i] for i in eou] == [t.role == "assistant" for t in turns]
+
+
+def test_the_loss_mask_of_a_packed_batch_is_on_the_answers(shards, tokenizer):
+    """Several conversations packed in one sequence: a position counts in the loss exactly when the
+    token it predicts is an answer token of its own conversation."""
+    data = loader(shards / "cauldron", tokenizer)
+    documents = [data.encode(sample, "sft", position) for position, sample in enumerate(samples(shards / "cauldron"))]
+    total = sum(len(d.tokens) for d in documents)  # one sequence holds them all exactly
+    config = PackingConfig(seq_len=total, image_token_id=IMAGE_TOKEN_ID, image_seq_len=IMAGE_SEQ_LEN)
+    packer = Packer(config)
+    for document in documents:
+        packer.add(document)
+    sequence = packer.pop()
+    assert sequence.positions == [0, 1, 2, 3]
+    batch = collate([sequence], config)
+    tokens = [token for d in documents for token in d.tokens]
+    expected = [flag for d in documents for flag in [*d.trained[1:], False]]  # predicts the next token
+    assert batch["loss_mask"][0, : len(tokens)].bool().tolist() == expected
+    assert not batch["loss_mask"][0, len(tokens) :].any()
+    counted = batch["labels"][0][batch["loss_mask"][0].bool()]
+    assert counted.tolist() == [t for d in documents for t, flag in zip(d.tokens, d.trained, strict=True) if flag]
+
+
+def test_a_long_conversation_is_cut_between_exchanges_and_one_too_long_skipped(shards, tokenizer):
+    data = loader(shards / "llava", tokenizer)
+    long = data.encode(samples(shards / "llava")[0], "sft", 0)  # two exchanges
+    assert len(long.cuts) == 2 and long.cuts[-1] == len(long.tokens)
+    room = long.cuts[0] + 3  # the first exchange fits, the second does not
+    config = PackingConfig(seq_len=room, image_token_id=IMAGE_TOKEN_ID, image_seq_len=IMAGE_SEQ_LEN, pack=False)
+    packer = Packer(config)
+    packer.add(long)
+    cut = packer.pop()
+    assert cut.tokens == long.tokens[: long.cuts[0]] and cut.trained == long.trained[: long.cuts[0]]
+    assert tokenizer.decode(cut.tokens[-2:]) == "<end_of_utterance>\n" and len(cut.images) == 1
+    tight = Packer(PackingConfig(seq_len=long.cuts[0] - 1, image_token_id=IMAGE_TOKEN_ID, image_seq_len=IMAGE_SEQ_LEN))
+    tight.add(long)
+    assert tight.pop() is None and tight.dropped == 1
+
+
+def test_text_only_instruction_sets_and_malformed_rows(tmp_path, tokenizer):
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Paris."},
+            ]
+        },
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        {"conversations": [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hello to you."}]},
+        {"messages": [{"role": "user", "content": "Only a question"}]},  # nothing to train on
+        {"conversations": [{"from": "narrator", "value": "?"}]},  # unknown role
+        {"conversations": [{"from": "human", "value": "<image> what?"}, {"from": "gpt", "value": "x"}]},  # no image
+    ]
+    (tmp_path / "text.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    report = preprocess([tmp_path / "text.jsonl"], tmp_path / "out", progress=False)
+    assert report.written == 3 and report.rejected == {"missing_field": 3}
+    reasons = [r["detail"] for r in report.rejects]
+    assert any("assistant turn" in r for r in reasons) and any("'from'" in r for r in reasons)
+    assert any("1 <image> placeholders for 0 images" in r for r in reasons)
+    data = loader(tmp_path / "out", tokenizer)
+    expected = [
+        [Turn("system", ["Be brief."]), Turn("user", ["Capital of France?"]), Turn("assistant", ["Paris."])],
+        [Turn("user", ["Add the numbers.\n\n2 and 3"]), Turn("assistant", ["5"])],
+        [Turn("user", ["Hello"]), Turn("assistant", ["Hello to you."])],
+    ]
+    for sample, turns in zip(samples(tmp_path / "out"), expected, strict=True):
+        assert [(t.role, t.content) for t in sample.conversation()] == [(t.role, t.content) for t in turns]
+        document = data.encode(sample, "sft", 0)
+        assert document.tokens == transformers_ids(tokenizer, turns)
+        assert answer_runs(document.tokens, document.trained, tokenizer) == [
+            f"{t.content[0]}<end_of_utterance>" for t in turns if t.role == "assistant"
+        ]
+    batch = next(data)  # text only: no images; in the loss exactly the answers of its conversations
+    assert batch["pixel_values"].shape[0] == 0
+    held = [data.encode(data.streams["sft"].read(p), "sft", p) for p in batch["positions"]]
+    assert held and batch["labels"][0][batch["loss_mask"][0].bool()].tolist() == [
+        t for d in held for t, flag in zip(d.tokens, d.trained, strict=True) if flag
+    ]
