@@ -264,3 +264,43 @@ def test_text_only_instruction_sets_and_malformed_rows(tmp_path, tokenizer):
     assert held and batch["labels"][0][batch["loss_mask"][0].bool()].tolist() == [
         t for d in held for t, flag in zip(d.tokens, d.trained, strict=True) if flag
     ]
+
+
+def test_an_export_renders_conversations_as_fine_tuning_did(tiny_checkpoints, tokenizer, tmp_path):
+    """The exported processor carries the family's chat template: apply_chat_template on the
+    exported model renders and tokenizes a conversation exactly as the fine-tuning data was."""
+    from transformers import AutoProcessor
+
+    from megatron_vlm.conversion.convert import megatron_to_hf
+    from megatron_vlm.data.chat import chat_template, encode_conversation
+
+    megatron_to_hf(tiny_checkpoints("tiny").megatron, tmp_path / "hf", include_tokenizer=True)
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"))
+    turns = [
+        Turn("user", [jpeg("astronaut"), "Who is this?"]),
+        Turn("assistant", ["An astronaut."]),
+        Turn("user", ["Sure?"]),
+        Turn("assistant", ["Yes."]),
+    ]
+    template = chat_template("idefics2")
+    text = processor.apply_chat_template(messages(turns))
+    assert text == template.render(turns)[0]
+    image = Image.open(io.BytesIO(jpeg("astronaut")))
+    exported = [int(t) for t in processor(text=[text], images=[[image]])["input_ids"][0]]
+    split = processor.image_processor.do_image_splitting
+    assert exported == encode_conversation(tokenizer, template, turns, processor.image_seq_len, split).tokens
+    assert processor.apply_chat_template(messages(turns[:1]), add_generation_prompt=True).endswith(
+        "<end_of_utterance>\nAssistant:"
+    )
+
+
+def test_families_without_a_chat_template_are_refused_by_name(tokenizer):
+    from megatron_vlm.data.chat import chat_template, encode_conversation
+
+    with pytest.raises(ValueError, match=r"no chat template for the 'idefics1' family"):
+        chat_template("idefics1")
+    turns = [Turn("user", ["Hi"]), Turn("assistant", ["Hello."])]
+    with pytest.raises(ValueError, match=r"starts with <\|begin_of_text\|>, which this tokenizer does not have"):
+        encode_conversation(tokenizer, chat_template("idefics3"), turns, IMAGE_SEQ_LEN)
+    with pytest.raises(ValueError, match="at least one assistant turn with text"):
+        encode_conversation(tokenizer, chat_template("idefics2"), turns[:1], IMAGE_SEQ_LEN)

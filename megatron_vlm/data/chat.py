@@ -139,6 +139,11 @@ def encode_conversation(
     ``apply_chat_template(messages(turns))`` (images expanded into their placeholder runs), which of
     them are answers, and the token counts at which each exchange ends."""
     check_conversation(turns)
+    if template.prefix and template.prefix not in tokenizer.get_vocab():
+        raise ValueError(
+            f"the {template.family} chat template starts with {template.prefix}, which this tokenizer does not have "
+            f"(its BOS is {tokenizer.bos_token!r}): fine-tune with the model's own tokenizer"
+        )
     text, flags = template.render(turns)
     # Where each assistant turn ends, in characters: after its "<end_of_utterance>\n".
     ends, position = [], len(template.prefix)

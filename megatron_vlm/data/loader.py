@@ -282,10 +282,7 @@ class MultimodalLoader:
         the model family's chat template, tokenized as its processor does; its answers are trained on."""
         if sample.kind != "conversation":
             return self.tokens(sample, source), None, None
-        try:
-            template = chat_template(self.family)
-        except ValueError as error:
-            raise CorruptSample("no_chat_template", f"{sample.key}: {error}") from error
+        template = chat_template(self.family)  # a family without one cannot train on conversations: refused
         with self._encoding:
             encoded = encode_conversation(
                 self.tokenizer, template, sample.conversation(), self.image_seq_len, self.config.image.split

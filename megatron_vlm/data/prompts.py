@@ -26,6 +26,7 @@ import torch
 
 from megatron_vlm.config import ModelConfig
 from megatron_vlm.data.batch import MicroBatch, forward_inputs, micro_batch, one_document_per_row
+from megatron_vlm.data.chat import CHAT_TEMPLATES
 from megatron_vlm.data.images import ImageConfig
 from megatron_vlm.data.tokens import IMAGE_TOKEN
 
@@ -43,7 +44,12 @@ class Idefics2Prompts:
         image_processor = Idefics2ImageProcessor(
             size=size, do_image_splitting=image.split, image_mean=list(image.mean), image_std=list(image.std)
         )
-        return Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len)
+        return Idefics2Processor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            image_seq_len=image_seq_len,
+            chat_template=CHAT_TEMPLATES["idefics2"].jinja,  # what fine-tuning renders (data/chat.py)
+        )
 
     def encode(
         self, config: ModelConfig, processor: Any, texts: list[str], images: list[list[Any]]
@@ -85,7 +91,12 @@ class Idefics3Prompts(Idefics2Prompts):
             image_mean=list(image.mean),
             image_std=list(image.std),
         )
-        return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len)
+        return Idefics3Processor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            image_seq_len=image_seq_len,
+            chat_template=CHAT_TEMPLATES["idefics3"].jinja,
+        )
 
 
 class Idefics1Prompts:
