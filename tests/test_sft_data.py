@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as parquet
 import pytest
+import torch
 from PIL import Image
 from skimage import data as photos
 
@@ -304,3 +305,70 @@ def test_families_without_a_chat_template_are_refused_by_name(tokenizer):
         encode_conversation(tokenizer, chat_template("idefics3"), turns, IMAGE_SEQ_LEN)
     with pytest.raises(ValueError, match="at least one assistant turn with text"):
         encode_conversation(tokenizer, chat_template("idefics2"), turns[:1], IMAGE_SEQ_LEN)
+
+
+def test_the_answer_only_loss_equals_transformers(megatron_single_process, tokenizer):
+    """The fine-tuning loss of a batch of conversations (the tiny preset, random transformers
+    weights with randomised norms, fp32) equals transformers' own loss with labels -100 outside the
+    answers: the answers are ours (encode_conversation), the model inputs the exported processor's."""
+    from parity import hf_model
+
+    from megatron_vlm.config import ParallelConfig, PrecisionConfig, load_model_preset
+    from megatron_vlm.conversion.mapping import load_hf_weights
+    from megatron_vlm.data.batch import micro_batch, one_document_per_row
+    from megatron_vlm.data.chat import chat_template, encode_conversation
+    from megatron_vlm.inference.prompts import prompt_encoder
+    from megatron_vlm.models.idefics2 import build_model_chunks
+
+    config = load_model_preset("tiny")
+    hf = hf_model(config)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(20.0)  # logits with signal: answer tokens and others far apart
+    state = hf.state_dict()
+    (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
+    load_hf_weights([model], state.__getitem__, set(state), config, 0, 1)
+    encoder = prompt_encoder(config, tokenizer, do_image_splitting=False)
+    conversations = [
+        [Turn("user", [Image.open(io.BytesIO(jpeg(row["images"][0]))), row["texts"][0]["user"]])]
+        + [Turn("assistant", [row["texts"][0]["assistant"]])]
+        + [
+            Turn(role, [pair[key]])
+            for pair in row["texts"][1:]
+            for role, key in (("user", "user"), ("assistant", "assistant"))
+        ]
+        for row in CAULDRON[:2]
+    ]
+    texts = [encoder.processor.apply_chat_template(messages(turns)) for turns in conversations]
+    hf_batch, inputs = encoder.encode(texts, [[p for t in turns for p in t.images] for turns in conversations])
+    trained = torch.zeros_like(hf_batch["input_ids"], dtype=torch.bool)
+    for row, turns in enumerate(conversations):
+        encoded = encode_conversation(tokenizer, chat_template("idefics2"), turns, encoder.image_seq_len, False)
+        assert hf_batch["input_ids"][row, : len(encoded.tokens)].tolist() == encoded.tokens
+        trained[row, : len(encoded.tokens)] = torch.tensor(encoded.trained)
+    labels = hf_batch["input_ids"].masked_fill(~trained, -100)
+    reference = hf(**hf_batch, labels=labels).loss
+    micro = micro_batch(
+        inputs["input_ids"],
+        one_document_per_row(hf_batch["attention_mask"]),
+        inputs["pixel_values"],
+        inputs["pixel_attention_mask"],
+        config.image_token_id,
+        trained,
+    )
+    per_token = model(
+        **{
+            k: micro[k]
+            for k in ("input_ids", "position_ids", "document_ids", "pixel_values", "pixel_attention_mask", "labels")
+        }
+    )
+    ours = (per_token * micro["loss_mask"]).sum() / micro["loss_mask"].sum()
+    assert float(micro["loss_mask"].sum()) == float((labels[:, 1:] != -100).sum()) > 0
+    assert float(ours) == pytest.approx(float(reference), rel=1e-5)
+    full = micro_batch(  # pretraining's mask on the same tokens: every next token counts
+        inputs["input_ids"],
+        one_document_per_row(hf_batch["attention_mask"]),
+        inputs["pixel_values"],
+        inputs["pixel_attention_mask"],
+        config.image_token_id,
+    )["loss_mask"]
+    assert bool((micro["loss_mask"] <= full).all()) and float(micro["loss_mask"].sum()) < 0.5 * float(full.sum())
