@@ -32,6 +32,7 @@ setup(
             "nvidia-dali-cuda130>=2.0",  # its CPU pipelines are the tested twin of GPU decoding
             "megatron-energon>=7",  # our pair/page shards are read by it as they are
             "pyarrow>=14",  # parquet input of the preprocessing tool
+            "peft>=0.13",  # the DoRA oracle (tests/test_dora.py; tested: 0.22.0)
             "datasets>=2.14",  # writes the save_to_disk directories the preprocessing tool reads (tested: 5.2.0)
             "mpich>=4",  # an MPI launcher (mpiexec) for the MPI launch test
             "mpi4py>=3.1",  # its ranks agree on a rendezvous through mpi4py

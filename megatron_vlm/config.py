@@ -173,6 +173,13 @@ class TrainableConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("vision", "language")
+    # DoRA (the paper's fine-tuning, Appendix A.2): the adapters also learn a magnitude per output
+    # feature of each adapted linear (models/lora.py); needs lora_rank > 0.
+    dora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dora and self.lora_rank <= 0:
+            raise ValueError("trainable.dora=true needs adapters: set trainable.lora_rank > 0")
 
 
 @dataclass

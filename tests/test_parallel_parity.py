@@ -27,10 +27,13 @@ LAYOUTS = {
     # Saves its trained model: loaded at TP1 below (adapters merged on load).
     "tp2pp2-lora": (4, ["--tp", "2", "--pp", "2", "--lora", "--save"]),
     "tp2-sp-lora": (2, ["--tp", "2", "--sequence-parallel", "--lora"]),
+    # DoRA: a row-parallel linear's per-output norms summed over TP ranks, magnitudes under SP.
+    "tp1pp1-dora": (1, ["--tp", "1", "--pp", "1", "--dora"]),
+    "tp2-sp-dora": (2, ["--tp", "2", "--sequence-parallel", "--dora"]),
 }
 
 
-# Layouts CI's second environment leaves out (the first runs them all): recompute and LoRA change
+# Layouts CI's second environment leaves out (the first runs them all): recompute and LoRA / DoRA change
 # no Megatron-Core call that the other layouts do not make; TP without PP is inside TP2 x PP2.
 FIRST_ENV_ONLY = {
     "tp2pp1",
@@ -39,6 +42,8 @@ FIRST_ENV_ONLY = {
     "tp1pp1-lora",
     "tp2pp2-lora",
     "tp2-sp-lora",
+    "tp1pp1-dora",
+    "tp2-sp-dora",
 }
 
 
@@ -94,6 +99,7 @@ def test_logits_match_hf(results, layout):
         ("tp2pp2-lora", "tp1pp1-lora"),
         ("tp2pp2-sp", "tp1pp1"),
         ("tp2-sp-lora", "tp1pp1-lora"),
+        ("tp2-sp-dora", "tp1pp1-dora"),
     ),
 )
 def test_training_steps_match_single_process(results, layout, reference_layout):

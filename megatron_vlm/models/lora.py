@@ -106,7 +106,14 @@ def _sizes(base: nn.Module, kind: LinearKind) -> tuple[int, int]:
 
 
 class LoRAAdapter(nn.Module):
-    def __init__(self, base: nn.Module, kind: LinearKind, rank: int, alpha: float, dropout: float, seed: int) -> None:
+    """LoRA's low-rank update ``scale * B A``; with ``dora`` also DoRA's magnitude ``m`` (one per
+    output feature, initialised to the base weight's row norms), the layer's output then being
+    ``m / ||W + scale B A|| * (x W^T + scale x A^T B^T)`` (the norm per output feature, treated as a
+    constant in the backward as the DoRA paper, section 4.3, and PEFT do)."""
+
+    def __init__(
+        self, base: nn.Module, kind: LinearKind, rank: int, alpha: float, dropout: float, seed: int, dora: bool = False
+    ) -> None:
         super().__init__()
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -136,6 +143,15 @@ class LoRAAdapter(nn.Module):
         replicated = self.b if self.row_parallel else self.a
         replicated.sequence_parallel = self.sequence_parallel and (self.row_parallel or self.input_is_sequence_sharded)
         self.dropout = nn.Dropout(dropout)
+        self.magnitude: nn.Parameter | None = None
+        if dora:
+            with torch.no_grad():
+                norms = self.weight_norm(base.weight.detach())
+            self.magnitude = nn.Parameter(norms.to(dtype))
+            if self.row_parallel:  # [out], replicated: under sequence parallelism it sees a slice
+                self.magnitude.sequence_parallel = self.sequence_parallel
+            else:  # [out / tp], split like B
+                set_tensor_model_parallel_attributes(self.magnitude, is_parallel=True, dim=0, stride=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low_rank = self.dropout(x) @ self.a.t()
@@ -153,6 +169,19 @@ class LoRAAdapter(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """This rank's update of the base weight: scale * B @ A (shaped like the local weight)."""
         return self.scale * (self.b @ self.a)
+
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """||weight + scale * B A|| per output feature of this rank, in float32; a row-parallel
+        linear's rows span the TP ranks (each holds a slice of the input features): their squares
+        are summed over the tensor-parallel group."""
+        squares = (weight.float() + self.delta_weight().float()).square().sum(dim=1)
+        if self.row_parallel and parallel_state.get_tensor_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(squares, group=parallel_state.get_tensor_model_parallel_group())
+        return squares.sqrt()
+
+    def dora_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """DoRA's per-output-feature factor m / ||W + scale B A|| (the norm detached)."""
+        return self.magnitude.float() / self.weight_norm(weight.detach()).detach()
 
 
 def _split_output(output: object) -> tuple[torch.Tensor, object, torch.Tensor | None]:
@@ -183,7 +212,16 @@ def _add_adapter(base: nn.Module, adapter: LoRAAdapter, kind: LinearKind, gated:
         adapter_input = layernorm_output if kind.layernorm_input else args[0]
         if adapter_input is None:
             raise RuntimeError(f"{type(module).__name__} did not return its layer-norm output for LoRA")
-        return result + module.lora(adapter_input).reshape(result.shape), bias
+        update = module.lora(adapter_input).reshape(result.shape)
+        if module.lora.magnitude is None:
+            return result + update, bias
+        # DoRA scales x W^T + the update, not the bias: a bias the layer added itself (none returned
+        # apart) is taken out and put back.
+        own_bias = getattr(module, "bias", None)
+        added = own_bias if bias is None and isinstance(own_bias, torch.Tensor) and own_bias.numel() else None
+        core = result - added if added is not None else result
+        scaled = (module.lora.dora_scale(module.weight) * (core + update).float()).to(result.dtype)
+        return (scaled + added if added is not None else scaled), bias
 
     base.lora_hook = base.register_forward_hook(add_low_rank)
     base_sharded_state_dict = base.sharded_state_dict
@@ -194,10 +232,13 @@ def _add_adapter(base: nn.Module, adapter: LoRAAdapter, kind: LinearKind, gated:
         entries = {
             k: v for k, v in base_sharded_state_dict(prefix, sharded_offsets, metadata).items() if ".lora." not in k
         }
-        axis = {"a": 1} if adapter.row_parallel else {"b": 0}
+        axis = {"a": 1} if adapter.row_parallel else {"b": 0, "magnitude": 0}
         metadata = ensure_metadata_has_dp_cp_group(metadata)
+        tensors = {"a": adapter.a, "b": adapter.b}
+        if adapter.magnitude is not None:
+            tensors["magnitude"] = adapter.magnitude
         adapter_entries = make_sharded_tensors_for_checkpoint(
-            {"a": adapter.a, "b": adapter.b},
+            tensors,
             f"{prefix}lora.",
             axis,
             sharded_offsets,
@@ -207,9 +248,10 @@ def _add_adapter(base: nn.Module, adapter: LoRAAdapter, kind: LinearKind, gated:
             tp_group=getattr(base, "tp_group", None) or parallel_state.get_tensor_model_parallel_group(),
             dp_cp_group=metadata["dp_cp_group"],
         )
-        if gated:  # B's rows follow fc1's per-rank [gate_r; up_r] layout
-            key = f"{prefix}lora.b"
-            adapter_entries[key] = apply_swiglu_sharded_factory(adapter_entries[key], sharded_offsets)
+        if gated:  # B's rows (and DoRA's magnitudes) follow fc1's per-rank [gate_r; up_r] layout
+            for key in (f"{prefix}lora.b", f"{prefix}lora.magnitude"):
+                if key in adapter_entries:
+                    adapter_entries[key] = apply_swiglu_sharded_factory(adapter_entries[key], sharded_offsets)
         return {**entries, **adapter_entries}
 
     base.sharded_state_dict = sharded_state_dict
@@ -254,7 +296,13 @@ def apply_trainable(chunks: Sequence[nn.Module], trainable: TrainableConfig, see
             seed_of_layer = zlib.crc32(f"{seed}:{global_names[module_name + '.weight']}".encode())
             gated = module_name.endswith("mlp.linear_fc1") and module.config.gated_linear_unit
             adapter = LoRAAdapter(
-                module, kind, trainable.lora_rank, trainable.lora_alpha, trainable.lora_dropout, seed_of_layer
+                module,
+                kind,
+                trainable.lora_rank,
+                trainable.lora_alpha,
+                trainable.lora_dropout,
+                seed_of_layer,
+                dora=trainable.dora,
             )
             _add_adapter(module, adapter, kind, gated)
 
@@ -267,7 +315,12 @@ def merge_lora(chunks: Sequence[nn.Module]) -> int:
         for module in chunk.modules():
             adapter = getattr(module, "lora", None)
             if isinstance(adapter, LoRAAdapter):
-                module.weight.add_(adapter.delta_weight().to(module.weight.dtype))
+                if adapter.magnitude is not None:  # DoRA: (m / ||W + dW||) (W + dW), exactly its output
+                    factor = adapter.dora_scale(module.weight)[:, None]
+                    merged_weight = factor * (module.weight.float() + adapter.delta_weight().float())
+                    module.weight.copy_(merged_weight.to(module.weight.dtype))
+                else:
+                    module.weight.add_(adapter.delta_weight().to(module.weight.dtype))
                 module.lora_hook.remove()
                 del module.lora, module.lora_hook, module.sharded_state_dict  # back to the class method
                 if getattr(module, "return_layernorm_output", False):

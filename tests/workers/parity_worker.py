@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--first-stage-layers", type=int, default=None)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters on frozen backbones")
+    parser.add_argument("--dora", action="store_true", help="the adapters are DoRA's (implies --lora)")
     parser.add_argument("--dp-split", action="store_true", help="each data-parallel rank takes its own micro-batches")
     parser.add_argument("--distributed-optimizer", action="store_true")
     parser.add_argument("--overlap-grad-reduce", action="store_true")
@@ -142,8 +143,9 @@ def main() -> None:
     if args.dp_split:  # rank 0 gets the images, rank 1 a batch without any image
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         micro_batches = micro_batches[dp_rank::dp_size]
+    args.lora = args.lora or args.dora
     if args.lora:
-        apply_trainable(chunks, TrainableConfig(lora_rank=4, lora_alpha=8.0))
+        apply_trainable(chunks, TrainableConfig(lora_rank=4, lora_alpha=8.0, dora=args.dora))
     frozen_before = {n: p.clone() for c in chunks for n, p in c.named_parameters() if not p.requires_grad}
     model = wrap_ddp(
         chunks,
@@ -185,7 +187,7 @@ def main() -> None:
         from megatron_vlm.models.checkpoint_io import save_model
 
         trained = forward_logits(chunks, inputs, config.text.vocab_size)
-        lora = TrainableConfig(lora_rank=4, lora_alpha=8.0) if args.lora else None
+        lora = TrainableConfig(lora_rank=4, lora_alpha=8.0, dora=args.dora) if args.lora else None
         save_model(chunks, args.out / "checkpoint", config, lora)
         if trained is not None and tp_rank == 0:
             save_file({"logits": trained.contiguous()}, str(args.out / "trained_logits.safetensors"))
