@@ -375,6 +375,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         "DoRA's magnitude scales a linear's bias as well (SigLIP's linears have biases)",
     ),
     Mutation(
+        "neftune_noise_in_evaluation_too",
+        "megatron_vlm/models/idefics2.py",
+        "            if self.training and self.neftune_alpha > 0 and noise_seed is not None:\n",
+        "            if self.neftune_alpha > 0 and noise_seed is not None:\n",
+        ("tests/test_neftune.py::test_noise_only_while_training",),
+        "NEFTune's noise is added in evaluation and generation as well",
+    ),
+    Mutation(
+        "neftune_scale_by_the_row_not_the_document",
+        "megatron_vlm/models/neftune.py",
+        "    lengths = document_lengths_per_token(document_ids).to(torch.float32)\n",
+        "    lengths = (document_ids >= 0).sum(dim=1, keepdim=True).expand_as(document_ids).to(torch.float32)\n",
+        ("tests/test_neftune.py::test_the_noise_is_uniform_at_the_papers_scale_per_document_on_text_only",),
+        "NEFTune's L is the packed row's token count instead of the sample's own",
+    ),
+    Mutation(
         "export_drops_decoder_layers",
         "megatron_vlm/conversion/convert.py",
         "                writer.add(hf_name, tensor)\n                report.tensors += 1\n",

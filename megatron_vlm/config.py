@@ -324,6 +324,9 @@ class TrainingConfig:
     # bucket ahead) instead of right after the optimizer step (training/step.py wrap_ddp).
     overlap_param_gather: bool = False
     max_nonfinite_steps: int = 10  # skipped NaN/Inf steps tolerated before stopping
+    # NEFTune (models/neftune.py): noise on the text embeddings while training, uniform in
+    # ±alpha / sqrt(L d); 0 (off) or the NEFTune paper's 5-15. Instruction fine-tuning uses it.
+    neftune_alpha: float = 0.0
     # Checkpoints written in the background (training/async_save.py): the state is copied to host
     # memory at the save step and published at a later step; false: each save completes in place.
     async_save: bool = True

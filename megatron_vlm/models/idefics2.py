@@ -29,6 +29,7 @@ from megatron_vlm.backbones.attention import DocumentLayout, KVCache, rotary_emb
 from megatron_vlm.backbones.common import torch_dtype, use_transformer_engine
 from megatron_vlm.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_vlm.models.fp8 import use_torch_fp8
+from megatron_vlm.models.neftune import neftune_noise
 
 
 class Idefics2Model(MegatronModule):
@@ -50,6 +51,7 @@ class Idefics2Model(MegatronModule):
         use_te = use_transformer_engine(precision)
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
         self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
+        self.neftune_alpha = 0.0  # NEFTune's noise scale while training (the trainer sets it)
         self.model_config = model_config
         self.pre_process = pre_process
         self.post_process = post_process
@@ -164,11 +166,13 @@ class Idefics2Model(MegatronModule):
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
         packed_length: int | None = None,
+        noise_seed: int | None = None,
     ) -> torch.Tensor:
         """input_ids [b, s]; document_ids [b, s] (-1 padding; ``data.batch``); pixel_values
         [images, C, H, W] padded with pixel_attention_mask [images, H, W]; ``cache`` while
         generating (``inference/generate.py``); ``packed_length``: the training step's under
-        pipeline parallelism (``layout``).
+        pipeline parallelism (``layout``); ``noise_seed``: NEFTune's noise for this micro-batch, added
+        while training when ``neftune_alpha`` > 0 (``models/neftune.py``).
 
         Returns per-token loss [b, s] when labels are given on the last stage, the
         tensor-parallel logits shard [b, s, V/tp] otherwise (zeros at padding), and the packed
@@ -178,6 +182,11 @@ class Idefics2Model(MegatronModule):
         decoder_input = None
         if self.pre_process:
             embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
+            if self.training and self.neftune_alpha > 0 and noise_seed is not None:
+                is_text = input_ids != self.model_config.image_token_id
+                embeddings = embeddings + neftune_noise(
+                    embeddings, document_ids, is_text, self.neftune_alpha, noise_seed
+                )
             has_images = pixel_values is not None and pixel_values.shape[0] > 0
             if has_images:
                 if pixel_attention_mask is None:

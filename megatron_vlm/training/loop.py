@@ -25,6 +25,7 @@ from megatron_vlm.data.tokens import image_token_ids, load_tokenizer
 from megatron_vlm.models.checkpoint_io import load_weights
 from megatron_vlm.models.idefics2 import build_model_chunks
 from megatron_vlm.models.lora import apply_trainable
+from megatron_vlm.models.neftune import noise_seed
 from megatron_vlm.perf.flops import measured_matmul_tflops
 from megatron_vlm.perf.memory import TrainingMemoryMeter
 from megatron_vlm.training import checkpoint, preflight, run_lock
@@ -167,6 +168,10 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     if training.load_weights and resume_from is None:
         load_weights(chunks, training.load_weights, run.model)  # its LoRA adapters merged
     apply_trainable(chunks, run.trainable, seed=training.seed)
+    for chunk in chunks:
+        chunk.neftune_alpha = training.neftune_alpha
+    if training.neftune_alpha > 0 and env.rank == 0:
+        logger.info("NEFTune: noise of alpha %g on the text embeddings while training", training.neftune_alpha)
     model = wrap_ddp(
         chunks, training.distributed_optimizer, training.overlap_grad_reduce, training.overlap_param_gather
     )
@@ -272,6 +277,11 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                 trace.write(json.dumps({"step": iteration + 1, **line}) + "\n")
             trace.flush()
         results.observe(inputs)
+        if training.neftune_alpha > 0:  # each micro-batch's noise follows from its data (exact resume)
+            inputs = [
+                {**batch, "noise_seed": noise_seed(training.seed, meta)}
+                for batch, meta in zip(inputs, batches, strict=True)
+            ]
         if iteration + 1 == first_step and env.rank == 0:
             step_started = time.perf_counter()
             fp8 = run.precision.fp8
@@ -279,7 +289,7 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                 "step %d: parameters on %s, batch on %s%s",
                 first_step,
                 _placement(p for chunk in chunks for p in chunk.parameters()),
-                _placement(inputs[0].values()),
+                _placement(v for v in inputs[0].values() if isinstance(v, torch.Tensor)),
                 f", fp8 {fp8} via {backend.fp8_backend(run.precision.fp8_backend)}" if fp8 else "",
             )
         step = train_step(model, optimizer, inputs)

@@ -90,6 +90,8 @@ def check_batch_layout(run: RunConfig, world_size: int) -> int:
     for name in ("collective_timeout_s", "checkpoint_timeout_s", "preemption_lead_s"):  # NaN fails this too
         if not getattr(run.training, name) > 0:
             raise ValueError(f"{name}={getattr(run.training, name)} must be a positive number of seconds")
+    if not run.training.neftune_alpha >= 0:
+        raise ValueError(f"neftune_alpha={run.training.neftune_alpha} must be >= 0 (0: no NEFTune noise)")
     if not run.training.checkpoint_write_gbps >= 0:
         raise ValueError(
             f"checkpoint_write_gbps={run.training.checkpoint_write_gbps} must be >= 0 (GB/s; 0: measured at start-up)"

@@ -104,6 +104,7 @@ def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tens
         pixel_attention_mask=batch.get("pixel_attention_mask"),
         labels=batch["labels"],
         packed_length=batch.get("packed_length"),
+        noise_seed=batch.get("noise_seed"),
     )
     return output, partial(_loss, batch["loss_mask"])
 
