@@ -448,7 +448,8 @@ def check(mutation: Mutation, baseline: bool, timeout: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
         root = Path(tmp)
         copy_repository(root)
-        result = {**asdict(mutation), "baseline_failed": None}
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        result = {**asdict(mutation), "baseline_failed": None, "commit": commit.stdout.strip() or None}
         if baseline:
             failed, _, detail = run_tests(root, mutation.tests, timeout)
             result["baseline_failed"] = failed
