@@ -372,3 +372,32 @@ def test_the_answer_only_loss_equals_transformers(megatron_single_process, token
         config.image_token_id,
     )["loss_mask"]
     assert bool((micro["loss_mask"] <= full).all()) and float(micro["loss_mask"].sum()) < 0.5 * float(full.sum())
+
+
+def test_show_samples_marks_the_trained_spans(shards, capsys):
+    """tools/show_samples.py: the micro-batches the trainer would get from the shards under a run
+    config, every answer (and only answers) between the trained-span marks; --json's loss mask is
+    the loader's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "show_samples", Path(__file__).resolve().parents[1] / "tools" / "show_samples.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    config = str(Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml")
+    assert tool.main([str(shards / "cauldron"), "--config", config, "--n", "3"]) == 0
+    text = capsys.readouterr().out
+    documents = [d for d in text.split("--- document ")[1:]]
+    assert documents
+    for document in documents:
+        (row,) = [r for r in CAULDRON if r["texts"][0]["user"] in document]  # which conversation it is
+        marked = [piece.split("⟧")[0] for piece in document.split("⟦")[1:]]
+        assert marked == [f"{pair['assistant']}<end_of_utterance>" for pair in row["texts"]]
+    assert tool.main([str(shards / "cauldron"), "--config", config, "--n", "1", "--json"]) == 0
+    for line in capsys.readouterr().out.splitlines():
+        shown = json.loads(line)
+        ids, mask = shown["input_ids"], shown["loss_mask"]
+        assert len(ids) == len(mask) and sum(mask) > 0
+        counted = [ids[i + 1] for i, m in enumerate(mask) if m]
+        assert counted.count(END_OF_UTTERANCE_ID) == sum(d.count("<end_of_utterance>⟧") for d in shown["documents"])
