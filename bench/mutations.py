@@ -424,6 +424,8 @@ def apply(mutation: Mutation, root: Path) -> None:
 def run_tests(root: Path, tests: tuple[str, ...], timeout: int) -> tuple[list[str], float, str]:
     """(the named tests that failed, seconds, the run's last lines)."""
     env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # Scripts the tests run (the README's launcher, Slurm jobs) call `python`: this interpreter's.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
     started = time.perf_counter()
     try:
