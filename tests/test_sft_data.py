@@ -401,3 +401,16 @@ def test_show_samples_marks_the_trained_spans(shards, capsys):
         assert len(ids) == len(mask) and sum(mask) > 0
         counted = [ids[i + 1] for i, m in enumerate(mask) if m]
         assert counted.count(END_OF_UTTERANCE_ID) == sum(d.count("<end_of_utterance>⟧") for d in shown["documents"])
+
+
+def test_the_loader_skips_and_counts_a_conversation_that_cannot_fit(shards, tokenizer):
+    """A sequence shorter than some conversations' first exchange: those are skipped and counted
+    (``no_room``), the others trained on."""
+    data = loader(shards / "llava", tokenizer)
+    first_exchanges = [data.encode(s, "sft", 0).cuts[0] for s in samples(shards / "llava")]
+    seq_len = sorted(first_exchanges)[1]  # the shortest two fit, the longest does not
+    data = loader(shards / "llava", tokenizer, seq_len=seq_len)
+    for _ in range(3):
+        batch = next(data)
+        assert int(batch["loss_mask"].sum()) > 0
+    assert data.skipped["no_room"] >= 1 and set(data.skipped) == {"no_room"}

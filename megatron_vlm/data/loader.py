@@ -345,7 +345,18 @@ class MultimodalLoader:
         source = self.source_of(lane.step, lane.index)
         packer = lane.packers[source]
         while len(packer.ready) < self.config.micro_batch_size:
-            packer.add(self._next_document(lane, source))
+            document = self._next_document(lane, source)
+            dropped = packer.dropped
+            packer.add(document)
+            if packer.dropped > dropped:  # not even its first exchange (or first text) fits a sequence
+                lane.skipped["no_room"] += 1
+                logger.warning(
+                    "skipped sample %s of %s: %d tokens, nothing of it fits a %d-token sequence",
+                    self.streams[source].where(document.position),
+                    source,
+                    len(document.tokens),
+                    self.packing[source].seq_len,
+                )
         sequences = [packer.pop() for _ in range(self.config.micro_batch_size)]
         batch = collate(sequences, self.packing[source], seq_len=self.config.max_seq_len)
         lane.step += 1
