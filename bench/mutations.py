@@ -377,9 +377,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "neftune_noise_in_evaluation_too",
         "megatron_vlm/models/idefics2.py",
-        "            if self.training and self.neftune_alpha > 0 and noise_seed is not None:\n",
-        "            if self.neftune_alpha > 0 and noise_seed is not None:\n",
-        ("tests/test_neftune.py::test_noise_only_while_training",),
+        "        if self.training and self.neftune_alpha > 0 and noise_seed is not None:\n",
+        "        if self.neftune_alpha > 0 and noise_seed is not None:\n",
+        ("tests/test_neftune.py::test_noise_only_while_training",),  # both families
         "NEFTune's noise is added in evaluation and generation as well",
     ),
     Mutation(

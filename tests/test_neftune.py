@@ -45,15 +45,18 @@ def test_the_seed_follows_the_data_not_the_layout():
     assert noise_seed(1234, meta) != noise_seed(1234, {**meta, "positions": [17, 19]})
 
 
-def test_noise_only_while_training(megatron_single_process):
+@pytest.mark.parametrize("family", ["idefics2", "idefics1"])  # Idefics1: the cross-attention model
+def test_noise_only_while_training(megatron_single_process, family):
+    from parity import family_batch, family_config
+
     from megatron_vlm.config import ParallelConfig, PrecisionConfig
     from megatron_vlm.models.idefics2 import build_model_chunks, gather_logits
 
-    config = tiny_config()
+    config = tiny_config() if family == "idefics2" else family_config("idefics1")
     config = dataclasses.replace(config, text=dataclasses.replace(config.text, attention_dropout=0.0))
     torch.manual_seed(0)
     (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
-    inputs = megatron_inputs(make_batch(config))
+    inputs = megatron_inputs(make_batch(config) if family == "idefics2" else family_batch(config))
 
     def logits(training: bool, seed: int | None) -> torch.Tensor:
         model.train(training)

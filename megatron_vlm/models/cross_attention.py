@@ -360,6 +360,7 @@ class CrossAttentionModel(Idefics2Model):
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
         packed_length: int | None = None,
+        noise_seed: int | None = None,
     ) -> torch.Tensor:
         """As ``Idefics2Model.forward``; the text holds one ``<image>`` token per image. Non-last
         stages return [t + c, 1, h]: packed hidden states, then the image context.
@@ -394,7 +395,7 @@ class CrossAttentionModel(Idefics2Model):
         context_mask = (key_image[None, :] != token_image[:, None])[None, None]  # [1, 1, t, c]
         decoder_input, context = None, None
         if self.pre_process:
-            embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
+            embeddings = self.text_embeddings(input_ids, position_ids, document_ids, noise_seed)
             if not decoding:
                 context = self.image_context(pixel_values, pixel_attention_mask, images_per_row, slots, embeddings)
                 if self.pipelined:

@@ -181,12 +181,7 @@ class Idefics2Model(MegatronModule):
         layout = self.decoder_layout(document_ids, position_ids, cache, packed_length)
         decoder_input = None
         if self.pre_process:
-            embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
-            if self.training and self.neftune_alpha > 0 and noise_seed is not None:
-                is_text = input_ids != self.model_config.image_token_id
-                embeddings = embeddings + neftune_noise(
-                    embeddings, document_ids, is_text, self.neftune_alpha, noise_seed
-                )
+            embeddings = self.text_embeddings(input_ids, position_ids, document_ids, noise_seed)
             has_images = pixel_values is not None and pixel_values.shape[0] > 0
             if has_images:
                 if pixel_attention_mask is None:
@@ -204,6 +199,17 @@ class Idefics2Model(MegatronModule):
             packed_seq_params=layout.params,
         )
         return self.finish(layout, output, labels)
+
+    def text_embeddings(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor, noise_seed: int | None
+    ) -> torch.Tensor:
+        """The tokens' embeddings [s, b, h]; while training with ``neftune_alpha`` > 0 and a
+        micro-batch's ``noise_seed``, plus NEFTune's noise on the text tokens (``models/neftune.py``)."""
+        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
+        if self.training and self.neftune_alpha > 0 and noise_seed is not None:
+            is_text = input_ids != self.model_config.image_token_id
+            embeddings = embeddings + neftune_noise(embeddings, document_ids, is_text, self.neftune_alpha, noise_seed)
+        return embeddings
 
     def pack(self, layout: DocumentLayout, embeddings: torch.Tensor) -> torch.Tensor:
         """Embeddings [s, b, h] -> the decoder's packed input [tokens, 1, h] (this TP rank's slice
