@@ -42,7 +42,9 @@ if ! pgrep -x munged >/dev/null; then
     done
     cp /run/munge/munged.pid "$dir/munged.pid"
 fi
-cpus=$(nproc)
+# The machine's CPUs: nproc would report OMP_NUM_THREADS instead when it is set (the tests set 1),
+# and a 1-CPU node cannot run the 2-task test jobs (they pend forever as PartitionConfig).
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
 cat > "$dir/slurm.conf" <<CONF
 ClusterName=local
