@@ -475,16 +475,18 @@ def table(results: list[dict], defined: int | None = None) -> str:
         "",
         "Each row breaks one behaviour in a copy of the repository and runs the tests that claim it.",
         "Caught: every one of those tests fails on the mutated copy (and passes on the unmutated one).",
+        "at: the commit the row ran at (`--only NAME` reruns one; the file keeps every mutation's latest).",
         "",
-        "| mutation | file | what it breaks | caught | by (each of these tests fails) | s |",
-        "|---|---|---|---|---|---|",
+        "| mutation | file | what it breaks | caught | by (each of these tests fails) | s | at |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         verdict = {True: "yes", False: "**NO**", None: "baseline fails"}[r["caught"]]
         tests = "<br>".join(
             f"{'missed: ' if t in r['missed_by'] else ''}`{t.removeprefix('tests/')}`" for t in r["tests"]
         )
-        lines.append(f"| `{r['name']}` | `{r['file']}` | {r['breaks']} | {verdict} | {tests} | {r['seconds']} |")
+        at = r.get("commit") or "?"
+        lines.append(f"| `{r['name']}` | `{r['file']}` | {r['breaks']} | {verdict} | {tests} | {r['seconds']} | {at} |")
     caught = sum(1 for r in results if r["caught"])
     lines += ["", f"{caught} of {len(results)} mutations caught."]
     if defined is not None and defined > len(results):
