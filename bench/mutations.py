@@ -391,6 +391,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         "NEFTune's L is the packed row's token count instead of the sample's own",
     ),
     Mutation(
+        "answer_mask_ignored_by_the_loss",
+        "megatron_vlm/data/batch.py",
+        "        loss_mask &= torch.roll(trained.bool(), shifts=-1, dims=1)\n",
+        "        pass\n",
+        (
+            "tests/test_sft_data.py::test_the_answer_only_loss_equals_transformers",
+            "tests/test_sft_data.py::test_the_loss_mask_of_a_packed_batch_is_on_the_answers",
+            "tests/test_parallel_parity.py::test_the_answer_only_loss_through_the_pipeline_equals_transformers",
+        ),
+        "fine-tuning trains on every token, questions included (issue #23)",
+    ),
+    Mutation(
         "export_drops_decoder_layers",
         "megatron_vlm/conversion/convert.py",
         "                writer.add(hf_name, tensor)\n                report.tensors += 1\n",

@@ -12,7 +12,11 @@ LAYOUTS = {
     "tp2pp1": (2, ["--tp", "2", "--pp", "1", "--large-images"]),
     # Stage 0 carries vision + connector, so it gets 1 decoder layer and stage 1 the other 3.
     # Pipeline sends counted (issue #27): no shape exchange, no device sync, batched as on GPUs.
-    "tp2pp2": (4, ["--tp", "2", "--pp", "2", "--first-stage-layers", "1", "--large-images", "--count-syncs"]),
+    # Also the answer-only loss of fine-tuning through the schedule (issue #23), before training.
+    "tp2pp2": (
+        4,
+        ["--tp", "2", "--pp", "2", "--first-stage-layers", "1", "--large-images", "--count-syncs", "--answers-only"],
+    ),
     # Sequence parallelism in the decoder (images spliced into the whole sequence, then split).
     "tp2pp2-sp": (4, ["--tp", "2", "--pp", "2", "--first-stage-layers", "1", "--sequence-parallel"]),
     "pp2vpp2": (2, ["--tp", "1", "--pp", "2", "--vpp", "2"]),
@@ -131,6 +135,16 @@ def test_training_steps_match_single_process(results, layout, reference_layout):
         # through parameters_gathered (checkpoints, evaluation): then every rank has them all.
         assert ranks[0]["checksum_after_step"] != ranks[1]["checksum_after_step"]
         assert ranks[0]["checksum_gathered"] == ranks[1]["checksum_gathered"]
+
+
+def test_the_answer_only_loss_through_the_pipeline_equals_transformers(results):
+    """Fine-tuning's loss (issue #23): only the rows' second halves trained on, at TP2 x PP2
+    through the schedule, equals transformers' loss with labels -100 elsewhere (fp32)."""
+    (last,) = {json.dumps(r["answers_only"]) for r in results["tp2pp2"] if "answers_only" in r}
+    answers = json.loads(last)
+    assert answers["tokens"] == answers["reference_tokens"] > 0
+    assert answers["tokens"] < 0.6 * answers["all_tokens"]  # the first halves are left out
+    assert answers["loss"] == pytest.approx(answers["reference"], rel=1e-5)
 
 
 @pytest.mark.parametrize("layout", layouts("tp1pp1", "tp2pp1", "tp2pp2"))

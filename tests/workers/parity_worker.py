@@ -37,6 +37,11 @@ def main() -> None:
     parser.add_argument(
         "--save", action="store_true", help="after training, save the model (adapters too) and its logits into --out"
     )
+    parser.add_argument(
+        "--answers-only",
+        action="store_true",
+        help="before training: the loss with only the rows' second halves trained on (fine-tuning's mask) vs transformers'",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -45,6 +50,7 @@ def main() -> None:
     from megatron.core.optimizer import OptimizerConfig
     from parity import (
         counted_checkpoints,
+        hf_inputs,
         hf_logits,
         hf_model,
         make_batch,
@@ -140,6 +146,46 @@ def main() -> None:
     # --- training steps: one micro-batch with images, one without any image
     text_only = make_batch(config, seed=1, images_per_row=[[], [], [], []])
     micro_batches = [training_inputs(batch), training_inputs(text_only)]
+
+    if args.answers_only:  # issue #23: the answer-only loss through the pipeline, against transformers'
+        from megatron_vlm.data.batch import micro_batch, one_document_per_row
+        from megatron_vlm.training.step import forward_backward, step_packed_length
+
+        masked, references = [], []
+        for synthetic in (batch, text_only):
+            lengths = synthetic.padding.sum(dim=1)
+            position = torch.arange(synthetic.input_ids.shape[1])[None, :]
+            trained = (position >= (lengths // 2)[:, None]) & synthetic.padding.bool()  # the "answers"
+            masked.append(
+                micro_batch(
+                    synthetic.input_ids,
+                    one_document_per_row(synthetic.padding),
+                    synthetic.pixel_values,
+                    synthetic.pixel_mask,
+                    synthetic.image_token_id,
+                    trained,
+                )
+            )
+            labels = synthetic.input_ids.masked_fill(~trained | (synthetic.input_ids == synthetic.image_token_id), -100)
+            references.append((synthetic, labels))
+        count = sum(int((labels[:, 1:] != -100).sum()) for _, labels in references)
+        losses = forward_backward(chunks, masked, forward_only=True, length=step_packed_length(chunks, masked))
+        if losses:
+            total = sum(float(entry["lm loss"][0]) for entry in losses)
+            tokens = sum(float(entry["lm loss"][1]) for entry in losses)
+            with torch.no_grad():
+                reference = sum(
+                    float(hf(**hf_inputs(synthetic), labels=labels, num_items_in_batch=torch.tensor(count)).loss)
+                    for synthetic, labels in references
+                )
+            full = sum(float(m["loss_mask"].sum()) for m in micro_batches)
+            result["answers_only"] = {
+                "loss": total / tokens,
+                "tokens": tokens,
+                "reference": reference,
+                "reference_tokens": count,
+                "all_tokens": full,
+            }
     if args.dp_split:  # rank 0 gets the images, rank 1 a batch without any image
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         micro_batches = micro_batches[dp_rank::dp_size]
