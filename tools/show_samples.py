@@ -71,27 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the config")
     args = parser.parse_args(argv)
 
-    from megatron_vlm.backbones import recipes_of, text_tokens_per_image
     from megatron_vlm.config import load_run_config
-    from megatron_vlm.data.loader import MultimodalLoader, load_data_config
-    from megatron_vlm.data.tokens import load_tokenizer
+    from megatron_vlm.training.data_feed import run_data_config, run_loader
 
     run = load_run_config(args.config, args.overrides)
-    vision, _, text = recipes_of(run.model)
-    mixture = load_data_config(
-        run.data.mixture,
-        run.data.root,
-        normalization=(vision.image_mean, vision.image_std),
-        micro_batch_size=run.data.micro_batch_size,
-        image_backend=run.data.image_backend,
-        seed=run.training.seed,
-    )
+    mixture = run_data_config(run)
     source = dataclasses.replace(mixture.sources[0], name="shown", shards=str(args.shards), weight=1.0, validation=None)
-    config = dataclasses.replace(mixture, sources=(source,))
-    tokenizer = load_tokenizer(name=text.tokenizer)
-    loader = MultimodalLoader(
-        config, tokenizer, text_tokens_per_image(run.model), run.model.image_token_id, family=run.model.family
-    )
+    loader = run_loader(run, dataclasses.replace(mixture, sources=(source,)))
+    tokenizer = loader.tokenizer
     for number in range(args.n):
         batch = next(loader)
         for row, shown in enumerate(rows(batch, tokenizer, run.model.image_token_id)):

@@ -33,12 +33,26 @@ FORWARD_INPUTS = ("input_ids", "position_ids", "document_ids", "pixel_values", "
 MODEL_INPUTS = (*FORWARD_INPUTS, "labels", "loss_mask")
 
 
+def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] True where a document (or a padding run) starts: at each row's first token and where
+    the id changes."""
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return starts
+
+
+def document_lengths_per_token(document_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] the length of each token's document (0 at padding)."""
+    run = document_starts(document_ids).flatten().cumsum(0) - 1  # every token's run, numbered across rows
+    lengths = torch.bincount(run)[run].view_as(document_ids)
+    return torch.where(document_ids >= 0, lengths, torch.zeros_like(lengths))
+
+
 def position_ids(document_ids: torch.Tensor) -> torch.Tensor:
     """[b, s] positions restarting at 0 at every document; 0 on padding."""
     batch, seq_len = document_ids.shape
     real = document_ids >= 0
-    starts = torch.ones_like(real)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    starts = document_starts(document_ids)
     index = torch.arange(seq_len, device=document_ids.device).expand(batch, -1)
     last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
     return torch.where(real, index - last_start, torch.zeros_like(index))

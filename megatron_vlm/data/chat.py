@@ -26,6 +26,8 @@ from typing import Any
 from megatron_vlm.data.tokens import END_OF_UTTERANCE_TOKEN, IMAGE_TOKEN, expand_image_placeholders_with_flags
 
 ROLES = ("system", "user", "assistant")
+# Marks on the rendered characters (bits): an answer's, and the newline that ends an exchange.
+ANSWER, EXCHANGE_END = 2, 1
 
 # The chat template of HuggingFaceM4/idefics2-8b's processor (processor_config.json, as the issue quotes
 # it); Idefics3-8B-Llama3's is the same after <|begin_of_text|>.
@@ -93,22 +95,23 @@ class ChatTemplate:
         """Whether the tokenizer's BOS starts the sequence (else the template wrote its own)."""
         return not self.prefix
 
-    def render(self, turns: list[Turn], add_generation_prompt: bool = False) -> tuple[str, list[bool]]:
-        """The rendered text (``<image>`` per image) and one flag per character: True on the
-        answers (each assistant turn's content and its ``<end_of_utterance>``)."""
-        pieces: list[tuple[str, bool]] = [(self.prefix, False)]
+    def render(self, turns: list[Turn], add_generation_prompt: bool = False) -> tuple[str, list[int]]:
+        """The rendered text (``<image>`` per image) and one mark per character: ``ANSWER`` on the
+        answers (each assistant turn's content and its ``<end_of_utterance>``), ``EXCHANGE_END`` on
+        the newline that closes an assistant turn (a conversation may be cut after it)."""
+        pieces: list[tuple[str, int]] = [(self.prefix, 0)]
         for turn in turns:
             starts_with_image = not isinstance(turn.content[0], str)
-            pieces.append((turn.role.capitalize() + (":" if starts_with_image else ": "), False))
-            answer = turn.role == "assistant"
+            pieces.append((turn.role.capitalize() + (":" if starts_with_image else ": "), 0))
+            answer = ANSWER if turn.role == "assistant" else 0
             for part in turn.content:
-                pieces.append((part if isinstance(part, str) else IMAGE_TOKEN, answer and isinstance(part, str)))
-            pieces += [(END_OF_UTTERANCE_TOKEN, answer), ("\n", False)]
+                pieces.append((part, answer) if isinstance(part, str) else (IMAGE_TOKEN, 0))
+            pieces += [(END_OF_UTTERANCE_TOKEN, answer), ("\n", EXCHANGE_END if answer else 0)]
         if add_generation_prompt:
-            pieces.append(("Assistant:", False))
+            pieces.append(("Assistant:", 0))
         text = "".join(piece for piece, _ in pieces)
-        flags = [flag for piece, flag in pieces for _ in piece]
-        return text, flags
+        marks = [mark for piece, mark in pieces for _ in piece]
+        return text, marks
 
 
 CHAT_TEMPLATES = {
@@ -144,21 +147,8 @@ def encode_conversation(
             f"the {template.family} chat template starts with {template.prefix}, which this tokenizer does not have "
             f"(its BOS is {tokenizer.bos_token!r}): fine-tune with the model's own tokenizer"
         )
-    text, flags = template.render(turns)
-    # Where each assistant turn ends, in characters: after its "<end_of_utterance>\n".
-    ends, position = [], len(template.prefix)
-    for turn in turns:
-        rendered, _ = ChatTemplate(template.family, template.jinja).render([turn])
-        position += len(rendered)
-        if turn.role == "assistant":
-            ends.append(position)
-    marks = [False] * len(text)
-    for end in ends:
-        marks[end - 1] = True  # the turn's last character (its newline)
-    expanded, both = expand_image_placeholders_with_flags(
-        text, [flag * 2 + mark for flag, mark in zip(flags, marks, strict=True)], image_seq_len, split
-    )
-    answer = [bool(value & 2) for value in both]
+    text, marks = template.render(turns)
+    expanded, marks = expand_image_placeholders_with_flags(text, marks, image_seq_len, split)
     encoding = tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=True)
     tokens, trained, exchange_ends = [], [], []
     if template.tokenizer_adds_bos:
@@ -166,7 +156,7 @@ def encode_conversation(
         trained.append(False)
     for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True):
         tokens.append(token)
-        trained.append(any(answer[start:end]))
-        if any(value & 1 for value in both[start:end]):
+        trained.append(any(mark & ANSWER for mark in marks[start:end]))
+        if any(mark & EXCHANGE_END for mark in marks[start:end]):
             exchange_ends.append(len(tokens))
     return EncodedConversation(tokens, trained, exchange_ends)

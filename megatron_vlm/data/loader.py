@@ -278,40 +278,38 @@ class MultimodalLoader:
     def text(self, sample: Sample, source: str) -> tuple[list[int], list[bool] | None, list[int] | None]:
         """A sample's tokens without decoding its images (each image stands for a fixed number of
         placeholder runs), which are trained on (None: all) and where it may be cut (None: outside
-        images anywhere): what packing needs to know of a document. A conversation is rendered with
-        the model family's chat template, tokenized as its processor does; its answers are trained on."""
-        if sample.kind != "conversation":
-            return self.tokens(sample, source), None, None
-        template = chat_template(self.family)  # a family without one cannot train on conversations: refused
-        with self._encoding:
-            encoded = encode_conversation(
-                self.tokenizer, template, sample.conversation(), self.image_seq_len, self.config.image.split
-            )
-        expected = len(sample.images) * self.config.image.images_per_image
-        if len(image_runs(encoded.tokens, self.packing[source].image_token_id)) != expected:
-            raise CorruptSample("missing_field", f"{sample.key}: the text itself contains image tokens")
-        return encoded.tokens, encoded.trained, encoded.exchange_ends
-
-    def tokens(self, sample: Sample, source: str) -> list[int]:
-        """A sample's tokens (``text``'s first part)."""
+        images anywhere): what packing needs to know of a document. A document is [BOS] its text with
+        image placeholders [EOS]; a conversation is rendered with the model family's chat template,
+        tokenized as its processor does, its answers trained on."""
+        trained = cuts = None
         if sample.kind == "conversation":
-            return self.text(sample, source)[0]
-        pieces = []
-        for segment in sample.segments:
-            if isinstance(segment, bytes):
-                pieces.append(IMAGE_TOKEN)
-            else:
-                if pieces and pieces[-1] != IMAGE_TOKEN:
-                    pieces.append("\n\n")
-                pieces.append(segment)
-        text = expand_image_placeholders("".join(pieces), self.image_seq_len, self.config.image.split)
-        with self._encoding:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        tokens = [self.tokenizer.bos_token_id, *ids, self.tokenizer.eos_token_id]
+            template = chat_template(self.family)  # a family without one cannot train on conversations: refused
+            with self._encoding:
+                encoded = encode_conversation(
+                    self.tokenizer, template, sample.conversation(), self.image_seq_len, self.config.image.split
+                )
+            tokens, trained, cuts = encoded.tokens, encoded.trained, encoded.exchange_ends
+        else:
+            pieces = []
+            for segment in sample.segments:
+                if isinstance(segment, bytes):
+                    pieces.append(IMAGE_TOKEN)
+                else:
+                    if pieces and pieces[-1] != IMAGE_TOKEN:
+                        pieces.append("\n\n")
+                    pieces.append(segment)
+            text = expand_image_placeholders("".join(pieces), self.image_seq_len, self.config.image.split)
+            with self._encoding:
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            tokens = [self.tokenizer.bos_token_id, *ids, self.tokenizer.eos_token_id]
         expected = len(sample.images) * self.config.image.images_per_image
         if len(image_runs(tokens, self.packing[source].image_token_id)) != expected:
             raise CorruptSample("missing_field", f"{sample.key}: the text itself contains image tokens")
-        return tokens
+        return tokens, trained, cuts
+
+    def tokens(self, sample: Sample, source: str) -> list[int]:
+        """A sample's tokens (``text``'s first part)."""
+        return self.text(sample, source)[0]
 
     def next_position(self, lane: Lane, source: str) -> int:
         """The next sample of ``source`` in ``lane``'s share of the global order."""

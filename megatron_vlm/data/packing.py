@@ -69,12 +69,7 @@ def fit(document: Document, config: PackingConfig, room: int, image_room: int) -
         if not fitting:
             return None
         cut = max(fitting)
-        kept = sum(end <= cut for _, end in runs)
-        trained = document.trained[:cut] if document.trained is not None else None
-        cuts = [c for c in document.cuts if c <= cut]
-        return Document(
-            document.tokens[:cut], document.images[:kept], document.source, document.position, trained, cuts
-        )
+        return _prefix(document, cut, sum(end <= cut for _, end in runs))
     cut = min(room, len(document.tokens))
     kept = 0
     for start, end in runs:
@@ -87,8 +82,14 @@ def fit(document: Document, config: PackingConfig, room: int, image_room: int) -
         cut -= 1
     if cut <= 0:
         return None
+    return _prefix(document, cut, kept)
+
+
+def _prefix(document: Document, cut: int, kept: int) -> Document:
+    """The document's first ``cut`` tokens and ``kept`` images, with their marks."""
     trained = document.trained[:cut] if document.trained is not None else None
-    return Document(document.tokens[:cut], document.images[:kept], document.source, document.position, trained)
+    cuts = [c for c in document.cuts if c <= cut] if document.cuts is not None else None
+    return Document(document.tokens[:cut], document.images[:kept], document.source, document.position, trained, cuts)
 
 
 @dataclass

@@ -19,17 +19,13 @@ from typing import Any
 
 import torch
 
+from megatron_vlm.data.batch import document_lengths_per_token
+
 
 def noise_seed(training_seed: int, meta: Mapping[str, Any]) -> int:
     """A micro-batch's noise seed from the loader's description of it (lane, source, positions)."""
     identity = json.dumps([training_seed, meta["lane"], meta["source"], list(meta["positions"])])
     return zlib.crc32(identity.encode())
-
-
-def document_lengths_per_token(document_ids: torch.Tensor) -> torch.Tensor:
-    """[b, s] document ids (-1 padding) -> [b, s] the length of each token's document (0 at padding)."""
-    same = document_ids[:, :, None] == document_ids[:, None, :]  # [b, s, s]: small next to the decoder's work
-    return torch.where(document_ids >= 0, same.sum(dim=-1), torch.zeros_like(document_ids))
 
 
 def neftune_noise(

@@ -29,14 +29,50 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_vlm import distributed
-from megatron_vlm.config import ModelConfig
+from megatron_vlm.backbones import recipes_of, text_tokens_per_image
+from megatron_vlm.config import ModelConfig, RunConfig
 from megatron_vlm.data.batch import MODEL_INPUTS
-from megatron_vlm.data.loader import MultimodalLoader
+from megatron_vlm.data.loader import DataConfig, MultimodalLoader, load_data_config
 from megatron_vlm.data.prefetch import Prefetcher
+from megatron_vlm.data.tokens import image_token_ids, load_tokenizer
 from megatron_vlm.perf.flops import batch_training_flops, real_patches, vision_positions
 
 # Model inputs only the first pipeline stage reads (the vision tower's).
 PIXEL_INPUTS = tuple(name for name in MODEL_INPUTS if name.startswith("pixel_"))
+
+
+def run_data_config(run: RunConfig) -> DataConfig:
+    """The run's mixture as the trainer reads it: the vision encoder's pixel normalization (unless
+    the mixture sets one), the run's micro-batch size, image backend and seed."""
+    vision = recipes_of(run.model)[0]
+    return load_data_config(
+        run.data.mixture,
+        run.data.root,
+        normalization=(vision.image_mean, vision.image_std),
+        micro_batch_size=run.data.micro_batch_size,
+        image_backend=run.data.image_backend,
+        seed=run.training.seed,
+    )
+
+
+def run_loader(
+    run: RunConfig, data: DataConfig, dp_rank: int = 0, dp_size: int = 1, lanes: int | None = None
+) -> MultimodalLoader:
+    """The loader of ``data`` for the run's model: its text recipe's tokenizer (checked against the
+    model's <image> id), its <image> tokens per image, its family's chat template for conversations."""
+    tokenizer = load_tokenizer(name=recipes_of(run.model)[2].tokenizer)
+    if image_token_ids(tokenizer)["<image>"] != run.model.image_token_id:
+        raise ValueError("the tokenizer's <image> id differs from the model's image_token_id")
+    return MultimodalLoader(
+        data,
+        tokenizer,
+        text_tokens_per_image(run.model),
+        run.model.image_token_id,
+        dp_rank,
+        dp_size,
+        lanes=lanes,
+        family=run.model.family,
+    )
 
 
 def stage_inputs(first_stage: bool) -> tuple[str, ...]:

@@ -17,11 +17,8 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_vlm import backend, distributed
-from megatron_vlm.backbones import recipes_of, text_tokens_per_image
 from megatron_vlm.backbones.common import torch_dtype
 from megatron_vlm.config import RunConfig, to_dict
-from megatron_vlm.data.loader import MultimodalLoader, load_data_config
-from megatron_vlm.data.tokens import image_token_ids, load_tokenizer
 from megatron_vlm.models.checkpoint_io import load_weights
 from megatron_vlm.models.idefics2 import build_model_chunks
 from megatron_vlm.models.lora import apply_trainable
@@ -31,7 +28,7 @@ from megatron_vlm.perf.memory import TrainingMemoryMeter
 from megatron_vlm.training import checkpoint, preflight, run_lock
 from megatron_vlm.training.async_save import AsyncCheckpointWriter
 from megatron_vlm.training.benchmarks import TrainingBenchmarks, benchmark_line, consumed_so_far, scalars
-from megatron_vlm.training.data_feed import DataFeed
+from megatron_vlm.training.data_feed import DataFeed, run_data_config, run_loader
 from megatron_vlm.training.evaluation import Evaluator, evaluations_left
 from megatron_vlm.training.metrics import Metrics, log_line, logger, validation_line
 from megatron_vlm.training.preemption import PreemptionHandler
@@ -106,28 +103,14 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     # --- data: this data-parallel rank's share of the mixture
     if env.rank == 0:
         logger.info("%d rank(s) up (%s launch); loading the tokenizer and the data", env.world_size, env.launcher)
-    tokenizer = load_tokenizer(name=recipes_of(run.model)[2].tokenizer)  # the text recipe's choice
-    if image_token_ids(tokenizer)["<image>"] != run.model.image_token_id:
-        raise ValueError("the tokenizer's <image> id differs from the model's image_token_id")
-    vision = recipes_of(run.model)[0]
-    data_config = load_data_config(
-        run.data.mixture,
-        run.data.root,
-        normalization=(vision.image_mean, vision.image_std),  # the encoder's, unless the mixture says
-        micro_batch_size=run.data.micro_batch_size,
-        image_backend=run.data.image_backend,
-        seed=training.seed,
-    )
-    loader = MultimodalLoader(
+    data_config = run_data_config(run)
+    loader = run_loader(
+        run,
         data_config,
-        tokenizer,
-        text_tokens_per_image(run.model),  # <image> tokens per image in the text
-        run.model.image_token_id,
         parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(),
         # One lane per micro-batch of the global batch: the stream does not depend on the DP size.
         lanes=training.global_batch_size // run.data.micro_batch_size,
-        family=run.model.family,  # conversations are rendered with the family's chat template
     )
 
     reports = (
