@@ -312,21 +312,18 @@ def test_the_answer_only_loss_equals_transformers(megatron_single_process, token
     weights with randomised norms, fp32) equals transformers' own loss with labels -100 outside the
     answers: the answers are ours (encode_conversation), the model inputs the exported processor's."""
     from parity import hf_model
+    from test_model_parity import megatron_model
 
-    from megatron_vlm.config import ParallelConfig, PrecisionConfig, load_model_preset
-    from megatron_vlm.conversion.mapping import load_hf_weights
+    from megatron_vlm.config import load_model_preset
     from megatron_vlm.data.batch import micro_batch, one_document_per_row
     from megatron_vlm.data.chat import chat_template, encode_conversation
     from megatron_vlm.inference.prompts import prompt_encoder
-    from megatron_vlm.models.idefics2 import build_model_chunks
 
     config = load_model_preset("tiny")
     hf = hf_model(config)
     with torch.no_grad():
         hf.lm_head.weight.mul_(20.0)  # logits with signal: answer tokens and others far apart
-    state = hf.state_dict()
-    (model,) = build_model_chunks(config, ParallelConfig(), PrecisionConfig())
-    load_hf_weights([model], state.__getitem__, set(state), config, 0, 1)
+    model = megatron_model(config, hf)
     encoder = prompt_encoder(config, tokenizer, do_image_splitting=False)
     conversations = [
         [Turn("user", [Image.open(io.BytesIO(jpeg(row["images"][0]))), row["texts"][0]["user"]])]
