@@ -159,6 +159,22 @@ def test_cpu_processors_return_cpu_float32_tensors():
             assert a.shape == b.shape and difference.max() <= MAX_ABS_BOUND and difference.mean() <= MEAN_ABS_BOUND
 
 
+def test_up_scaled_images_decode_alike_in_dali_and_pillow():
+    """Training's random up-scaling (data/augment.py) reaches both backends: the same sizes, pixels
+    within the bound, and a size that is not the unscaled one."""
+    config = ImageConfig(980, 56, split=True)
+    encoded = encoded_photos()[:3]
+    scales = [1.0, 1.7, 2.6]
+    pillow = PillowImageProcessor(config)(encoded, scales)
+    dali_cpu = DaliImageProcessor(config, device="cpu")(encoded, scales)
+    plain = PillowImageProcessor(config)(encoded)
+    for index, (crops_a, crops_b) in enumerate(zip(pillow, dali_cpu, strict=True)):
+        assert (crops_a[-1].shape == plain[index][-1].shape) == (scales[index] == 1.0)
+        for a, b in zip(crops_a, crops_b, strict=True):
+            difference = (a - b).abs()
+            assert a.shape == b.shape and difference.max() <= MAX_ABS_BOUND and difference.mean() <= MEAN_ABS_BOUND
+
+
 def test_pad_images_allocates_where_the_images_live():
     images = [torch.randn(3, 5, 7, dtype=torch.bfloat16), torch.randn(3, 6, 4, dtype=torch.bfloat16)]
     pixel_values, mask = pad_images(images)

@@ -204,7 +204,13 @@ def test_data_parallel_ranks_read_disjoint_samples(shards, tokenizer):
             config, tokenizer, image_seq_len=8, image_token_id=IMAGE_TOKEN, dp_rank=rank, dp_size=2, lanes=6
         )
         lanes = loader.lanes  # lane l reads indexes l, l + 6, l + 12, ... of the epoch's order
-        seen.append([loader.next_position(lane, "pairs") for lane in lanes for _ in range(3 if lane.index == 0 else 2)])
+        seen.append(
+            [
+                loader.streams["pairs"].position(loader.next_index(lane, "pairs"))
+                for lane in lanes
+                for _ in range(3 if lane.index == 0 else 2)
+            ]
+        )
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(13))
 

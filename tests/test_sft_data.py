@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from skimage import data as photos
 
+from megatron_vlm.data.augment import Augmentation
 from megatron_vlm.data.chat import IDEFICS2_TEMPLATE, Turn, messages
 from megatron_vlm.data.images import ImageConfig
 from megatron_vlm.data.loader import DataConfig, MultimodalLoader, SourceConfig
@@ -411,3 +412,168 @@ def test_the_loader_skips_and_counts_a_conversation_that_cannot_fit(shards, toke
         batch = next(data)
         assert int(batch["loss_mask"].sum()) > 0
     assert data.skipped["no_room"] >= 1 and set(data.skipped) == {"no_room"}
+
+
+# -- augmentation (the paper's guards against over-fitting: up-scaled images, shuffled turns) --------
+
+
+def augmenting_loader(directory: Path, tokenizer, image: ImageConfig = IMAGES, **augment) -> MultimodalLoader:
+    config = DataConfig(
+        sources=(SourceConfig("sft", str(directory), 1.0, 512),),
+        image=image,
+        micro_batch_size=1,
+        augment=Augmentation(**augment),
+    )
+    return MultimodalLoader(config, tokenizer, IMAGE_SEQ_LEN, IMAGE_TOKEN_ID)
+
+
+def orders(system: list[Turn], exchanges: list[tuple[list, str, str]], lead: list[bytes]) -> dict:
+    """Every order of the exchanges ((images, question, answer) each), written out by hand: the system
+    turns first, ``lead`` (the images that open the conversation) before the first question asked."""
+    import itertools
+
+    rendered = {}
+    for order in itertools.permutations(range(len(exchanges))):
+        turns = list(system)
+        for place, number in enumerate(order):
+            images, question, answer = exchanges[number]
+            turns += [Turn("user", (lead if place == 0 else []) + [*images, question]), Turn("assistant", [answer])]
+        rendered[order] = turns
+    return rendered
+
+
+def test_shuffled_turns_tokenize_as_transformers_with_the_conversations_images_first(shards, tokenizer):
+    """Each draw is one order of the exchanges, token for token what transformers' processor makes of
+    that conversation (images that open it still first, an image asked about later travels with its
+    question, system turns first), answers trained on in their new order; every order is drawn; a
+    document read outside the training stream (no index) keeps its stored order."""
+    from megatron_vlm.data.shards import Sample
+
+    chelsea = [s for s in samples(shards / "cauldron") if len(s.conversation()) == 4][0]
+    astronaut, coffee = jpeg("astronaut"), jpeg("coffee")
+    built = Sample(
+        "three",
+        "conversation",
+        ["Answer briefly.", astronaut, "Who is this?", "An astronaut.", "And this?", coffee, "A cup of coffee."]
+        + ["Count to three.", "1, 2, 3."],
+        ["jpg", "jpg"],
+        [("system", 1), ("user", 2), ("assistant", 1), ("user", 2), ("assistant", 1), ("user", 1), ("assistant", 1)],
+    )
+    cases = [
+        (chelsea, orders([], [([], t["user"], t["assistant"]) for t in CAULDRON[1]["texts"]], [jpeg("chelsea")])),
+        (
+            built,
+            orders(
+                [Turn("system", ["Answer briefly."])],
+                [
+                    ([], "Who is this?", "An astronaut."),
+                    ([], "And this?", "A cup of coffee."),
+                    ([], "Count to three.", "1, 2, 3."),
+                ],
+                [astronaut],
+            ),
+        ),
+    ]
+    # "And this?" holds its image after the text: written out that way.
+    for turns in cases[1][1].values():
+        for turn in turns:
+            if turn.content[-1] == "And this?":
+                turn.content = [*turn.content, coffee]
+    data = augmenting_loader(shards / "cauldron", tokenizer, shuffle_turns=True)
+    for sample, candidates in cases:
+        expected = {order: transformers_ids(tokenizer, turns) for order, turns in candidates.items()}
+        drawn = set()
+        for index in range(40):
+            document = data.encode(sample, "sft", 0, index)
+            order = next((o for o, ids in expected.items() if ids == document.tokens), None)
+            assert order is not None, (sample.key, index)
+            drawn.add(order)
+            turns = candidates[order]
+            assert answer_runs(document.tokens, document.trained, tokenizer) == [
+                f"{t.content[0]}<end_of_utterance>" for t in turns if t.role == "assistant"
+            ]
+            shapes = [tuple(Image.open(io.BytesIO(p)).size[::-1]) for t in turns for p in t.images]
+            assert [tuple(image.shape[1:]) for image in document.images] == [
+                tuple(x if x >= IMAGES.shortest_edge else IMAGES.shortest_edge for x in shape) for shape in shapes
+            ]
+        assert drawn == set(candidates), sample.key
+        assert data.encode(sample, "sft", 0).tokens == expected[tuple(range(len(next(iter(expected)))))]
+
+
+def test_images_are_scaled_up_as_m4_draws_and_resized_once(shards, tokenizer):
+    """With probability p an image is taken at f times its size, f triangular on [1.5, max] with its
+    mode at max (HuggingFaceM4's m4 ConditionalResize), then resized by the processor's rule: the
+    factors read back from the image sizes follow that law (Kolmogorov-Smirnov), about p of the images
+    are scaled, and each one's pixels are transformers' Pillow processor resizing the stored photo
+    once to that size, bit for bit."""
+    from scipy import stats
+    from transformers import Idefics2ImageProcessorPil
+
+    wide = ImageConfig(longest_edge=980, shortest_edge=14)
+    data = augmenting_loader(shards / "cauldron", tokenizer, image=wide, upscale_probability=0.5, upscale_max=3.0)
+    chelsea = [s for s in samples(shards / "cauldron") if len(s.conversation()) == 4][0]
+    photo = Image.open(io.BytesIO(chelsea.images[0]))
+    width, height = photo.size
+    factors, unscaled = [], 0
+    for index in range(300):
+        (image,) = data.encode(chelsea, "sft", 0, index).images
+        out_height, out_width = image.shape[1:]
+        if (out_height, out_width) == (height, width):
+            unscaled += 1
+            continue
+        assert int(1.5 * width) <= out_width <= int(3.0 * width), out_width
+        factors.append((out_width + 0.5) / width)
+        if len(factors) <= 3:
+            size = {"height": out_height, "width": out_width}
+            reference = Idefics2ImageProcessorPil(size=size, do_image_splitting=False)([[photo]], return_tensors="pt")
+            assert torch.equal(image, reference["pixel_values"][0, 0])
+    assert abs(unscaled - 150) < 4 * (300 * 0.25) ** 0.5, unscaled
+    law = stats.triang(c=1.0, loc=1.5, scale=1.5)
+    assert stats.kstest(factors, law.cdf).pvalue > 1e-3
+    assert data.encode(chelsea, "sft", 0).images[0].shape[1:] == (height, width)  # not in the training stream
+
+
+def test_an_augmented_stream_resumes_exactly_and_draws_anew_each_epoch(shards, tokenizer):
+    data = augmenting_loader(shards / "cauldron", tokenizer, shuffle_turns=True, upscale_probability=0.7)
+    next(data)
+    state = json.loads(json.dumps(data.state_dict()))
+    pending = state["lane_states"]["0"]["sources"]["sft"]["pending_indices"]
+    stream = data.streams["sft"]
+    assert pending and max(pending) >= len(stream.locations)  # a later epoch's, still to come
+    # ... one that augmentation changes (images and two exchanges), re-read on resume as it was drawn.
+    assert any(len(stream.read(stream.position(i)).conversation()) == 4 for i in pending)
+    later = [next(data) for _ in range(3)]
+    resumed = augmenting_loader(shards / "cauldron", tokenizer, shuffle_turns=True, upscale_probability=0.7)
+    resumed.load_state_dict(state)
+    for expected in later:
+        batch = next(resumed)
+        for key in ("input_ids", "loss_mask", "pixel_values", "pixel_attention_mask"):
+            assert torch.equal(batch[key], expected[key]), key
+    # Some photos at their stored size, others scaled up (p = 0.7).
+    masks = [mask for batch in later for mask in batch["pixel_attention_mask"]]
+    sizes = {(int(mask.any(1).sum()), int(mask.any(0).sum())) for mask in masks}
+    stored = {Image.open(io.BytesIO(jpeg(row["images"][0]))).size[::-1] for row in CAULDRON if row["images"]}
+    assert sizes & stored and sizes - stored, sizes
+
+
+def test_augmentation_options_in_a_mixture(shards, tmp_path):
+    from megatron_vlm.data.loader import load_data_config
+
+    mixture = tmp_path / "sft.yaml"
+    mixture.write_text(
+        "augment: {upscale_probability: 0.5, shuffle_turns: true}\n"
+        "sources:\n"
+        "  - {name: cauldron, shards: cauldron, weight: 3}\n"
+        "  - {name: ranking, shards: llava, weight: 1, augment: {shuffle_turns: false}}\n"
+    )
+    config = load_data_config(mixture, shards)
+    assert config.augment_of("cauldron") == Augmentation(upscale_probability=0.5, shuffle_turns=True)
+    assert config.augment_of("ranking") == Augmentation(upscale_probability=0.5, shuffle_turns=False)
+    mixture.write_text("augment: {upscale_probability: 0.5, shufle_turns: true}\nsources: []\n")
+    with pytest.raises(ValueError, match=r"augment has no option \['shufle_turns'\]"):
+        load_data_config(mixture, shards)
+    mixture.write_text("augment: {upscale_probability: 0.5}\nimage: {resize: square}\nsources: []\n")
+    with pytest.raises(ValueError, match="no resolution to scale up"):
+        load_data_config(mixture, shards)
+    with pytest.raises(ValueError, match="must exceed 1.5"):
+        Augmentation(upscale_probability=0.5, upscale_max=1.2)

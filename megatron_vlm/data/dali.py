@@ -10,6 +10,8 @@ DALI decodes only what ``images.canonical_encoding`` keeps (preprocessing stores
 as a PNG of Pillow's pixels). An image from an older or foreign shard that still needs converting
 is converted here, on the host, with a warning: slow, but never skipped and never different.
 
+A processor takes the encoded images and, optionally, a resolution factor per image (training's
+random up-scaling, ``augment.py``: the resize rule applied as if the image were that much larger).
 Every processor returns, per encoded image, a list of float32 torch tensors [3, h, w]: on the CPU
 for Pillow and DALI-CPU; on this rank's own GPU for DALI 'mixed' (``decoding_device_id``), copied
 there from DALI's buffers on torch's current stream, so they reach the model without a host trip.
@@ -97,12 +99,12 @@ class PillowImageProcessor:
     def __init__(self, config: ImageConfig, limits: ImageLimits | None = None) -> None:
         self.config, self.limits = config, limits or ImageLimits()
 
-    def __call__(self, encoded: Sequence[bytes]) -> list[list[torch.Tensor]]:
+    def __call__(self, encoded: Sequence[bytes], scales: Sequence[float] | None = None) -> list[list[torch.Tensor]]:
         outputs = []
-        for data in encoded:
+        for data, scale in zip(encoded, scales or [1.0] * len(encoded), strict=True):
             with open_checked(data, self.limits) as image:
                 try:
-                    outputs.append([torch.from_numpy(crop) for crop in process_image(image, self.config)])
+                    outputs.append([torch.from_numpy(crop) for crop in process_image(image, self.config, scale)])
                 except Exception as error:  # noqa: BLE001 - a truncated file fails only at decode
                     raise CorruptSample("corrupt_image", str(error)) from error
         return outputs
@@ -192,7 +194,7 @@ class DaliImageProcessor:
         except Exception as error:  # noqa: BLE001 - Pillow raises many types for bad data
             raise CorruptSample("corrupt_image", str(error)) from error
 
-    def __call__(self, encoded: Sequence[bytes]) -> list[list[torch.Tensor]]:
+    def __call__(self, encoded: Sequence[bytes], scales: Sequence[float] | None = None) -> list[list[torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         gpu = self.device_id is not None
@@ -202,14 +204,14 @@ class DaliImageProcessor:
         stream = torch.cuda.current_stream(self.device_id) if gpu else None
         device = torch.device("cuda", self.device_id) if gpu else torch.device("cpu")
         entries = []  # (image index, bytes, window, target size)
-        for index, data in enumerate(encoded):
+        for index, (data, scale) in enumerate(zip(encoded, scales or [1.0] * len(encoded), strict=True)):
             with open_checked(data, self.limits) as image:  # reads the header only
                 width, height = image.size
                 reason = conversion_reason(image, data)
             if reason is not None:
                 data = self._convert_on_host(data, reason)
             for top, left, h, w in crop_windows(height, width, self.config):
-                entries.append((index, data, (top, left, h, w), resized_size(h, w, self.config)))
+                entries.append((index, data, (top, left, h, w), resized_size(h, w, self.config, scale)))
         outputs: list[list[torch.Tensor]] = [[] for _ in encoded]
         for first in range(0, len(entries), self.batch_size):
             chunk = entries[first : first + self.batch_size]

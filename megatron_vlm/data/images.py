@@ -72,11 +72,14 @@ def size_problem(width: int, height: int, limits: ImageLimits) -> str | None:
     return None
 
 
-def resized_size(height: int, width: int, config: ImageConfig) -> tuple[int, int]:
+def resized_size(height: int, width: int, config: ImageConfig, scale: float = 1.0) -> tuple[int, int]:
     """Output (height, width): the longest edge capped, then each edge at least the floor; or,
-    with ``resize: square``, longest_edge x longest_edge."""
+    with ``resize: square``, longest_edge x longest_edge. ``scale``: the rule applied to the
+    image as if it were ``scale`` times its size (training's random up-scaling, ``augment.py``)."""
     if config.resize == "square":
         return config.longest_edge, config.longest_edge
+    if scale != 1.0:  # truncated, as m4's ConditionalResize scales
+        height, width = max(1, int(height * scale)), max(1, int(width * scale))
     aspect_ratio = width / height
     if width >= height and width > config.longest_edge:
         width = config.longest_edge
@@ -212,13 +215,14 @@ def conversion_note(data: bytes) -> str | None:
     return note if isinstance(note, str) else None
 
 
-def process_image(image: Image.Image, config: ImageConfig) -> list[np.ndarray]:
-    """One image -> its model inputs (1, or 5 with splitting), each float32 [3, h, w]."""
+def process_image(image: Image.Image, config: ImageConfig, scale: float = 1.0) -> list[np.ndarray]:
+    """One image -> its model inputs (1, or 5 with splitting), each float32 [3, h, w]; ``scale``
+    as in ``resized_size`` (each crop resized once, to the size its scaled size gives)."""
     pixels = to_rgb(image)
     crops = split_crops(pixels) if config.split else [pixels]
     processed = []
     for crop in crops:
-        height, width = resized_size(crop.shape[0], crop.shape[1], config)
+        height, width = resized_size(crop.shape[0], crop.shape[1], config, scale)
         resized = Image.fromarray(crop).resize((width, height), resample=Image.Resampling.BILINEAR)
         processed.append(normalize(np.asarray(resized), config))
     return processed

@@ -36,13 +36,14 @@ import logging
 import threading
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
+from megatron_vlm.data.augment import Augmentation, augmented
 from megatron_vlm.data.chat import chat_template, encode_conversation
 from megatron_vlm.data.dali import image_processor
 from megatron_vlm.data.images import ImageConfig
@@ -65,6 +66,7 @@ class SourceConfig:
     weight: float = 1.0
     seq_len: int = 2048
     validation: str | None = None  # the held-out shard set (same forms as ``shards``); None: none
+    augment: Augmentation | None = None  # this source's own augmentation (None: the mixture's)
 
 
 def _validation_split(source: dict[str, Any], shards: Path, data_root: Path) -> str | None:
@@ -95,6 +97,23 @@ class DataConfig:
     pack: bool = True
     seed: int = 1234
     image_backend: str = "auto"  # pillow | dali-cpu | dali-gpu | auto (DALI on GPU when present)
+    # The training stream's augmentation (fine-tuning: up-scaling, turn shuffling; ``augment.py``).
+    augment: Augmentation = field(default_factory=Augmentation)
+
+    def __post_init__(self) -> None:
+        scaled = [self.augment_of(s.name).upscale_probability for s in self.sources] or [
+            self.augment.upscale_probability
+        ]
+        if self.image.resize == "square" and any(scaled):
+            raise ValueError(
+                "augment.upscale_probability > 0 with image.resize: square: square images have one size, "
+                "there is no resolution to scale up"
+            )
+
+    def augment_of(self, source: str) -> Augmentation:
+        """The augmentation of ``source``'s training stream: its own, else the mixture's."""
+        own = next(s.augment for s in self.sources if s.name == source)
+        return self.augment if own is None else own
 
     @property
     def max_seq_len(self) -> int:
@@ -119,12 +138,17 @@ def load_data_config(
         )
     values = yaml.safe_load(path.read_text())
     root = Path(data_root)
+    augment = _augmentation(values.pop("augment", {}), Augmentation(), f"{path}: augment")
     sources = tuple(
         SourceConfig(
             **{
                 **source,
                 "shards": str(root / source["shards"]),
                 "validation": _validation_split(source, root / source["shards"], root),
+                # A source's own augment options override the mixture's.
+                "augment": _augmentation(source["augment"], augment, f"{path}: source {source.get('name')!r} augment")
+                if "augment" in source
+                else None,
             }
         )
         for source in values.pop("sources")
@@ -133,7 +157,22 @@ def load_data_config(
     if normalization is not None:
         image_values = {"mean": normalization[0], "std": normalization[1], **image_values}
     image = ImageConfig(**image_values)
-    return DataConfig(sources=sources, image=image, **{**values, **overrides})
+    unknown = set(values) - set(DataConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{path}: unknown mixture field(s) {sorted(unknown)}")
+    return DataConfig(sources=sources, image=image, augment=augment, **{**values, **overrides})
+
+
+def _augmentation(values: dict[str, Any], base: Augmentation, where: str) -> Augmentation:
+    """``base`` with the options of a mixture's (or a source's) ``augment:`` entry; unknown ones refused."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: give a mapping of options, not {values!r}")
+    unknown = set(values) - set(Augmentation.__dataclass_fields__)
+    if unknown:
+        raise ValueError(
+            f"{where} has no option {sorted(unknown)}; it takes {sorted(Augmentation.__dataclass_fields__)}"
+        )
+    return replace(base, **values)
 
 
 class SourceStream(ShardSet):
@@ -260,20 +299,25 @@ class MultimodalLoader:
 
     # -- documents ---------------------------------------------------------------------------
 
-    def encode(self, sample: Sample, source: str, position: int) -> Document:
+    def encode(self, sample: Sample, source: str, position: int, index: int | None = None) -> Document:
         """Sample -> tokens ([BOS] text with image placeholders [EOS]) and processed images
-        (float32 [3, h, w] tensors on the decoding device)."""
+        (float32 [3, h, w] tensors on the decoding device). ``index``: the sample's index in the
+        training stream of ``source``, which draws its augmentation (None: as stored, never augmented)."""
+        scales = None
+        augmentation = self.config.augment_of(source)
+        if index is not None and augmentation.active:
+            sample, scales = augmented(augmentation, sample, self.config.seed, source, index)
         with self._encoding:
             self.decoded_images += len(sample.images)
             try:
-                images = [crop for crops in self.images(sample.images) for crop in crops]
+                images = [crop for crops in self.images(sample.images, scales) for crop in crops]
             except CorruptSample as error:
                 raise CorruptSample(error.reason, f"{sample.key}: {error}") from error
             tokens, trained, cuts = self.text(sample, source)
         image_token_id = self.packing[source].image_token_id
         if len(image_runs(tokens, image_token_id)) != len(images):
             raise CorruptSample("missing_field", f"{sample.key}: the text itself contains image tokens")
-        return Document(tokens, images, source, position, trained, cuts)
+        return Document(tokens, images, source, position, trained, cuts, index=-1 if index is None else index)
 
     def text(self, sample: Sample, source: str) -> tuple[list[int], list[bool] | None, list[int] | None]:
         """A sample's tokens without decoding its images (each image stands for a fixed number of
@@ -311,18 +355,20 @@ class MultimodalLoader:
         """A sample's tokens (``text``'s first part)."""
         return self.text(sample, source)[0]
 
-    def next_position(self, lane: Lane, source: str) -> int:
-        """The next sample of ``source`` in ``lane``'s share of the global order."""
+    def next_index(self, lane: Lane, source: str) -> int:
+        """The index in the global order of ``source`` (epochs concatenated) of the next sample of
+        ``lane``'s share."""
         index = lane.index + lane.read[source] * self.num_lanes
         lane.read[source] += 1
-        return self.streams[source].position(index)
+        return index
 
     def _next_document(self, lane: Lane, source: str) -> Document:
         stream = self.streams[source]
         while True:
-            position = self.next_position(lane, source)
+            index = self.next_index(lane, source)
+            position = stream.position(index)
             try:
-                return self.encode(stream.read(position), source, position)
+                return self.encode(stream.read(position), source, position, index)
             except CorruptSample as skip:
                 lane.skipped[skip.reason] += 1
                 logger.warning("skipped sample %s of %s: %s", stream.where(position), source, skip)
@@ -383,7 +429,13 @@ class MultimodalLoader:
                     "images": lane.images,
                     "text_tokens": lane.text_tokens,
                     "sources": {
-                        name: {"read": lane.read[name], "pending": [d.position for d in packer.pending()]}
+                        # Pending documents by sample position and by index in the stream (the
+                        # epoch included: it draws their augmentation; -1 where not known).
+                        name: {
+                            "read": lane.read[name],
+                            "pending": [d.position for d in packer.pending()],
+                            "pending_indices": [d.index for d in packer.pending()],
+                        }
                         for name, packer in lane.packers.items()
                     },
                 }
@@ -436,8 +488,19 @@ class MultimodalLoader:
             for name, packer in restored.packers.items():
                 source_state = saved["sources"][name]
                 restored.read[name] = source_state["read"]
-                for position in source_state["pending"]:  # documents read but not yet handed out
-                    packer.add(self.encode(self.streams[name].read(position), name, position))
+                stream = self.streams[name]
+                # Documents read but not yet handed out; states written before augmentation hold
+                # positions only (their documents are re-read as stored).
+                positions = source_state["pending"]
+                indices = source_state.get("pending_indices", [-1] * len(positions))
+                if self.config.augment_of(name).active and -1 in indices:
+                    raise ValueError(
+                        f"the loader state predates data augmentation (pending samples of {name} without a "
+                        "stream index to draw their augmentation from): resume without 'augment', or start afresh"
+                    )
+                for position, index in zip(positions, indices, strict=True):
+                    index = None if index < 0 else index
+                    packer.add(self.encode(stream.read(position), name, position, index))
             lanes.append(restored)
         self.lanes = lanes
 

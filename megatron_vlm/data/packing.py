@@ -28,6 +28,7 @@ class Document:
     # at which it may be cut (after each exchange; None: anywhere outside an image).
     trained: list[bool] | None = None
     cuts: list[int] | None = None
+    index: int = -1  # its index in the training stream of its source (epochs concatenated); -1: none
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,9 @@ def _prefix(document: Document, cut: int, kept: int) -> Document:
     """The document's first ``cut`` tokens and ``kept`` images, with their marks."""
     trained = document.trained[:cut] if document.trained is not None else None
     cuts = [c for c in document.cuts if c <= cut] if document.cuts is not None else None
-    return Document(document.tokens[:cut], document.images[:kept], document.source, document.position, trained, cuts)
+    return Document(
+        document.tokens[:cut], document.images[:kept], document.source, document.position, trained, cuts, document.index
+    )
 
 
 @dataclass
