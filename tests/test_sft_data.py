@@ -237,13 +237,21 @@ def test_text_only_instruction_sets_and_malformed_rows(tmp_path, tokenizer):
         },
         {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
         {"conversations": [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "Hello to you."}]},
+        # The text-only sets of the paper's Table 14 in their Hub layouts: LIMA, Dolly, MetaMathQA,
+        # Orca-Math, CAMEL math, Goat (which also has an 'answer' column: 'output' is its reply).
+        {"conversations": ["Name a prime.", "7.", "Another?", "11."], "source": "lima"},
+        {"instruction": "Who wrote it?", "context": "Hamlet is a play by Shakespeare.", "response": "Shakespeare."},
+        {"query": "What is 9 - 4?", "response": "9 - 4 = 5.", "type": "GSM_Rephrased"},
+        {"question": "Half of 10?", "answer": "5"},
+        {"role_1": "Mathematician", "message_1": "Solve x + 1 = 3.", "message_2": "x = 2."},
+        {"instruction": "12 * 3", "input": "", "output": "12 * 3 = 36", "answer": "36"},
         {"messages": [{"role": "user", "content": "Only a question"}]},  # nothing to train on
         {"conversations": [{"from": "narrator", "value": "?"}]},  # unknown role
         {"conversations": [{"from": "human", "value": "<image> what?"}, {"from": "gpt", "value": "x"}]},  # no image
     ]
     (tmp_path / "text.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     report = preprocess([tmp_path / "text.jsonl"], tmp_path / "out", progress=False)
-    assert report.written == 3 and report.rejected == {"missing_field": 3}
+    assert report.written == 9 and report.rejected == {"missing_field": 3}
     reasons = [r["detail"] for r in report.rejects]
     assert any("assistant turn" in r for r in reasons) and any("'from'" in r for r in reasons)
     assert any("1 <image> placeholders for 0 images" in r for r in reasons)
@@ -252,6 +260,17 @@ def test_text_only_instruction_sets_and_malformed_rows(tmp_path, tokenizer):
         [Turn("system", ["Be brief."]), Turn("user", ["Capital of France?"]), Turn("assistant", ["Paris."])],
         [Turn("user", ["Add the numbers.\n\n2 and 3"]), Turn("assistant", ["5"])],
         [Turn("user", ["Hello"]), Turn("assistant", ["Hello to you."])],
+        [
+            Turn("user", ["Name a prime."]),
+            Turn("assistant", ["7."]),
+            Turn("user", ["Another?"]),
+            Turn("assistant", ["11."]),
+        ],
+        [Turn("user", ["Who wrote it?\n\nHamlet is a play by Shakespeare."]), Turn("assistant", ["Shakespeare."])],
+        [Turn("user", ["What is 9 - 4?"]), Turn("assistant", ["9 - 4 = 5."])],
+        [Turn("user", ["Half of 10?"]), Turn("assistant", ["5"])],
+        [Turn("user", ["Solve x + 1 = 3."]), Turn("assistant", ["x = 2."])],
+        [Turn("user", ["12 * 3"]), Turn("assistant", ["12 * 3 = 36"])],
     ]
     for sample, turns in zip(samples(tmp_path / "out"), expected, strict=True):
         assert [(t.role, t.content) for t in sample.conversation()] == [(t.role, t.content) for t in turns]

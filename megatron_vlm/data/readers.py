@@ -23,13 +23,19 @@ Table layouts (the columns pick one; ``--image-column`` / ``--text-column`` / ``
                - The Cauldron: ``images`` (a list) + ``texts``, a list of {user, assistant, source};
                  the images go at the start of the first user turn (as transformers' Idefics2
                  fine-tuning examples put them)
-               - LLaVA: ``conversations``, a list of {from: human | gpt | system, value} with ``<image>``
-                 placeholders, and ``image``: a path or a list of paths (none: text only); images
-                 without placeholders go at the start of the first user turn, and the newline LLaVA
-                 puts beside a placeholder is dropped
+               - LLaVA / ShareGPT: ``conversations``, a list of {from: human | gpt | system, value} with
+                 ``<image>`` placeholders, and ``image``: a path or a list of paths (none: text only);
+                 images without placeholders go at the start of the first user turn, and the newline
+                 LLaVA puts beside a placeholder is dropped (OpenHermes-2.5's layout too); or a list of
+                 texts, user and assistant in turn (LIMA's)
                - chat messages: ``messages``, a list of {role, content}, content a text or a list of
                  {type: text, text} / {type: image} parts, and ``images`` for those parts in order
-               - Alpaca: ``instruction`` (+ ``input``) + ``output``, text only
+               - one question and its answer: a question column (instruction, query, question,
+                 message_1), an optional context (input, context) and an answer column (output,
+                 response, answer, message_2): Alpaca, MathInstruct, Goat, Atlas (instruction + input
+                 + output), Dolly (instruction + context + response), MetaMathQA (query + response),
+                 Orca-Math (question + answer), CAMEL math (message_1 + message_2); an image column's
+                 image, where a row has one (VQA-style rows), leads the question
 An image value is the encoded bytes, a ``{"bytes", "path"}`` struct (the `datasets` Image feature;
 ``path`` is used when ``bytes`` is null), a path relative to the input file, or an http(s) URL looked up
 in a local mirror (``UrlMirror``): nothing is downloaded.
@@ -192,6 +198,10 @@ def _layout(fields: list[str], columns: Columns) -> tuple[str, str, str]:
 
 
 CONVERSATION_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# Text-only instruction sets of one question and its answer: the first column of each list a row has.
+QUESTION_COLUMNS = ("instruction", "query", "question", "message_1")
+CONTEXT_COLUMNS = ("input", "context")
+ANSWER_COLUMNS = ("output", "response", "answer", "message_2")
 
 
 def _conversation_layout(row: dict[str, Any]) -> str | None:
@@ -203,8 +213,8 @@ def _conversation_layout(row: dict[str, Any]) -> str | None:
     texts = row.get("texts")
     if isinstance(texts, list) and texts and isinstance(texts[0], dict):
         return "cauldron"
-    if "instruction" in row and "output" in row:
-        return "alpaca"
+    if any(c in row for c in QUESTION_COLUMNS) and any(c in row for c in ANSWER_COLUMNS):
+        return "question"
     return None
 
 
@@ -231,7 +241,10 @@ def _conversation_record(key: str, row: dict[str, Any], base: str, layout: str) 
         images = []
     elif layout == "llava":
         images = _listed(row.get("image"))
-        for number, message in enumerate(row["conversations"] or []):
+        messages = row["conversations"] or []
+        if messages and all(isinstance(m, str) for m in messages):  # LIMA: texts, user and assistant in turn
+            messages = [{"from": ("human", "gpt")[n % 2], "value": m} for n, m in enumerate(messages)]
+        for number, message in enumerate(messages):
             if not isinstance(message, dict) or message.get("from") not in CONVERSATION_ROLES:
                 raise ValueError(f"conversations[{number}] has no known 'from' (one of {sorted(CONVERSATION_ROLES)})")
             value = message.get("value")
@@ -261,12 +274,16 @@ def _conversation_record(key: str, row: dict[str, Any], base: str, layout: str) 
                 else:
                     raise ValueError(f"messages[{number}] has a content part that is neither a text nor an image")
             turns.append((CONVERSATION_ROLES[message["role"]], parts))
-    else:  # alpaca
-        instruction, extra = row.get("instruction"), row.get("input")
-        if not isinstance(instruction, str) or not isinstance(row.get("output"), str):
-            raise ValueError("instruction and output must be texts")
-        question = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
-        turns = [("user", [(question, None)]), ("assistant", [(row["output"], None)])]
+    else:  # one question and its answer
+        ask = next(c for c in QUESTION_COLUMNS if c in row)
+        answer = next(c for c in ANSWER_COLUMNS if c in row)
+        extra = next((row[c] for c in CONTEXT_COLUMNS if c in row), None)
+        if not isinstance(row[ask], str) or not isinstance(row[answer], str):
+            raise ValueError(f"{ask} and {answer} must be texts")
+        question = f"{row[ask]}\n\n{extra}" if isinstance(extra, str) and extra.strip() else row[ask]
+        turns = [("user", [(question, None)]), ("assistant", [(row[answer], None)])]
+        # An image column (a VQA-style row) leads the question, as The Cauldron's images do.
+        images = _listed(next((row[c] for c in IMAGE_COLUMNS if row.get(c) is not None), None))
     # Placeholders take the row's images in order; images without any go to the first user turn.
     placeholders = sum(1 for _, parts in turns for _, image in parts if image == "<image>")
     if placeholders == 0 and images:

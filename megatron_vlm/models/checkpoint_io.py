@@ -26,6 +26,7 @@ from megatron_vlm.distributed import barrier, global_rank
 
 METADATA_FILE = "megatron_vlm.json"
 MODEL_DIR = "model"
+LATEST = "latest"  # a training run's checkpoints directory names its newest complete checkpoint here
 FORMAT_VERSION = 1
 
 
@@ -185,14 +186,26 @@ def load_model(
     return metadata
 
 
+def newest_checkpoint(directory: str | Path) -> Path:
+    """A checkpoint directory itself, or, for a training run's checkpoints directory (no metadata of its
+    own, a ``latest`` pointer), the checkpoint it points at: fine-tuning starts from "the run's weights"."""
+    directory = Path(directory)
+    pointer = directory / LATEST
+    if not (directory / METADATA_FILE).is_file() and pointer.is_file():
+        return directory / pointer.read_text().strip()
+    return directory
+
+
 def load_weights(chunks: Sequence[torch.nn.Module], directory: str | Path, model_config: ModelConfig) -> dict[str, Any]:
     """Collective: the weights of a converted or trained checkpoint from elsewhere (the trainer's start
-    weights, generation, evaluation), at any layout. Its pickles are checked before any library reads
+    weights, generation, evaluation), at any layout; ``directory`` may also be a training run's
+    checkpoints directory, whose newest checkpoint is read. Its pickles are checked before any library reads
     them (``safe_load``); LoRA adapters it was saved with are loaded and folded into their base
     weights. Returns its metadata."""
     from megatron_vlm.models.lora import apply_trainable, merge_lora
     from megatron_vlm.models.safe_load import check_library_pickles
 
+    directory = newest_checkpoint(directory)
     check_library_pickles(directory)
     saved = trainable_config_of(read_metadata(directory))
     if saved.lora_rank:

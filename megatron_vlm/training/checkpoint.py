@@ -48,6 +48,7 @@ from megatron_vlm.config import ModelConfig, TrainableConfig
 from megatron_vlm.data import loader
 from megatron_vlm.distributed import all_gather_object, barrier, broadcast_object, global_rank
 from megatron_vlm.models.checkpoint_io import (
+    LATEST,
     METADATA_FILE,
     MODEL_DIR,
     check_dist_checkpoint_readable,
@@ -60,7 +61,6 @@ from megatron_vlm.models.checkpoint_io import (
 from megatron_vlm.training import integrity, optimizer_state
 from megatron_vlm.training.async_save import AsyncCheckpointWriter, FileSave, SaveRequest, sharded_save
 
-LATEST = "latest"
 OPTIMIZER_DIR = "optimizer"
 DATA_STATE = "data.json"  # the data stream's state, every lane (JSON)
 # 2: the global data stream (lanes) in data.json and the optimizer state in model space (any layout)

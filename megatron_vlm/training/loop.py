@@ -19,7 +19,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_vlm import backend, distributed
 from megatron_vlm.backbones.common import torch_dtype
 from megatron_vlm.config import RunConfig, to_dict
-from megatron_vlm.models.checkpoint_io import load_weights
+from megatron_vlm.models.checkpoint_io import load_weights, newest_checkpoint
 from megatron_vlm.models.idefics2 import build_model_chunks
 from megatron_vlm.models.lora import apply_trainable
 from megatron_vlm.models.neftune import noise_seed
@@ -149,6 +149,8 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         logger.info("building the model")
     chunks = build_model_chunks(run.model, run.parallel, run.precision)
     if training.load_weights and resume_from is None:
+        if env.rank == 0:
+            logger.info("starting from the weights of %s", newest_checkpoint(training.load_weights))
         load_weights(chunks, training.load_weights, run.model)  # its LoRA adapters merged
     apply_trainable(chunks, run.trainable, seed=training.seed)
     for chunk in chunks:
