@@ -14,9 +14,12 @@
 #
 # Settings (environment variables, all optional):
 #   CONFIG      run config (default: examples/tiny_cpu.yaml; the 8B presets are
-#               examples/idefics2_8b_stage1.yaml and examples/idefics2_8b_stage2.yaml)
+#               examples/idefics2_8b_stage1.yaml, examples/idefics2_8b_stage2.yaml and, for instruction
+#               fine-tuning, examples/idefics2_8b_sft.yaml; examples/tiny_cpu_sft.yaml fine-tunes the
+#               tiny default's checkpoint on the bundled conversations)
 #   OVERRIDES   config overrides, e.g. "training.lr=1e-4 parallel.tensor_parallel=8"
-#   RUN_DIR     checkpoints/, tensorboard/ and logs (default: runs/<job name>, or runs/tiny locally);
+#   RUN_DIR     checkpoints/, tensorboard/ and logs (default: runs/<job name>, or locally the config's
+#               training.output_dir, runs/tiny for the default);
 #               a requeued or resubmitted job with the same RUN_DIR resumes from its latest checkpoint
 #   DATA_ROOT   directory of the mixture's shard directories (default: the config's data.root;
 #               locally with the default config, the bundled dataset is built into runs/data)
@@ -37,7 +40,7 @@ read -r -a overrides <<< "${OVERRIDES:-}"
 
 build_bundled_data() {  # the tiny default trains on the dataset that ships in examples/data
     local root=$1
-    for name in interleaved pairs pages; do
+    for name in interleaved pairs pages conversations; do
         # Built once; again when it predates held-out validation shards (an older runs/data).
         if [[ ! -f "$root/$name/$name.report.json" ]] || ! compgen -G "$root/$name/validation/*.tar" >/dev/null; then
             # seed 7 holds out one sample of each bundled source (a quarter of 4-5 samples)
@@ -51,8 +54,8 @@ build_bundled_data() {  # the tiny default trains on the dataset that ships in e
 
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
     # ---- local: torchrun on this machine (CPU + gloo without a GPU)
-    RUN_DIR=${RUN_DIR:-runs/tiny}
-    if [[ "$CONFIG" == examples/tiny_cpu.yaml && -z "${DATA_ROOT:-}" ]]; then
+    RUN_DIR=${RUN_DIR:-$(python -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["training"]["output_dir"])' "$CONFIG" 2>/dev/null || echo runs/tiny)}
+    if [[ "$CONFIG" == examples/tiny_cpu*.yaml && -z "${DATA_ROOT:-}" ]]; then
         DATA_ROOT=runs/data
         build_bundled_data "$DATA_ROOT"
     fi
@@ -72,7 +75,7 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1           # Megatron: keep TP communication
 export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
 export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-if [[ "$CONFIG" == examples/tiny_cpu.yaml && -z "${DATA_ROOT:-}" ]]; then
+if [[ "$CONFIG" == examples/tiny_cpu*.yaml && -z "${DATA_ROOT:-}" ]]; then
     DATA_ROOT=runs/data
     build_bundled_data "$DATA_ROOT"
 fi

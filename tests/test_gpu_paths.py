@@ -384,7 +384,9 @@ def _machine_with_te(monkeypatch):
     monkeypatch.setattr(backend, "has_fp8", lambda: True)
 
 
-@pytest.mark.parametrize("preset", ["idefics2_8b_stage1.yaml", "idefics2_8b_stage2.yaml"])
+@pytest.mark.parametrize(
+    "preset", ["idefics2_8b_stage1.yaml", "idefics2_8b_stage2.yaml", "idefics2_8b_sft.yaml", "idefics2_8b_chatty.yaml"]
+)
 def test_8b_stage_presets_start_with_transformer_engine(preset, monkeypatch):
     """The trainer's start-up checks accept the paper's LoRA recipe on TE's linears; the fused
     norm+linears get their adapters through the layer-norm output."""

@@ -81,3 +81,38 @@ def test_run_config_overrides_and_numbers(tmp_path):
     for preset in ("idefics2_8b_stage1", "idefics2_8b_stage2"):
         run = load_run_config(f"examples/{preset}.yaml")
         assert run.model.text.num_layers == 32 and run.trainable.lora_rank == 16
+
+
+def test_the_fine_tuning_presets_chain_the_stages_and_carry_the_papers_mixture():
+    """Stage 1 -> stage 2 -> instruction fine-tuning -> chat: each preset starts from the checkpoints
+    directory the previous one writes (<output_dir>/checkpoints); the SFT stage is DoRA with NEFTune on
+    Table 14's mixture (arXiv 2405.02246, Appendix A.2.1: 50 Cauldron subsets and 9 text-only sets,
+    the "% mixture" column summing to 99.98)."""
+    from pathlib import Path
+
+    from megatron_vlm.config import load_run_config
+    from megatron_vlm.data.loader import load_data_config
+
+    chain = [load_run_config(f"examples/{name}.yaml") for name in ("idefics2_8b_stage1", "idefics2_8b_stage2")]
+    chain += [load_run_config(f"examples/{name}.yaml") for name in ("idefics2_8b_sft", "idefics2_8b_chatty")]
+    for before, after in zip(chain, chain[1:], strict=False):
+        assert Path(after.training.load_weights).is_relative_to(Path(before.training.output_dir) / "checkpoints")
+    sft = chain[2]
+    assert sft.trainable.dora and sft.trainable.lora_rank > 0 and not sft.trainable.freeze_connector
+    assert sft.training.neftune_alpha > 0
+    mixture = load_data_config(sft.data.mixture, "/data")
+    shares = {source.name: source.weight for source in mixture.sources}
+    assert sum(s.shards.startswith("/data/cauldron/") for s in mixture.sources) == 50 and len(shares) == 59
+    assert sum(shares.values()) == pytest.approx(99.98)
+    assert (shares["vqav2"], shares["openhermes"], shares["rendered_text"], shares["datikz"]) == (
+        5.72,
+        12.73,
+        5.57,
+        0.03,
+    )
+    assert mixture.augment.shuffle_turns and mixture.augment.upscale_probability > 0
+    tiny = load_run_config("examples/tiny_cpu_sft.yaml")
+    assert (
+        Path(tiny.training.load_weights)
+        == Path(load_run_config("examples/tiny_cpu.yaml").training.output_dir) / "checkpoints"
+    )

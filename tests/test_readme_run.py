@@ -26,12 +26,20 @@ def readme_run(run_dir: Path, overrides: str) -> str:
     return done.stdout
 
 
-@pytest.mark.first_env_only
-def test_readme_command_trains_then_resumes(tmp_path):
+@pytest.fixture(scope="module")
+def readme_runs(tmp_path_factory):
+    """The README run, shortened: 4 steps, then run again to 6 (a resume). Its directory and logs."""
+    tmp_path = tmp_path_factory.mktemp("readme")
     common = "training.save_interval=2 training.log_interval=2 training.warmup_steps=1"
     first = readme_run(tmp_path / "run", f"training.train_steps=4 {common}")
-    assert "step      4/4" in first and "saved" in first
     again = readme_run(tmp_path / "run", f"training.train_steps=6 {common}")
+    return tmp_path, first, again
+
+
+@pytest.mark.first_env_only
+def test_readme_command_trains_then_resumes(readme_runs):
+    tmp_path, first, again = readme_runs
+    assert "step      4/4" in first and "saved" in first
     assert "iter_0000004 at step 4" in again and "step      6/6" in again
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
     # Issue #13: the bundled data holds out samples of each source, and the run evaluates them at the
@@ -62,3 +70,41 @@ def test_readme_command_trains_then_resumes(tmp_path):
         records = [json.loads(line) for line in predictions.read_text().splitlines()]
         assert len(records) == 8 and all(len(r["references"]) == 10 for r in records)
         assert accuracy[step] == pytest.approx(vqa_score((r["prediction"], r["references"]) for r in records), abs=1e-4)
+
+
+@pytest.mark.first_env_only
+def test_the_tiny_sft_preset_fine_tunes_the_readme_runs_checkpoint(readme_runs):
+    """Issue #23: examples/tiny_cpu_sft.yaml starts from the README run's newest checkpoint and
+    fine-tunes it on the bundled conversations (DoRA, answers only, NEFTune, up-scaling, shuffled
+    turns): the loss on the answers falls; show_samples shows the trained spans (the answers)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp_path, _, _ = readme_runs
+    overrides = (
+        f"training.load_weights={tmp_path / 'run' / 'checkpoints'} training.train_steps=16 "
+        "training.log_interval=1 training.eval_interval=16 training.save_interval=16"
+    )
+    env = {**os.environ, "CONFIG": "examples/tiny_cpu_sft.yaml", "RUN_DIR": str(tmp_path / "sft")}
+    env.update(OVERRIDES=overrides, OMP_NUM_THREADS="1")
+    for name in ("MASTER_PORT", "MASTER_ADDR", "DATA_ROOT", "NPROC", "SLURM_JOB_ID"):
+        env.pop(name, None)
+    done = subprocess.run(
+        ["bash", "slurm/pretrain_idefics2.sh"], capture_output=True, text=True, timeout=900, env=env, cwd=ROOT
+    )
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    log = done.stdout + done.stderr
+    assert f"starting from the weights of {tmp_path / 'run' / 'checkpoints' / 'iter_0000006'}" in log
+    assert "NEFTune: noise of alpha 5" in log and "validation loss conversations" in log
+    events = EventAccumulator(str(tmp_path / "sft" / "tensorboard"))
+    events.Reload()
+    loss = [event.value for event in events.Scalars("train/loss")]
+    assert len(loss) == 16
+    assert sum(loss[-4:]) / 4 < 0.85 * sum(loss[:4]) / 4, loss  # the answers' loss falls
+    saved = json.loads((tmp_path / "sft" / "checkpoints" / "iter_0000016" / "megatron_vlm.json").read_text())
+    assert saved["trainable"]["dora"] and saved["trainable"]["lora_rank"] == 8
+
+    # What it trained on, as the preset's own comment says to look at it.
+    command = ["python", "tools/show_samples.py", "runs/data/conversations", "--config", "examples/tiny_cpu_sft.yaml"]
+    shown = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT, check=True).stdout
+    assert "Assistant:⟦" in shown and shown.count("<end_of_utterance>⟧") >= 2, shown
+    assert "User:⟦" not in shown and "⟦User" not in shown

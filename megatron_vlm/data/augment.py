@@ -19,8 +19,8 @@ resolution, and shuffling of a conversation's user/assistant exchanges.
 
 Every draw is a pure function of the data seed, the source and the sample's index in the source's
 global stream (epochs concatenated): a sample read in two epochs is augmented twice differently,
-and a resumed run draws what the uninterrupted one drew. Only the training stream augments;
-validation, benchmarks and ``tools/show_samples.py --no-augment`` see the data as stored.
+and a resumed run draws what the uninterrupted one drew. Only the training stream augments (and
+``tools/show_samples.py``, which shows it); validation and benchmarks see the data as stored.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ Table layouts (the columns pick one; ``--image-column`` / ``--text-column`` / ``
                - LLaVA / ShareGPT: ``conversations``, a list of {from: human | gpt | system, value} with
                  ``<image>`` placeholders, and ``image``: a path or a list of paths (none: text only);
                  images without placeholders go at the start of the first user turn, and the newline
-                 LLaVA puts beside a placeholder is dropped (OpenHermes-2.5's layout too); or a list of
+                 LLaVA puts beside a placeholder (or mere spacing between two) is dropped
+                 (OpenHermes-2.5's layout too); or a list of
                  texts, user and assistant in turn (LIMA's)
                - chat messages: ``messages``, a list of {role, content}, content a text or a list of
                  {type: text, text} / {type: image} parts, and ``images`` for those parts in order
@@ -256,7 +257,7 @@ def _conversation_record(key: str, row: dict[str, Any], base: str, layout: str) 
                     parts.append((None, "<image>"))
                 piece = piece.removeprefix("\n") if index else piece
                 piece = piece.removesuffix("\n") if index < value.count("<image>") else piece
-                if piece:
+                if piece.strip():  # only spacing between two placeholders ("<image> <image>"): nothing to keep
                     parts.append((piece, None))
             turns.append((CONVERSATION_ROLES[message["from"]], parts))
     elif layout == "messages":
