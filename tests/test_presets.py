@@ -111,6 +111,7 @@ def test_the_fine_tuning_presets_chain_the_stages_and_carry_the_papers_mixture()
         0.03,
     )
     assert mixture.augment.shuffle_turns and mixture.augment.upscale_probability > 0
+    assert mixture.weights_of == "loss_tokens"  # Table 14's shares are of answer tokens
     tiny = load_run_config("examples/tiny_cpu_sft.yaml")
     assert (
         Path(tiny.training.load_weights)

@@ -596,3 +596,59 @@ def test_augmentation_options_in_a_mixture(shards, tmp_path):
         load_data_config(mixture, shards)
     with pytest.raises(ValueError, match="must exceed 1.5"):
         Augmentation(upscale_probability=0.5, upscale_max=1.2)
+
+
+def test_mixture_weights_as_shares_of_the_answer_tokens(shards, tokenizer):
+    """``weights_of: loss_tokens`` (the paper's Table 14 states its fine-tuning mixture so): the answer
+    tokens each source contributes, counted from the micro-batches themselves, follow the weights to
+    within one micro-batch, though the two sources' sequences hold different numbers of answers; by
+    default the weights are shares of micro-batches and the answer tokens do not follow them. The
+    choice resumes exactly."""
+
+    def answer_shares(weights_of: str, weights: tuple[float, float], steps: int = 24) -> tuple[dict, int, list]:
+        config = DataConfig(
+            sources=(
+                SourceConfig("cauldron", str(shards / "cauldron"), weights[0], 96),
+                SourceConfig("llava", str(shards / "llava"), weights[1], 512),
+            ),
+            image=IMAGES,
+            micro_batch_size=1,
+            weights_of=weights_of,
+        )
+        data = MultimodalLoader(config, tokenizer, IMAGE_SEQ_LEN, IMAGE_TOKEN_ID)
+        counted, largest, sources = {"cauldron": 0, "llava": 0}, 0, []
+        for _ in range(steps):
+            batch = next(data)
+            answers = int(batch["loss_mask"].sum())
+            counted[batch["source"]] += answers
+            largest = max(largest, answers)
+            sources.append(batch["source"])
+        total = sum(counted.values())
+        return {name: n / total for name, n in counted.items()}, largest / total, sources
+
+    for weights in ((1.0, 1.0), (3.0, 1.0)):
+        target = weights[0] / sum(weights)
+        shares, one_batch, _ = answer_shares("loss_tokens", weights)
+        assert abs(shares["cauldron"] - target) <= one_batch, (weights, shares)
+    shares, one_batch, sources = answer_shares("micro_batches", (1.0, 1.0))
+    assert abs(shares["cauldron"] - 0.5) > 2 * one_batch, shares  # a 96-token sequence holds fewer answers
+
+    config = DataConfig(
+        sources=(
+            SourceConfig("cauldron", str(shards / "cauldron"), 1.0, 96),
+            SourceConfig("llava", str(shards / "llava"), 1.0, 512),
+        ),
+        image=IMAGES,
+        micro_batch_size=1,
+        weights_of="loss_tokens",
+    )
+    data = MultimodalLoader(config, tokenizer, IMAGE_SEQ_LEN, IMAGE_TOKEN_ID)
+    for _ in range(5):
+        next(data)
+    state = json.loads(json.dumps(data.state_dict()))
+    expected = [next(data)["source"] for _ in range(12)]
+    resumed = MultimodalLoader(config, tokenizer, IMAGE_SEQ_LEN, IMAGE_TOKEN_ID)
+    resumed.load_state_dict(state)
+    assert [next(resumed)["source"] for _ in range(12)] == expected and len(set(expected)) == 2, expected
+    with pytest.raises(ValueError, match="weights_of='answers' is not one of"):
+        DataConfig(sources=config.sources, weights_of="answers")

@@ -11,8 +11,13 @@ resume at another (TP, PP, DP) layout with no sample repeated or skipped:
 * Each source is read in a seeded permutation per epoch, epochs concatenated into one global
   order; lane ``l`` takes positions ``l, l + lanes, l + 2 lanes, ...`` of it, so lanes read
   disjoint samples and together read every sample once per epoch.
-* Each micro-batch comes from one source, drawn by the mixture weights with a counter-based
-  generator (seed, lane, lane step): no generator state to save.
+* Each micro-batch comes from one source. By default (``weights_of: micro_batches``) it is drawn by
+  the mixture weights with a counter-based generator (seed, lane, lane step): no generator state to
+  save. With ``weights_of: loss_tokens`` the weights are shares of the tokens the loss counts (the
+  answers, in fine-tuning: how the paper states its fine-tuning mixture, Table 14): each lane takes
+  its next micro-batch from the source furthest below its share of the loss tokens the lane has
+  handed out so far (largest weight first on a tie), so a source whose sequences hold few answer
+  tokens is drawn more often; the lane's counts are part of its state.
 * Unusable samples (corrupt images, broken tar members, missing fields, truncated shards) are
   skipped, counted by reason and logged with shard and key; training goes on.
 * ``state_dict()`` holds, per owned lane, its step, and per source the number of samples it read
@@ -57,6 +62,7 @@ MIXTURES_DIR = Path(__file__).resolve().parents[2] / "examples" / "data_mixtures
 # a validation fraction writes it there (shard_paths reads a directory's own *.tar only, so the
 # training stream never sees these shards).
 VALIDATION_DIR = "validation"
+WEIGHTS_OF = ("micro_batches", "loss_tokens")
 
 
 @dataclass(frozen=True)
@@ -99,8 +105,13 @@ class DataConfig:
     image_backend: str = "auto"  # pillow | dali-cpu | dali-gpu | auto (DALI on GPU when present)
     # The training stream's augmentation (fine-tuning: up-scaling, turn shuffling; ``augment.py``).
     augment: Augmentation = field(default_factory=Augmentation)
+    # What a source's weight is a share of: micro-batches (packed sequences), or the tokens the loss
+    # counts (the answers, in fine-tuning).
+    weights_of: str = "micro_batches"
 
     def __post_init__(self) -> None:
+        if self.weights_of not in WEIGHTS_OF:
+            raise ValueError(f"weights_of={self.weights_of!r} is not one of {WEIGHTS_OF}")
         scaled = [self.augment_of(s.name).upscale_probability for s in self.sources] or [
             self.augment.upscale_probability
         ]
@@ -216,6 +227,7 @@ class Lane:
     # placeholders), the x-axes of the paper's comparisons (``consumed``).
     images: int = 0
     text_tokens: int = 0
+    loss_tokens: dict[str, int] = field(default_factory=dict)  # per source (``weights_of: loss_tokens``)
 
 
 class MultimodalLoader:
@@ -284,6 +296,7 @@ class MultimodalLoader:
         return Lane(
             index,
             read={name: 0 for name in self.streams},
+            loss_tokens={name: 0 for name in self.streams},
             packers={name: Packer(packing) for name, packing in self.packing.items()},
         )
 
@@ -386,7 +399,9 @@ class MultimodalLoader:
 
     def __next__(self) -> dict[str, Any]:
         lane = min(self.lanes, key=lambda lane: (lane.step, lane.index))  # the lanes take turns
-        source = self.source_of(lane.step, lane.index)
+        source = (
+            self.source_of(lane.step, lane.index) if self.config.weights_of == "micro_batches" else self._behind(lane)
+        )
         packer = lane.packers[source]
         while len(packer.ready) < self.config.micro_batch_size:
             document = self._next_document(lane, source)
@@ -413,7 +428,22 @@ class MultimodalLoader:
         batch["num_text_tokens"] = sum(sum(token != image_token for token in s.tokens) for s in sequences)
         lane.images += batch["num_images"]
         lane.text_tokens += batch["num_text_tokens"]
+        # At least one per micro-batch: a source whose sequences train on nothing is not drawn forever.
+        lane.loss_tokens[source] += max(1, int(batch["loss_mask"].sum()))
         return batch
+
+    def _behind(self, lane: Lane) -> str:
+        """``weights_of: loss_tokens``: the source furthest below its share of the lane's loss tokens."""
+        total = sum(lane.loss_tokens.values())
+        chosen = max(
+            (index for index, weight in enumerate(self.weights) if weight > 0),
+            key=lambda i: (
+                self.weights[i] * total - lane.loss_tokens[self.config.sources[i].name],
+                self.weights[i],
+                -i,
+            ),
+        )
+        return self.config.sources[chosen].name
 
     # -- exact resume ------------------------------------------------------------------------
 
@@ -428,6 +458,7 @@ class MultimodalLoader:
                     "skipped": dict(lane.skipped),
                     "images": lane.images,
                     "text_tokens": lane.text_tokens,
+                    "loss_tokens": dict(lane.loss_tokens),
                     "sources": {
                         # Pending documents by sample position and by index in the stream (the
                         # epoch included: it draws their augmentation; -1 where not known).
@@ -485,6 +516,7 @@ class MultimodalLoader:
             restored.skipped = Counter(saved["skipped"])
             restored.images = saved.get("images", 0)  # states written before the counts: from 0
             restored.text_tokens = saved.get("text_tokens", 0)
+            restored.loss_tokens.update({k: v for k, v in saved.get("loss_tokens", {}).items() if k in self.streams})
             for name, packer in restored.packers.items():
                 source_state = saved["sources"][name]
                 restored.read[name] = source_state["read"]
