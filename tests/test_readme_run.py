@@ -7,6 +7,7 @@ same script under sbatch in tests/test_slurm.py."""
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -76,32 +77,70 @@ def test_readme_command_trains_then_resumes(readme_runs):
 def test_the_tiny_sft_preset_fine_tunes_the_readme_runs_checkpoint(readme_runs):
     """Issue #23: examples/tiny_cpu_sft.yaml starts from the README run's newest checkpoint and
     fine-tunes it on the bundled conversations (DoRA, answers only, NEFTune, up-scaling, shuffled
-    turns): the loss on the answers falls; show_samples shows the trained spans (the answers)."""
+    turns): the loss on the answers falls; stopped at step 8 and resumed, it trains exactly as the
+    uninterrupted run; show_samples shows the trained spans (the answers)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tmp_path, _, _ = readme_runs
-    overrides = (
-        f"training.load_weights={tmp_path / 'run' / 'checkpoints'} training.train_steps=16 "
-        "training.log_interval=1 training.eval_interval=16 training.save_interval=16"
+    common = (
+        f"training.load_weights={tmp_path / 'run' / 'checkpoints'} training.log_interval=1 training.eval_interval=16"
     )
-    env = {**os.environ, "CONFIG": "examples/tiny_cpu_sft.yaml", "RUN_DIR": str(tmp_path / "sft")}
-    env.update(OVERRIDES=overrides, OMP_NUM_THREADS="1")
+    env = {**os.environ, "CONFIG": "examples/tiny_cpu_sft.yaml", "OMP_NUM_THREADS": "1"}
     for name in ("MASTER_PORT", "MASTER_ADDR", "DATA_ROOT", "NPROC", "SLURM_JOB_ID"):
         env.pop(name, None)
-    done = subprocess.run(
-        ["bash", "slurm/pretrain_idefics2.sh"], capture_output=True, text=True, timeout=900, env=env, cwd=ROOT
-    )
-    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    log = done.stdout + done.stderr
+
+    def sft_env(name: str) -> dict[str, str]:
+        overrides = f"{common} training.train_steps=16 training.save_interval=8"
+        return {**env, "RUN_DIR": str(tmp_path / name), "OVERRIDES": overrides}
+
+    def sft_run(name: str) -> str:
+        command = ["bash", "slurm/pretrain_idefics2.sh"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=sft_env(name), cwd=ROOT)
+        assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+        return done.stdout + done.stderr
+
+    def losses(name: str) -> list[float]:
+        """Step -> loss; a step logged again after a resume counts as the resumed run logged it."""
+        events = EventAccumulator(str(tmp_path / name / "tensorboard"), purge_orphaned_data=False)
+        events.Reload()
+        by_step = {e.step: e.value for e in sorted(events.Scalars("train/loss"), key=lambda e: e.wall_time)}
+        return [by_step[step] for step in sorted(by_step)]
+
+    log = sft_run("sft")
     assert f"starting from the weights of {tmp_path / 'run' / 'checkpoints' / 'iter_0000006'}" in log
     assert "NEFTune: noise of alpha 5" in log and "validation loss conversations" in log
-    events = EventAccumulator(str(tmp_path / "sft" / "tensorboard"))
-    events.Reload()
-    loss = [event.value for event in events.Scalars("train/loss")]
+    loss = losses("sft")
     assert len(loss) == 16
     assert sum(loss[-4:]) / 4 < 0.85 * sum(loss[:4]) / 4, loss  # the answers' loss falls
     saved = json.loads((tmp_path / "sft" / "checkpoints" / "iter_0000016" / "megatron_vlm.json").read_text())
     assert saved["trainable"]["dora"] and saved["trainable"]["lora_rank"] == 8
+    # Killed once its step-8 checkpoint is published, then run again: it resumes there and trains as
+    # the uninterrupted run, bit for bit (the data stream with its augmentation draws, NEFTune's noise,
+    # DoRA's magnitudes and Adam restored).
+    import psutil
+
+    cut = subprocess.Popen(
+        ["bash", "slurm/pretrain_idefics2.sh"],
+        env=sft_env("sft_cut"),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    latest, deadline = tmp_path / "sft_cut" / "checkpoints" / "latest", time.time() + 600
+    while not (latest.exists() and latest.read_text().strip() == "iter_0000008"):
+        assert cut.poll() is None and time.time() < deadline, "the run ended before publishing step 8"
+        time.sleep(0.05)
+    named = [
+        p for p in psutil.process_iter(["cmdline"]) if str(tmp_path / "sft_cut") in " ".join(p.info["cmdline"] or [])
+    ]
+    victims = {p for process in named for p in [process, *process.children(recursive=True)]}
+    for victim in victims:
+        victim.kill()
+    psutil.wait_procs(list(victims), timeout=30)
+    cut.wait()
+    assert "iter_0000008 at step 8" in sft_run("sft_cut")
+    assert losses("sft_cut") == loss
 
     # What it trained on, as the preset's own comment says to look at it.
     command = ["python", "tools/show_samples.py", "runs/data/conversations", "--config", "examples/tiny_cpu_sft.yaml"]
