@@ -411,6 +411,41 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_backbones.py::test_converter_exports_a_checkpoint_written_before_the_redesign",),
         "the Megatron -> HF export leaves out every decoder layer",
     ),
+    Mutation(
+        "upscale_factor_uniform",
+        "megatron_vlm/data/augment.py",
+        "    factors = rng.triangular(UPSCALE_MIN, augmentation.upscale_max, augmentation.upscale_max, count)\n",
+        "    factors = rng.uniform(UPSCALE_MIN, augmentation.upscale_max, count)\n",
+        ("tests/test_sft_data.py::test_images_are_scaled_up_as_m4_draws_and_resized_once",),
+        "up-scaling factors drawn uniformly instead of m4's triangular law (issue #23)",
+    ),
+    Mutation(
+        "shuffled_turns_leave_the_images_behind",
+        "megatron_vlm/data/augment.py",
+        "    if lead and new_first_user is not None:\n",
+        "    if False:\n",
+        ("tests/test_sft_data.py::test_shuffled_turns_tokenize_as_transformers_with_the_conversations_images_first",),
+        "after a shuffle, the images that open a conversation are dropped from the new first user turn",
+    ),
+    Mutation(
+        "augmentation_not_redrawn_on_resume",
+        "megatron_vlm/data/loader.py",
+        "                    index = None if index < 0 else index\n",
+        "                    index = None\n",
+        (
+            "tests/test_sft_data.py::test_an_augmented_stream_resumes_exactly_and_draws_anew_each_epoch",
+            "tests/test_readme_run.py::test_the_tiny_sft_preset_fine_tunes_the_readme_runs_checkpoint",
+        ),
+        "a resumed run re-reads its pending documents without their augmentation",
+    ),
+    Mutation(
+        "loss_token_weights_ignored",
+        "megatron_vlm/data/loader.py",
+        "                self.weights[i] * total - lane.loss_tokens[self.config.sources[i].name],\n",
+        "                -lane.loss_tokens[self.config.sources[i].name],\n",
+        ("tests/test_sft_data.py::test_mixture_weights_as_shares_of_the_answer_tokens",),
+        "weights_of: loss_tokens balances the sources' answer tokens equally, whatever their weights",
+    ),
 )
 
 
