@@ -106,27 +106,24 @@ def test_the_tiny_sft_preset_fine_tunes_the_readme_runs_checkpoint(readme_runs):
         by_step = {e.step: e.value for e in sorted(events.Scalars("train/loss"), key=lambda e: e.wall_time)}
         return [by_step[step] for step in sorted(by_step)]
 
-    log = sft_run("sft")
-    assert f"starting from the weights of {tmp_path / 'run' / 'checkpoints' / 'iter_0000006'}" in log
-    assert "NEFTune: noise of alpha 5" in log and "validation loss conversations" in log
-    loss = losses("sft")
-    assert len(loss) == 16
-    assert sum(loss[-4:]) / 4 < 0.85 * sum(loss[:4]) / 4, loss  # the answers' loss falls
-    saved = json.loads((tmp_path / "sft" / "checkpoints" / "iter_0000016" / "megatron_vlm.json").read_text())
-    assert saved["trainable"]["dora"] and saved["trainable"]["lora_rank"] == 8
-    # Killed once its step-8 checkpoint is published, then run again: it resumes there and trains as
-    # the uninterrupted run, bit for bit (the data stream with its augmentation draws, NEFTune's noise,
-    # DoRA's magnitudes and Adam restored).
+    # The uninterrupted run and one killed once its step-8 checkpoint is published, side by side (one
+    # thread each); the killed one is run again, resumes there and must train as the uninterrupted
+    # run, bit for bit (the data stream with its augmentation draws, NEFTune's noise, DoRA's
+    # magnitudes and Adam restored).
     import psutil
 
-    cut = subprocess.Popen(
-        ["bash", "slurm/pretrain_idefics2.sh"],
-        env=sft_env("sft_cut"),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    def start(name: str) -> subprocess.Popen:
+        with open(tmp_path / f"{name}.log", "w") as output:
+            return subprocess.Popen(
+                ["bash", "slurm/pretrain_idefics2.sh"],
+                env=sft_env(name),
+                cwd=ROOT,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    whole, cut = start("sft"), start("sft_cut")
     latest, deadline = tmp_path / "sft_cut" / "checkpoints" / "latest", time.time() + 600
     while not (latest.exists() and latest.read_text().strip() == "iter_0000008"):
         assert cut.poll() is None and time.time() < deadline, "the run ended before publishing step 8"
@@ -140,6 +137,16 @@ def test_the_tiny_sft_preset_fine_tunes_the_readme_runs_checkpoint(readme_runs):
     psutil.wait_procs(list(victims), timeout=30)
     cut.wait()
     assert "iter_0000008 at step 8" in sft_run("sft_cut")
+    assert whole.wait(timeout=900) == 0, (tmp_path / "sft.log").read_text()[-6000:]
+
+    log = (tmp_path / "sft.log").read_text()
+    assert f"starting from the weights of {tmp_path / 'run' / 'checkpoints' / 'iter_0000006'}" in log
+    assert "NEFTune: noise of alpha 5" in log and "validation loss conversations" in log
+    loss = losses("sft")
+    assert len(loss) == 16
+    assert sum(loss[-4:]) / 4 < 0.85 * sum(loss[:4]) / 4, loss  # the answers' loss falls
+    saved = json.loads((tmp_path / "sft" / "checkpoints" / "iter_0000016" / "megatron_vlm.json").read_text())
+    assert saved["trainable"]["dora"] and saved["trainable"]["lora_rank"] == 8
     assert losses("sft_cut") == loss
 
     # What it trained on, as the preset's own comment says to look at it.
