@@ -348,6 +348,32 @@ class TrainingConfig:
     benchmarks: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
 
+WANDB_MODES = ("online", "offline")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (``training/metrics.py``): the scalars that go to TensorBoard and the run
+    config, from the one rank that writes TensorBoard; a restarted run continues the same W&B run
+    (its id is kept in OUTPUT/wandb_run_id). Credentials and the server come from wandb's own
+    settings (``wandb login``, WANDB_API_KEY, WANDB_BASE_URL)."""
+
+    project: str = ""  # "": no W&B
+    entity: str | None = None
+    name: str | None = None  # the run's display name (default: the output directory's name)
+    mode: str = "online"  # online | offline (written under OUTPUT/wandb; `wandb sync` uploads it later)
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in WANDB_MODES:
+            raise ValueError(f"logging.wandb.mode={self.mode!r} is not one of {WANDB_MODES}")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -356,6 +382,7 @@ class RunConfig:
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     data: DataSection = field(default_factory=DataSection)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def _apply_override(values: dict[str, Any], override: str) -> None:

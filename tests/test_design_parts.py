@@ -618,3 +618,20 @@ def test_frozen_and_lora_regimes_on_every_architecture(megatron_single_process, 
         assert (parameter.grad is not None) == (name in training), name
         if name.endswith(".lora.b"):  # B starts at zero, so A's gradient is zero at first; B's is not
             assert parameter.grad.abs().max() > 0, name
+
+
+def test_wandb_is_refused_by_name_where_it_is_not_installed(monkeypatch):
+    """logging.wandb asked for on a machine without wandb: refused at start-up, naming it; not asked
+    for, nothing needs it."""
+    import sys
+
+    from megatron_vlm.config import load_run_config
+    from megatron_vlm.training.preflight import startup_problems
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` finds where it is not installed
+    asked = load_run_config(ROOT / "examples" / "tiny_cpu.yaml", ["logging.wandb.project=ablations"])
+    (refused,) = startup_problems(asked, 1)[1]
+    assert "logging.wandb.project='ablations'" in refused and "wandb is not installed" in refused
+    assert startup_problems(load_run_config(ROOT / "examples" / "tiny_cpu.yaml"), 1)[1] == []
+    with pytest.raises(ValueError, match="logging.wandb.mode='local' is not one of"):
+        load_run_config(ROOT / "examples" / "tiny_cpu.yaml", ["logging.wandb.mode=local"])

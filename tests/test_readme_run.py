@@ -6,7 +6,9 @@ same script under sbatch in tests/test_slurm.py."""
 
 import json
 import os
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +33,9 @@ def readme_run(run_dir: Path, overrides: str) -> str:
 def readme_runs(tmp_path_factory):
     """The README run, shortened: 4 steps, then run again to 6 (a resume). Its directory and logs."""
     tmp_path = tmp_path_factory.mktemp("readme")
+    # Issue #26: W&B in offline mode as well (test_wandb_logs_what_tensorboard_logs).
     common = "training.save_interval=2 training.log_interval=2 training.warmup_steps=1"
+    common += " logging.wandb.project=megatron-vlm-readme logging.wandb.mode=offline"
     first = readme_run(tmp_path / "run", f"training.train_steps=4 {common}")
     again = readme_run(tmp_path / "run", f"training.train_steps=6 {common}")
     return tmp_path, first, again
@@ -71,6 +75,60 @@ def test_readme_command_trains_then_resumes(readme_runs):
         records = [json.loads(line) for line in predictions.read_text().splitlines()]
         assert len(records) == 8 and all(len(r["references"]) == 10 for r in records)
         assert accuracy[step] == pytest.approx(vqa_score((r["prediction"], r["references"]) for r in records), abs=1e-4)
+
+
+def wandb_history(run_directory: Path) -> list[dict]:
+    """The history rows of an offline W&B run, read back with wandb's own reader (``wandb leet
+    inspect``, which prints the records of the run's transaction log as protobuf text) into wandb's own
+    record messages."""
+    from google.protobuf import text_format
+    from wandb.proto import wandb_internal_pb2
+
+    wandb = Path(sys.executable).parent / "wandb"
+    done = subprocess.run(
+        [str(wandb), "leet", "inspect", str(run_directory)], capture_output=True, text=True, timeout=120, check=True
+    )
+    rows, header = [], re.compile(r"^# record \d+: \w+$", re.M)
+    for block in header.split(done.stdout)[1:]:
+        record = text_format.Parse(block, wandb_internal_pb2.Record())
+        if record.WhichOneof("record_type") == "history":
+            rows.append(
+                {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
+            )
+    return rows
+
+
+@pytest.mark.first_env_only
+def test_wandb_logs_what_tensorboard_logs(readme_runs):
+    """Issue #26: the README run with ``logging.wandb`` offline (two sessions: the resume) writes one W&B
+    run id, continued by the resumed session, whose scalars are exactly TensorBoard's: training
+    metrics, validation losses, benchmark scores, and the benchmark average against images and text
+    tokens seen (W&B step metrics there, TensorBoard's step axis)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp_path, _, _ = readme_runs
+    run_id = (tmp_path / "run" / "wandb_run_id").read_text().strip()
+    sessions = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert [directory.name.rsplit("-", 1)[1] for directory in sessions] == [run_id, run_id]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tensorboard = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    logged: dict[str, dict[int, float]] = {}
+    for session in sessions:
+        for row in wandb_history(session):
+            for tag, value in row.items():
+                if tag.startswith("_") or tag in ("images_seen", "text_tokens_seen"):
+                    continue
+                counter = tag.removeprefix("benchmark_by_").removesuffix("/average")
+                step = row[counter] if tag.startswith("benchmark_by_") else row["_step"]
+                logged.setdefault(tag, {})[step] = value
+    assert sorted(logged) == sorted(tensorboard)
+    assert {"train/loss", "validation/obelics/loss", "benchmark/vqav2/accuracy"} <= set(logged)
+    for tag, values in tensorboard.items():
+        assert sorted(logged[tag]) == sorted(values), tag
+        for step, value in values.items():  # TensorBoard keeps float32
+            assert logged[tag][step] == pytest.approx(value, rel=1e-6, abs=1e-7), (tag, step)
+    assert max(logged["train/loss"]) == 6 and min(logged["train/loss"]) == 2
 
 
 @pytest.mark.first_env_only

@@ -118,7 +118,7 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         and parallel_state.get_tensor_model_parallel_rank() == 0
         and parallel_state.get_data_parallel_rank() == 0
     )
-    metrics = Metrics(output / "tensorboard" if reports else None)
+    metrics = Metrics(output / "tensorboard" if reports else None, run.logging.wandb, run)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     evaluator = None
     if training.eval_interval > 0:

@@ -1,10 +1,14 @@
-"""Training metrics: TensorBoard scalars and readable periodic log lines."""
+"""Training metrics: TensorBoard scalars (and the same to Weights & Biases) and readable periodic log lines."""
 
 from __future__ import annotations
 
 import datetime
 import logging
+import os
+import uuid
 from pathlib import Path
+
+from megatron_vlm.config import WandbConfig, to_dict
 
 logger = logging.getLogger("megatron_vlm.train")
 
@@ -26,48 +30,111 @@ TENSORBOARD_METRICS = (
 )
 
 
-class Metrics:
-    """Writes on one rank (the one holding the loss: last pipeline stage, first TP/DP rank)."""
+class WandbRun:
+    """One W&B run per training run (``logging.wandb``), continued across restarts: its id is kept in
+    OUTPUT/wandb_run_id, and a restart resumes it (``resume="allow"``). Benchmark averages against
+    images and text tokens seen (TensorBoard puts those counts on its step axis) get W&B step metrics
+    of their own, ``images_seen`` and ``text_tokens_seen``."""
 
-    def __init__(self, directory: str | Path | None) -> None:
+    ID_FILE = "wandb_run_id"
+
+    def __init__(self, config: WandbConfig, run_config: object, output: Path) -> None:
+        import wandb
+
+        id_file = output / self.ID_FILE
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]  # W&B ids: letters and digits
+            temporary = id_file.with_name(f".{id_file.name}.tmp")
+            temporary.write_text(run_id + "\n")
+            os.replace(temporary, id_file)
+        self.run = wandb.init(
+            project=config.project,
+            entity=config.entity,
+            name=config.name or output.name,
+            mode=config.mode,
+            dir=str(output),
+            id=run_id,
+            # Offline, each session writes its own directory under the same id (wandb sync joins them).
+            resume="allow" if config.mode == "online" else None,
+            tags=list(config.tags),
+            config=to_dict(run_config),
+        )
+        for counter in ("images_seen", "text_tokens_seen"):
+            self.run.define_metric(counter)
+            self.run.define_metric(f"benchmark_by_{counter}/*", step_metric=counter)
+        logger.info("W&B run %s (%s, project %s) in %s", run_id, config.mode, config.project, output / "wandb")
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+class Metrics:
+    """Writes on one rank (the one holding the loss: last pipeline stage, first TP/DP rank): the
+    same scalars to TensorBoard and, when ``logging.wandb`` names a project, to W&B."""
+
+    def __init__(
+        self, directory: str | Path | None, wandb: WandbConfig | None = None, run_config: object = None
+    ) -> None:
         self.writer = None
+        self.wandb: WandbRun | None = None
         if directory is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(directory))
+            if wandb is not None and wandb.project:
+                self.wandb = WandbRun(wandb, run_config, Path(directory).parent)
 
-    def write(self, step: int, values: dict[str, float]) -> None:
+    def _scalars(self, step: int, values: dict[str, float]) -> None:
+        """TensorBoard scalars at ``step``."""
         if self.writer is None:
             return
-        for name, value in values.items():
-            self.writer.add_scalar(f"train/{name}", value, step)
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
         self.writer.flush()
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        scalars = {f"train/{name}": value for name, value in values.items()}
+        self._scalars(step, scalars)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step)
 
     def write_validation(self, step: int, losses: dict[str, float]) -> None:
         """The validation loss per source: ``validation/<source>/loss``."""
-        if self.writer is None:
-            return
-        for source, loss in losses.items():
-            self.writer.add_scalar(f"validation/{source}/loss", loss, step)
-        self.writer.flush()
+        scalars = {f"validation/{source}/loss": loss for source, loss in losses.items()}
+        self._scalars(step, scalars)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step)
 
     def write_benchmarks(self, entry: dict) -> None:
         """Benchmark scores (``training/benchmarks.py``): ``benchmark/<task>/<metric>`` and
         ``benchmark/average`` at the step, and the average against the images and text tokens seen
-        (the paper's Figure 4 axes: TensorBoard's step axis holds those counts there)."""
-        if self.writer is None:
-            return
-        from megatron_vlm.training.benchmarks import scalars
+        (the paper's Figure 4 axes: TensorBoard's step axis holds those counts there; W&B's step
+        metrics ``images_seen`` and ``text_tokens_seen``)."""
+        from megatron_vlm.training.benchmarks import scalars as benchmark_scalars
 
-        for name, value in scalars(entry).items():
-            self.writer.add_scalar(f"benchmark/{name}", value, entry["step"])
-        self.writer.add_scalar("benchmark_by_images_seen/average", entry["average"], entry["images_seen"])
-        self.writer.add_scalar("benchmark_by_text_tokens_seen/average", entry["average"], entry["text_tokens_seen"])
-        self.writer.flush()
+        scores = {f"benchmark/{name}": value for name, value in benchmark_scalars(entry).items()}
+        self._scalars(entry["step"], scores)
+        self._scalars(entry["images_seen"], {"benchmark_by_images_seen/average": entry["average"]})
+        self._scalars(entry["text_tokens_seen"], {"benchmark_by_text_tokens_seen/average": entry["average"]})
+        if self.wandb is not None:
+            against = {
+                "benchmark_by_images_seen/average": entry["average"],
+                "benchmark_by_text_tokens_seen/average": entry["average"],
+                "images_seen": entry["images_seen"],
+                "text_tokens_seen": entry["text_tokens_seen"],
+            }
+            self.wandb.log({**scores, **against}, entry["step"])
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def log_line(

@@ -10,6 +10,7 @@ imports on an FP8 GPU") and run exactly the checks the trainer runs on such a ma
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -118,6 +119,14 @@ def check_batch_layout(run: RunConfig, world_size: int) -> int:
     return run.training.global_batch_size // per_step
 
 
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def startup_problems(run: RunConfig, world_size: int) -> tuple[StartupPlan, list[str]]:
     """The plan, and every reason the run cannot start (empty when it can)."""
     model, parallel, precision = run.model, run.parallel, run.precision
@@ -189,6 +198,11 @@ def startup_problems(run: RunConfig, world_size: int) -> tuple[StartupPlan, list
                     name: cls + (" via its layer-norm output" if linear_kind(cls).layernorm_input else "")
                     for name, cls in linears.items()
                 }
+    if run.logging.wandb.project and not _importable("wandb"):
+        problems.append(
+            f"logging.wandb.project={run.logging.wandb.project!r} asks for Weights & Biases, but wandb is not "
+            "installed (pip install wandb, or leave logging.wandb.project empty)"
+        )
     return plan, problems
 
 
