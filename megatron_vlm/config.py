@@ -324,6 +324,13 @@ class TrainingConfig:
     # bucket ahead) instead of right after the optimizer step (training/step.py wrap_ddp).
     overlap_param_gather: bool = False
     max_nonfinite_steps: int = 10  # skipped NaN/Inf steps tolerated before stopping
+    # Stragglers (training/stragglers.py): every straggler_interval steps (0: never) one step is timed
+    # phase by phase on every rank; a rank whose data + compute time exceeds the median of its
+    # data-parallel peers' by more than straggler_margin (0.5: 50%) on straggler_samples timed steps
+    # in a row is named in the log.
+    straggler_interval: int = 50
+    straggler_margin: float = 0.5
+    straggler_samples: int = 3
     # NEFTune (models/neftune.py): noise on the text embeddings while training, uniform in
     # ±alpha / sqrt(L d); 0 (off) or the NEFTune paper's 5-15. Instruction fine-tuning uses it.
     neftune_alpha: float = 0.0

@@ -77,10 +77,10 @@ def test_readme_command_trains_then_resumes(readme_runs):
         assert accuracy[step] == pytest.approx(vqa_score((r["prediction"], r["references"]) for r in records), abs=1e-4)
 
 
-def wandb_history(run_directory: Path) -> list[dict]:
-    """The history rows of an offline W&B run, read back with wandb's own reader (``wandb leet
-    inspect``, which prints the records of the run's transaction log as protobuf text) into wandb's own
-    record messages."""
+def wandb_history(run_directory: Path) -> tuple[list[dict], dict]:
+    """The history rows and the config of an offline W&B run, read back with wandb's own reader
+    (``wandb leet inspect``, which prints the records of the run's transaction log as protobuf text)
+    into wandb's own record messages."""
     from google.protobuf import text_format
     from wandb.proto import wandb_internal_pb2
 
@@ -88,14 +88,16 @@ def wandb_history(run_directory: Path) -> list[dict]:
     done = subprocess.run(
         [str(wandb), "leet", "inspect", str(run_directory)], capture_output=True, text=True, timeout=120, check=True
     )
-    rows, header = [], re.compile(r"^# record \d+: \w+$", re.M)
+    rows, config, header = [], {}, re.compile(r"^# record \d+: \w+$", re.M)
     for block in header.split(done.stdout)[1:]:
         record = text_format.Parse(block, wandb_internal_pb2.Record())
+        if record.WhichOneof("record_type") == "run":
+            config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
         if record.WhichOneof("record_type") == "history":
             rows.append(
                 {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
             )
-    return rows
+    return rows, config
 
 
 @pytest.mark.first_env_only
@@ -115,7 +117,9 @@ def test_wandb_logs_what_tensorboard_logs(readme_runs):
     tensorboard = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
     logged: dict[str, dict[int, float]] = {}
     for session in sessions:
-        for row in wandb_history(session):
+        rows, config = wandb_history(session)
+        assert config["training"]["output_dir"] == str(tmp_path / "run") and config["model"]["family"] == "idefics2"
+        for row in rows:
             for tag, value in row.items():
                 if tag.startswith("_") or tag in ("images_seen", "text_tokens_seen"):
                     continue

@@ -176,15 +176,48 @@ def test_killed_two_process_run_resumes_bit_for_bit(data_root, tmp_path, optimiz
         assert description["optimizer"] == {"format": "model_space", "step": 8, "state_keys": ["exp_avg", "exp_avg_sq"]}
 
 
+@pytest.mark.first_env_only
+def test_a_slow_rank_is_named_within_the_configured_steps(data_root, tmp_path):
+    """Issue #26: rank 1 of a data-parallel pair sleeps 1 s in its compute phase every step (the test
+    hook of training/stragglers.py). Timing every step and naming after 3 slow timed steps in a row, the
+    log names rank 1 (with its host and device) at step 3 and never rank 0, and TensorBoard has both
+    ranks' phase times. The even run (test_mpi_launch, same settings) names nobody."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    settings = ["training.straggler_interval=1", "training.straggler_samples=3", "training.straggler_margin=0.5"]
+    steps = ["training.train_steps=4", "training.warmup_steps=1", "training.save_interval=4"]
+    command = train_command(2, tmp_path / "slow", data_root, *steps, *settings)
+    output = run(command, extra_env={"MEGATRON_VLM_TEST_COMPUTE_DELAY": "1:1.0"})
+    named = [line for line in output.splitlines() if "straggler:" in line]
+    assert named and "step 3 | straggler: rank 1 (" in named[0], named
+    assert not any("straggler: rank 0" in line for line in named)
+    events = EventAccumulator(str(tmp_path / "slow" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    slow = [e.value for e in events.Scalars("ranks/00001/compute_s")]
+    fast = [e.value for e in events.Scalars("ranks/00000/compute_s")]
+    assert len(slow) == len(fast) == 4 and all(s > f + 0.8 for s, f in zip(slow, fast, strict=True))
+    # The fast rank waits for the slow one in the gradient reduction.
+    assert all(e.value > 0.5 for e in events.Scalars("ranks/00000/grad_sync_s"))
+
+
 def test_mpi_launch(data_root, tmp_path):
     """Ranks from an MPI launcher's environment (mpich's mpiexec sets PMI_RANK / PMI_SIZE, not
-    MASTER_ADDR / MASTER_PORT): the ranks agree on rank 0's host and a free port through mpi4py."""
+    MASTER_ADDR / MASTER_PORT): the ranks agree on rank 0's host and a free port through mpi4py.
+    Every step is timed for stragglers (as in the slowed run above): nobody is named in this even run."""
     command = [
         str(Path(sys.executable).parent / "mpiexec"),
         "-n",
         "2",
         sys.executable,
-        *trainer_args(tmp_path / "mpi", data_root, "training.train_steps=6", "training.save_interval=6"),
+        *trainer_args(
+            tmp_path / "mpi",
+            data_root,
+            "training.train_steps=6",
+            "training.save_interval=6",
+            "training.straggler_interval=1",
+            "training.straggler_samples=3",
+            "training.straggler_margin=0.5",
+        ),
     ]
     env = environment()
     env.pop("MASTER_ADDR", None)
@@ -194,6 +227,7 @@ def test_mpi_launch(data_root, tmp_path):
     first = next(line for line in output.splitlines() if " INFO " in line)
     assert "rank 0/2 (local 0) launched by pmi; rendezvous at " in first and "(mpi4py)" in first
     assert "on 2 ranks" in output and "step      6/6" in output
+    assert "straggler" not in output
     assert (tmp_path / "mpi" / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
 
 

@@ -34,6 +34,7 @@ from megatron_vlm.training.metrics import Metrics, log_line, logger, validation_
 from megatron_vlm.training.preemption import PreemptionHandler
 from megatron_vlm.training.results import RunResults
 from megatron_vlm.training.step import build_optimizer, parameters_gathered, train_step, wrap_ddp
+from megatron_vlm.training.stragglers import StragglerMonitor, clock, injected_delay
 
 
 def _placement(tensors: Any) -> str:
@@ -252,9 +253,20 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     ):
         (output / "data_trace").mkdir(parents=True, exist_ok=True)
         trace = open(output / "data_trace" / f"rank{env.rank:05d}.jsonl", "a")  # noqa: SIM115 - open for the run
+    stragglers = StragglerMonitor(
+        training.straggler_interval,
+        training.straggler_margin,
+        training.straggler_samples,
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+        str(distributed.collective_device()),
+    )
+    delay = injected_delay(env.rank)  # a test hook (stragglers.DELAY_ENVIRONMENT); 0 in real runs
     while iteration < training.train_steps:
         distributed.heartbeat(iteration + 1, "training step", training.collective_timeout_s)
+        timed = stragglers.due(iteration + 1)
+        data_started = clock(timed)
         data = feed.next_step()
+        data_seconds = clock(timed) - data_started
         inputs, batches = data.inputs, data.meta
         if trace is not None:
             for batch in batches:
@@ -277,7 +289,24 @@ def _pretrain(run: RunConfig, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                 _placement(v for v in inputs[0].values() if isinstance(v, torch.Tensor)),
                 f", fp8 {fp8} via {backend.fp8_backend(run.precision.fp8_backend)}" if fp8 else "",
             )
-        step = train_step(model, optimizer, inputs)
+        step_started_timed = clock(timed)
+        if delay:
+            time.sleep(delay)
+        step = train_step(model, optimizer, inputs, timed=timed)
+        if timed:
+            seconds = clock(timed) - step_started_timed
+            report = stragglers.observe(
+                iteration + 1,
+                {
+                    "data": data_seconds,
+                    "compute": seconds - step["grad_sync_s"] - step["optimizer_s"],
+                    "grad_sync": step["grad_sync_s"],
+                    "optimizer": step["optimizer_s"],
+                },
+            )
+            metrics.write_rank_times(report.step, report.times)
+            for line in report.named if env.rank == 0 else []:
+                logger.warning("step %d | %s", report.step, line)
         if iteration + 1 == first_step and env.rank == 0:
             logger.info("step %d done in %.1f s", first_step, time.perf_counter() - step_started)
         if step["updated"] and math.isfinite(step["loss"]):

@@ -130,6 +130,15 @@ class Metrics:
             }
             self.wandb.log({**scores, **against}, entry["step"])
 
+    def write_rank_times(self, step: int, times: list[dict[str, float]]) -> None:
+        """Every rank's phase times of a timed step (``training/stragglers.py``): ``ranks/<rank>/<phase>_s``."""
+        scalars = {
+            f"ranks/{rank:05d}/{phase}_s": seconds for rank, row in enumerate(times) for phase, seconds in row.items()
+        }
+        self._scalars(step, scalars)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

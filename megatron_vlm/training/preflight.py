@@ -91,6 +91,15 @@ def check_batch_layout(run: RunConfig, world_size: int) -> int:
     for name in ("collective_timeout_s", "checkpoint_timeout_s", "preemption_lead_s"):  # NaN fails this too
         if not getattr(run.training, name) > 0:
             raise ValueError(f"{name}={getattr(run.training, name)} must be a positive number of seconds")
+    if (
+        run.training.straggler_interval < 0
+        or run.training.straggler_samples < 1
+        or not run.training.straggler_margin > 0
+    ):
+        raise ValueError(
+            f"straggler_interval={run.training.straggler_interval} (steps, 0: never), straggler_margin="
+            f"{run.training.straggler_margin} (> 0) and straggler_samples={run.training.straggler_samples} (>= 1)"
+        )
     if not run.training.neftune_alpha >= 0:
         raise ValueError(f"neftune_alpha={run.training.neftune_alpha} must be >= 0 (0: no NEFTune noise)")
     if not run.training.checkpoint_write_gbps >= 0:

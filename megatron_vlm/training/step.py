@@ -26,6 +26,23 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_vlm.data.batch import MicroBatch
 from megatron_vlm.distributed import collective_device
 from megatron_vlm.models.pipeline import pipeline_shape, run_forward_only, unwrapped
+from megatron_vlm.training.stragglers import clock
+
+
+class TimedGradientReduction:
+    """``finalize_model_grads``, timed (``training/stragglers.py``): the data-parallel gradient
+    reduction, where a rank that finished its backward early waits for the slowest. ``synchronize``
+    (a timed step, on a GPU): the device's own work is waited for first, so it is not counted here."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.synchronize = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = clock(self.synchronize)
+        result = finalize_model_grads(*args, **kwargs)
+        self.seconds = clock(self.synchronize) - start
+        return result
 
 
 def wrap_ddp(
@@ -55,7 +72,7 @@ def wrap_ddp(
         for index, chunk in enumerate(chunks)
     ]
     config = wrapped[0].config
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = TimedGradientReduction()
     if overlap_grad_reduce:
         config.no_sync_func = [chunk.no_sync for chunk in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
         config.grad_sync_func = (
@@ -205,11 +222,17 @@ def train_step(
     model: Sequence[DistributedDataParallel],
     optimizer: MegatronOptimizer,
     micro_batches: Sequence[MicroBatch],
+    timed: bool = False,
 ) -> dict[str, float]:
     """Zero grads, forward/backward every micro-batch, step. The loss is the global batch's
     per-token mean (summed over micro-batches and data-parallel ranks, divided by their loss
     tokens), broadcast from the last pipeline stage, so every rank returns the same numbers;
-    ``positions``: the decoder positions this rank's micro-batches were packed to (filler included)."""
+    ``positions``: the decoder positions this rank's micro-batches were packed to (filler included);
+    ``grad_sync_s`` and ``optimizer_s``: this rank's time in the gradient reduction and in the
+    optimizer (device-synchronized when ``timed``: ``training/stragglers.py``)."""
+    reduction = getattr(model[0].config, "finalize_model_grads_func", None)
+    if isinstance(reduction, TimedGradientReduction):
+        reduction.seconds, reduction.synchronize = 0.0, timed
     if not all(getattr(chunk.config, "calculate_per_token_loss", False) for chunk in model):
         raise ValueError("train_step needs the per-token loss path: wrap the model chunks with wrap_ddp")
     for chunk in model:
@@ -219,10 +242,12 @@ def train_step(
     losses = forward_backward(model, micro_batches, length=length)
     chunk = unwrapped(model[0])
     positions = sum(chunk.layout(batch["document_ids"], length).total for batch in micro_batches)
+    optimizer_started = clock(timed)
     if gradients_are_finite(model):
         updated, grad_norm, _ = optimizer.step()
     else:  # a NaN/Inf anywhere: skip this update on every rank
         updated, grad_norm = False, float("nan")
+    optimizer_seconds = clock(timed) - optimizer_started
     loss = torch.zeros(1, device=collective_device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         # float64: token counts stay exact and summing micro-batches and ranks adds no float32 rounding.
@@ -236,4 +261,6 @@ def train_step(
         "grad_norm": float(grad_norm if grad_norm is not None else 0.0),
         "updated": bool(updated),
         "positions": positions,
+        "grad_sync_s": reduction.seconds if isinstance(reduction, TimedGradientReduction) else 0.0,
+        "optimizer_s": optimizer_seconds,
     }
