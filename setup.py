@@ -40,7 +40,7 @@ setup(
             "reportlab>=4",  # the PDF test files are made with it (BSD)
             "pycocoevalcap>=1.2",  # caption metrics (needs Java); tests/test_eval_metrics.py
             "pycocotools>=2.0",  # the COCO caption files of the official pycocoevalcap run in that test
-            "wandb>=0.30",  # logging.wandb, read back with its own `wandb leet inspect` (tested: 0.30.0, 0.31.0)
+            "wandb>=0.30",  # logging.wandb, read back with its own `wandb leet inspect` (tested: 0.30.0; 0.31.0 writes and reads back offline runs alike)
         ],
         # tools/preprocess_data.py on every input format: parquet / Arrow, PDFs, MPI jobs.
         "preprocess": ["pyarrow>=14", "pypdfium2>=4", "mpi4py>=3.1"],
