@@ -442,10 +442,12 @@ def test_sigkill_of_srun_makes_the_tasks_exit_without_checkpointing(slurm, tmp_p
 
 # --- the MPI path: what megatron_vlm.train arms first, under MPICH's mpiexec (no torch: fast) ----------
 
+# Each rank's line in one write (below PIPE_BUF, so atomic): print() of several values writes them
+# piece by piece, and the two ranks' pieces interleaved on the shared pipe ("PMI_RANKPMI_RANK").
 RANK_STAND_IN = (
-    "import os, time\n"
+    "import os, sys, time\n"
     "from megatron_vlm.training import lifecycle\n"
-    "print(lifecycle.arm_trainer(), os.getpid(), flush=True)\n"
+    "os.write(sys.stdout.fileno(), f'{lifecycle.arm_trainer()} {os.getpid()}\\n'.encode())\n"
     "time.sleep(120)\n"
 )
 
