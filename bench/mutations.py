@@ -446,6 +446,32 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_sft_data.py::test_mixture_weights_as_shares_of_the_answer_tokens",),
         "weights_of: loss_tokens balances the sources' answer tokens equally, whatever their weights",
     ),
+    Mutation(
+        "energon_reads_the_held_out_split",
+        "tools/prepare_energon.py",
+        '"--split-ratio", "1,0,0", "--sample-type", sample_type, "--exclude", "(^|/)validation/"]',
+        '"--split-ratio", "1,0,0", "--sample-type", sample_type]',
+        ("tests/test_energon.py::test_energon_prepares_and_reads_our_shards",),
+        "energon is prepared over the held-out validation shards too (issue #26)",
+    ),
+    Mutation(
+        "wandb_misses_the_validation_losses",
+        "megatron_vlm/training/metrics.py",
+        '        scalars = {f"validation/{source}/loss": loss for source, loss in losses.items()}\n'
+        "        self._scalars(step, scalars)\n        if self.wandb is not None:\n",
+        '        scalars = {f"validation/{source}/loss": loss for source, loss in losses.items()}\n'
+        "        self._scalars(step, scalars)\n        if False:\n",
+        ("tests/test_readme_run.py::test_wandb_logs_what_tensorboard_logs",),
+        "the validation losses reach TensorBoard but not W&B",
+    ),
+    Mutation(
+        "straggler_wait_counted_as_work",
+        "megatron_vlm/training/loop.py",
+        '                    "compute": seconds - step["grad_sync_s"] - step["optimizer_s"],\n',
+        '                    "compute": seconds - step["optimizer_s"],\n',
+        ("tests/test_training.py::test_a_slow_rank_is_named_within_the_configured_steps",),
+        "the gradient reduction's wait counts as a rank's own work, so every rank looks alike",
+    ),
 )
 
 
