@@ -263,6 +263,8 @@ class MultimodalLoader:
         self._encoding = threading.RLock()
         self.decoded_images = 0  # images decoded by this loader: what per-rank loading saves (tests count it)
         self.streams = {s.name: SourceStream(s, config.seed) for s in config.sources}
+        # Each source's augmentation, resolved once (encode reads it for every document).
+        self.augmentations = {s.name: config.augment_of(s.name) for s in config.sources}
         for source in config.sources:  # a held-out sample is never trained on
             if source.validation is None:
                 continue
@@ -317,7 +319,7 @@ class MultimodalLoader:
         (float32 [3, h, w] tensors on the decoding device). ``index``: the sample's index in the
         training stream of ``source``, which draws its augmentation (None: as stored, never augmented)."""
         scales = None
-        augmentation = self.config.augment_of(source)
+        augmentation = self.augmentations[source]
         if index is not None and augmentation.active:
             sample, scales = augmented(augmentation, sample, self.config.seed, source, index)
         with self._encoding:
@@ -326,10 +328,9 @@ class MultimodalLoader:
                 images = [crop for crops in self.images(sample.images, scales) for crop in crops]
             except CorruptSample as error:
                 raise CorruptSample(error.reason, f"{sample.key}: {error}") from error
+            # text() checks the placeholder runs against the sample's images (images_per_image each, as
+            # many crops as every image processor returns).
             tokens, trained, cuts = self.text(sample, source)
-        image_token_id = self.packing[source].image_token_id
-        if len(image_runs(tokens, image_token_id)) != len(images):
-            raise CorruptSample("missing_field", f"{sample.key}: the text itself contains image tokens")
         return Document(tokens, images, source, position, trained, cuts, index=-1 if index is None else index)
 
     def text(self, sample: Sample, source: str) -> tuple[list[int], list[bool] | None, list[int] | None]:
@@ -525,7 +526,7 @@ class MultimodalLoader:
                 # positions only (their documents are re-read as stored).
                 positions = source_state["pending"]
                 indices = source_state.get("pending_indices", [-1] * len(positions))
-                if self.config.augment_of(name).active and -1 in indices:
+                if self.augmentations[name].active and -1 in indices:
                     raise ValueError(
                         f"the loader state predates data augmentation (pending samples of {name} without a "
                         "stream index to draw their augmentation from): resume without 'augment', or start afresh"
