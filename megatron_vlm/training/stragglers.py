@@ -27,7 +27,6 @@ this one needs nothing beyond torch and runs on CPU too.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import statistics
@@ -38,7 +37,6 @@ import torch
 
 from megatron_vlm.distributed import all_gather_object, collective_device
 
-logger = logging.getLogger("megatron_vlm.train")
 PHASES = ("data", "compute", "grad_sync", "optimizer")
 # A test hook: "RANK:SECONDS" makes that global rank sleep in its compute phase every step (the
 # slowed rank of tests/test_training.py). Unset in real runs.
@@ -73,9 +71,14 @@ class StragglerMonitor:
 
     def __init__(self, interval: int, margin: float, samples: int, position: tuple[int, int], device: str) -> None:
         self.interval, self.margin, self.samples = interval, margin, samples
-        # Who is where, gathered once: host, device, and the (pipeline, tensor) position whose
-        # data-parallel peers do the same work.
-        self.ranks = all_gather_object({"host": socket.gethostname(), "device": device, "position": position})
+        # Who is where, gathered once (not at all when never timed): host, device, and the (pipeline,
+        # tensor) position whose data-parallel peers do the same work.
+        me = {"host": socket.gethostname(), "device": device, "position": position}
+        self.ranks = all_gather_object(me) if interval > 0 else [me]
+        self.peers = [
+            [r for r, other in enumerate(self.ranks) if r != rank and other["position"] == where["position"]]
+            for rank, where in enumerate(self.ranks)
+        ]
         self.slow_in_a_row = [0] * len(self.ranks)
 
     def due(self, step: int) -> bool:
@@ -88,8 +91,7 @@ class StragglerMonitor:
         table = [dict(zip(PHASES, row.tolist(), strict=True)) for row in gathered]
         work = [row["data"] + row["compute"] for row in table]
         report = StragglerReport(step, table)
-        for rank, where in enumerate(self.ranks):
-            peers = [r for r, other in enumerate(self.ranks) if r != rank and other["position"] == where["position"]]
+        for rank, (where, peers) in enumerate(zip(self.ranks, self.peers, strict=True)):
             if not peers:
                 continue
             typical = statistics.median(work[r] for r in peers)
