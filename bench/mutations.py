@@ -457,10 +457,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "wandb_misses_the_validation_losses",
         "megatron_vlm/training/metrics.py",
-        '        scalars = {f"validation/{source}/loss": loss for source, loss in losses.items()}\n'
-        "        self._scalars(step, scalars)\n        if self.wandb is not None:\n",
-        '        scalars = {f"validation/{source}/loss": loss for source, loss in losses.items()}\n'
-        "        self._scalars(step, scalars)\n        if False:\n",
+        '        self._scalars(step, {f"validation/{source}/loss": loss for source, loss in losses.items()})\n',
+        '        self._tensorboard(step, {f"validation/{source}/loss": loss for source, loss in losses.items()})\n',
         ("tests/test_readme_run.py::test_wandb_logs_what_tensorboard_logs",),
         "the validation losses reach TensorBoard but not W&B",
     ),

@@ -29,6 +29,9 @@ TENSORBOARD_METRICS = (
     "real_patch_fraction",
 )
 
+# What the benchmark averages are also plotted against (TensorBoard's step axis, W&B's step metrics).
+SEEN_COUNTERS = ("images_seen", "text_tokens_seen")
+
 
 class WandbRun:
     """One W&B run per training run (``logging.wandb``), continued across restarts: its id is kept in
@@ -61,7 +64,7 @@ class WandbRun:
             tags=list(config.tags),
             config=to_dict(run_config),
         )
-        for counter in ("images_seen", "text_tokens_seen"):
+        for counter in SEEN_COUNTERS:
             self.run.define_metric(counter)
             self.run.define_metric(f"benchmark_by_{counter}/*", step_metric=counter)
         logger.info("W&B run %s (%s, project %s) in %s", run_id, config.mode, config.project, output / "wandb")
@@ -89,7 +92,7 @@ class Metrics:
             if wandb is not None and wandb.project:
                 self.wandb = WandbRun(wandb, run_config, Path(directory).parent)
 
-    def _scalars(self, step: int, values: dict[str, float]) -> None:
+    def _tensorboard(self, step: int, values: dict[str, float]) -> None:
         """TensorBoard scalars at ``step``."""
         if self.writer is None:
             return
@@ -97,18 +100,18 @@ class Metrics:
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
-    def write(self, step: int, values: dict[str, float]) -> None:
-        scalars = {f"train/{name}": value for name, value in values.items()}
-        self._scalars(step, scalars)
+    def _scalars(self, step: int, values: dict[str, float], wandb_only: dict[str, float] | None = None) -> None:
+        """``values`` at ``step`` to TensorBoard and W&B; ``wandb_only``: W&B's step metrics beside them."""
+        self._tensorboard(step, values)
         if self.wandb is not None:
-            self.wandb.log(scalars, step)
+            self.wandb.log({**values, **(wandb_only or {})}, step)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        self._scalars(step, {f"train/{name}": value for name, value in values.items()})
 
     def write_validation(self, step: int, losses: dict[str, float]) -> None:
         """The validation loss per source: ``validation/<source>/loss``."""
-        scalars = {f"validation/{source}/loss": loss for source, loss in losses.items()}
-        self._scalars(step, scalars)
-        if self.wandb is not None:
-            self.wandb.log(scalars, step)
+        self._scalars(step, {f"validation/{source}/loss": loss for source, loss in losses.items()})
 
     def write_benchmarks(self, entry: dict) -> None:
         """Benchmark scores (``training/benchmarks.py``): ``benchmark/<task>/<metric>`` and
@@ -118,26 +121,21 @@ class Metrics:
         from megatron_vlm.training.benchmarks import scalars as benchmark_scalars
 
         scores = {f"benchmark/{name}": value for name, value in benchmark_scalars(entry).items()}
-        self._scalars(entry["step"], scores)
-        self._scalars(entry["images_seen"], {"benchmark_by_images_seen/average": entry["average"]})
-        self._scalars(entry["text_tokens_seen"], {"benchmark_by_text_tokens_seen/average": entry["average"]})
-        if self.wandb is not None:
-            against = {
-                "benchmark_by_images_seen/average": entry["average"],
-                "benchmark_by_text_tokens_seen/average": entry["average"],
-                "images_seen": entry["images_seen"],
-                "text_tokens_seen": entry["text_tokens_seen"],
-            }
-            self.wandb.log({**scores, **against}, entry["step"])
+        against = {f"benchmark_by_{counter}/average": entry["average"] for counter in SEEN_COUNTERS}
+        for counter in SEEN_COUNTERS:
+            self._tensorboard(entry[counter], {f"benchmark_by_{counter}/average": entry["average"]})
+        self._scalars(entry["step"], scores, wandb_only={**against, **{c: entry[c] for c in SEEN_COUNTERS}})
 
     def write_rank_times(self, step: int, times: list[dict[str, float]]) -> None:
         """Every rank's phase times of a timed step (``training/stragglers.py``): ``ranks/<rank>/<phase>_s``."""
-        scalars = {
-            f"ranks/{rank:05d}/{phase}_s": seconds for rank, row in enumerate(times) for phase, seconds in row.items()
-        }
-        self._scalars(step, scalars)
-        if self.wandb is not None:
-            self.wandb.log(scalars, step)
+        self._scalars(
+            step,
+            {
+                f"ranks/{rank:05d}/{phase}_s": seconds
+                for rank, row in enumerate(times)
+                for phase, seconds in row.items()
+            },
+        )
 
     def close(self) -> None:
         if self.writer is not None:
