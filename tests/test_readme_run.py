@@ -18,15 +18,23 @@ pytestmark = pytest.mark.multiprocess
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_run(run_dir: Path, overrides: str) -> str:
+LAUNCHER = ["bash", "slurm/pretrain_idefics2.sh"]
+
+
+def launcher_env(run_dir: Path, overrides: str, config: str | None = None) -> dict[str, str]:
+    """The launcher's settings as a user gives them: RUN_DIR, OVERRIDES and, for another preset, CONFIG."""
     env = {**os.environ, "RUN_DIR": str(run_dir), "OVERRIDES": overrides, "OMP_NUM_THREADS": "1"}
     for name in ("MASTER_PORT", "MASTER_ADDR", "CONFIG", "DATA_ROOT", "NPROC", "SLURM_JOB_ID"):
         env.pop(name, None)
-    done = subprocess.run(
-        ["bash", "slurm/pretrain_idefics2.sh"], capture_output=True, text=True, timeout=900, env=env, cwd=ROOT
-    )
+    return env if config is None else {**env, "CONFIG": config}
+
+
+def readme_run(run_dir: Path, overrides: str, config: str | None = None) -> str:
+    """The launcher run to its end; its output (both streams)."""
+    env = launcher_env(run_dir, overrides, config)
+    done = subprocess.run(LAUNCHER, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return done.stdout
+    return done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -147,19 +155,7 @@ def test_the_tiny_sft_preset_fine_tunes_the_readme_runs_checkpoint(readme_runs):
     common = (
         f"training.load_weights={tmp_path / 'run' / 'checkpoints'} training.log_interval=1 training.eval_interval=16"
     )
-    env = {**os.environ, "CONFIG": "examples/tiny_cpu_sft.yaml", "OMP_NUM_THREADS": "1"}
-    for name in ("MASTER_PORT", "MASTER_ADDR", "DATA_ROOT", "NPROC", "SLURM_JOB_ID"):
-        env.pop(name, None)
-
-    def sft_env(name: str) -> dict[str, str]:
-        overrides = f"{common} training.train_steps=16 training.save_interval=8"
-        return {**env, "RUN_DIR": str(tmp_path / name), "OVERRIDES": overrides}
-
-    def sft_run(name: str) -> str:
-        command = ["bash", "slurm/pretrain_idefics2.sh"]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=sft_env(name), cwd=ROOT)
-        assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-        return done.stdout + done.stderr
+    overrides, config = f"{common} training.train_steps=16 training.save_interval=8", "examples/tiny_cpu_sft.yaml"
 
     def losses(name: str) -> list[float]:
         """Step -> loss; a step logged again after a resume counts as the resumed run logged it."""
@@ -172,17 +168,13 @@ def test_the_tiny_sft_preset_fine_tunes_the_readme_runs_checkpoint(readme_runs):
     # thread each); the killed one is run again, resumes there and must train as the uninterrupted
     # run, bit for bit (the data stream with its augmentation draws, NEFTune's noise, DoRA's
     # magnitudes and Adam restored).
-    import psutil
+    from test_training import kill_everything_running
 
     def start(name: str) -> subprocess.Popen:
+        env = launcher_env(tmp_path / name, overrides, config)
         with open(tmp_path / f"{name}.log", "w") as output:
             return subprocess.Popen(
-                ["bash", "slurm/pretrain_idefics2.sh"],
-                env=sft_env(name),
-                cwd=ROOT,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+                LAUNCHER, env=env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
             )
 
     whole, cut = start("sft"), start("sft_cut")
@@ -190,15 +182,9 @@ def test_the_tiny_sft_preset_fine_tunes_the_readme_runs_checkpoint(readme_runs):
     while not (latest.exists() and latest.read_text().strip() == "iter_0000008"):
         assert cut.poll() is None and time.time() < deadline, "the run ended before publishing step 8"
         time.sleep(0.05)
-    named = [
-        p for p in psutil.process_iter(["cmdline"]) if str(tmp_path / "sft_cut") in " ".join(p.info["cmdline"] or [])
-    ]
-    victims = {p for process in named for p in [process, *process.children(recursive=True)]}
-    for victim in victims:
-        victim.kill()
-    psutil.wait_procs(list(victims), timeout=30)
+    kill_everything_running(tmp_path / "sft_cut", processes=2)  # torchrun and its one trainer
     cut.wait()
-    assert "iter_0000008 at step 8" in sft_run("sft_cut")
+    assert "iter_0000008 at step 8" in readme_run(tmp_path / "sft_cut", overrides, config)
     assert whole.wait(timeout=900) == 0, (tmp_path / "sft.log").read_text()[-6000:]
 
     log = (tmp_path / "sft.log").read_text()
@@ -213,6 +199,7 @@ def test_the_tiny_sft_preset_fine_tunes_the_readme_runs_checkpoint(readme_runs):
 
     # What it trained on, as the preset's own comment says to look at it.
     command = ["python", "tools/show_samples.py", "runs/data/conversations", "--config", "examples/tiny_cpu_sft.yaml"]
+    env = launcher_env(tmp_path / "sft", overrides, config)
     shown = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT, check=True).stdout
     assert "Assistant:⟦" in shown and shown.count("<end_of_utterance>⟧") >= 2, shown
     assert "User:⟦" not in shown and "⟦User" not in shown
