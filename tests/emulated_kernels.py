@@ -34,6 +34,8 @@ from; none stands in for a library in production code.
   key, value ``[t, heads, d]`` attend within ``cu_seq_q`` / ``cu_seq_k`` (int32), ``window_size``
   (left, right) with -1 for unbounded ((-1, 0) is causal), ``enable_gqa`` for fewer key/value heads,
   ``scale`` (its docstring, torch/nn/attention/varlen.py).
+* ``CudaQueue``: host timers around CUDA work: launches return at once, ``torch.cuda.synchronize``
+  waits for what was launched (CUDA's asynchronous execution).
 """
 
 from __future__ import annotations
@@ -186,6 +188,27 @@ class CudaArange:
             return reference.to(device) if device is not None else reference
         start, step = (torch.tensor(value, dtype=reference.dtype) for value in (args[0], args[2]))
         return start + torch.arange(reference.numel(), dtype=reference.dtype) * step
+
+
+class CudaQueue:
+    """CUDA's rule for host timers (CUDA Programming Guide, "Asynchronous Concurrent Execution"): a
+    kernel launch returns to the host at once and the device runs it later; ``torch.cuda.synchronize``
+    returns once everything launched has run. ``launch(seconds)`` queues that much device work;
+    ``synchronize`` (what torch.cuda.synchronize becomes under the test) waits for it."""
+
+    def __init__(self) -> None:
+        self.pending = 0.0
+        self.synchronized = 0
+
+    def launch(self, seconds: float) -> None:
+        self.pending += seconds
+
+    def synchronize(self, device: object = None) -> None:
+        import time
+
+        time.sleep(self.pending)
+        self.pending = 0.0
+        self.synchronized += 1
 
 
 def te_decoder_attention_rules(config: object, layer_number: int) -> TeAttentionRules:

@@ -285,6 +285,49 @@ def test_varlen_kernel_on_a_gpu_for_16_bit_without_dropout():
     assert not use_varlen_kernel(gpu, 0.1, None)
 
 
+# --- straggler timing (training/stragglers.py): the device's work, not the kernel launches ---------
+
+
+def test_a_timed_step_measures_the_devices_work_under_cudas_asynchronous_launches(monkeypatch):
+    """On a GPU a phase's host time is its kernel launches unless the device is synchronized: the
+    timed step's clock waits for the work launched in the phase (and, at its start, for the work of
+    the phases before, which it must not count); untimed steps never synchronize."""
+    from emulated_kernels import CudaQueue
+
+    from megatron_vlm.training.stragglers import clock
+
+    queue = CudaQueue()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", queue.synchronize)
+
+    def phase(timed: bool, before: float, work: float) -> float:
+        queue.launch(before)  # an earlier phase's work, still running
+        start = clock(timed)
+        queue.launch(work)
+        return clock(timed) - start
+
+    assert phase(False, 0.0, 0.3) < 0.1 and queue.synchronized == 0  # launches only: no waiting on untimed steps
+    queue.synchronize()
+    assert 0.3 <= phase(True, 0.3, 0.3) < 0.5  # this phase's 0.3 s, not the 0.3 s before it
+
+
+@pytest.mark.gpu
+def test_a_timed_step_waits_for_the_gpu():
+    """On a GPU (pytest -m gpu): the timed clock includes the queued matmuls, the untimed one returns
+    after their launches."""
+    from megatron_vlm.training.stragglers import clock
+
+    a = torch.randn(8192, 8192, device="cuda")
+    torch.cuda.synchronize()
+    start = clock(False)
+    for _ in range(20):
+        a @ a
+    launched = clock(False) - start
+    finished = clock(True) - start
+    assert finished > 2 * launched, (launched, finished)
+
+
 # --- defect 4: FP8 GEMM shapes under Transformer Engine -----------------------------------------
 
 
